@@ -1,0 +1,251 @@
+"""Typed run configuration: one schema per stage, YAML files and dotted overrides.
+
+A run's configuration comes from three layers, later ones winning:
+
+1. the schema's defaults (conservative: full fine-tuning at lr 2e-5, one epoch);
+2. a YAML file (``--config run.yaml``);
+3. dotted ``key=value`` overrides on the command line (``train.lr=1e-4``).
+
+Every key is validated. An unknown key is an error that names the key and the
+nearest valid one, e.g. ``unknown key 'train.learning_rate' (did you mean 'train.lr'?)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MixConfig(_Strict):
+    """General data blended into the training data to guard against forgetting."""
+
+    data: Union[str, list[str]] = Field(
+        description="General-purpose data (a file, or 'gym:regression' for the bundled general set)."
+    )
+    ratio: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction of the final training mix drawn from `data`.")
+
+
+class DataConfig(_Strict):
+    train: Optional[Union[str, list[str]]] = Field(None, description="Training data: file(s) (.jsonl .json .parquet .csv) or 'gym:TASK'.")
+    eval: Optional[Union[str, list[str]]] = Field(None, description="Held-out data for evaluation and early stopping.")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="When `eval` is unset, carve this fraction of `train` out as held-out data.")
+    max_length: int = Field(1024, gt=1, description="Maximum tokens per example (and per packed row).")
+    overflow: Literal["truncate", "drop"] = Field("truncate", description="What to do with examples longer than `max_length`; the count is always reported.")
+    packing: bool = Field(False, description="Best-fit-decreasing packing into rows of `max_length` tokens, attention kept within each example. Always on for `cpt`.")
+    mix: Optional[MixConfig] = Field(None, description="General data mixed in at a ratio (see MixConfig).")
+    format: Literal["auto", "text", "prompt_completion", "conversational"] = Field("auto", description="Row format; `auto` detects it from the fields.")
+    chat_template: Optional[str] = Field(None, description="A Jinja chat template that replaces the tokenizer's own.")
+    limit: Optional[int] = Field(None, gt=0, description="Use only the first N training rows (quick experiments).")
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(8, gt=0, description="Examples (or packed rows) per micro-batch, per process.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step. Loss is normalized by the total loss tokens of the step.")
+    epochs: float = Field(1.0, gt=0, le=100, description="Passes over the training data (ignored when `max_steps` is set).")
+    max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    lr: Optional[float] = Field(None, gt=0, description="Peak learning rate. Default: 2e-5 for full fine-tuning, 2e-4 for adapters.")
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="Linear warmup steps (overrides `warmup_ratio`).")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Warmup as a fraction of total steps.")
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm; null disables clipping.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast with fp32 master weights.")
+    seed: int = Field(42, description="Seeds model init of new parts, dropout and the data order.")
+    eval_every: Optional[int] = Field(None, gt=0, description="Evaluate held-out loss every N steps (and at the end).")
+    early_stopping_patience: Optional[int] = Field(None, gt=0, description="Stop after N evaluations without improvement; the best weights are restored.")
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    save_every: Optional[int] = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
+    keep_last: int = Field(2, gt=0, description="Checkpoints to keep.")
+    log_every: int = Field(1, gt=0)
+    gradient_checkpointing: bool = False
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Extra metric sinks, used when installed.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    progress: bool = Field(True, description="Show a progress bar.")
+    distributed: Literal["auto", "ddp", "fsdp", "none"] = Field("auto", description="Strategy under torchrun.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [] if v in ("", "none") else [v]
+        return v
+
+
+class AdapterConfig(_Strict):
+    type: Literal["none", "lora", "dora", "qlora", "prompt", "prefix"] = "none"
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; default 2·r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: Union[str, list[str]] = Field("all-linear", description="Module names, a regex, or 'all-linear' (output head excluded).")
+    rslora: bool = Field(False, description="Scale by alpha/sqrt(r) instead of alpha/r.")
+    num_virtual_tokens: int = Field(20, gt=0, description="Prompt and prefix tuning length.")
+    init_text: Optional[str] = Field(None, description="Prompt tuning: initialise from this text's token embeddings.")
+    prefix_projection: bool = Field(False, description="Prefix tuning: reparameterise through an MLP.")
+    path: Optional[str] = Field(None, description="Start from an existing adapter directory (PEFT format).")
+
+
+class EvalConfig(_Strict):
+    regression_every: Optional[int] = Field(None, gt=0, description="Run the regression suite every N steps.")
+    regression_suite: str = Field("regression", description="Suite name or YAML path for the forgetting guard.")
+    regression_max_drop: Optional[float] = Field(None, gt=0, description="Stop (and restore the best) when the regression score drops by more than this (0-1 scale).")
+
+
+class RunConfig(_Strict):
+    """Configuration shared by all training stages."""
+
+    stage: str = "sft"
+    model: Optional[str] = Field(None, description="Local HF directory or hub name of the starting model.")
+    tokenizer: Optional[str] = Field(None, description="Tokenizer path, when it differs from `model`.")
+    trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code to run. Off unless asked.")
+    allow_pickle: bool = Field(False, description="Allow .bin (pickle) weights. Off: safetensors only.")
+    output_dir: str = "runs/latest"
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.stage == "cpt" and not self.data.packing:
+            # continued pretraining is always packed; say so in the resolved config
+            object.__setattr__(self.data, "packing", True)
+        if self.train.early_stopping_patience and not self.train.eval_every:
+            raise ValueError("train.early_stopping_patience needs train.eval_every (how often to evaluate)")
+        return self
+
+    def default_lr(self) -> float:
+        if self.train.lr is not None:
+            return self.train.lr
+        return 2e-5 if self.adapter.type == "none" else 2e-4
+
+
+STAGE_SCHEMAS: dict[str, type[RunConfig]] = {"sft": RunConfig, "cpt": RunConfig}
+
+
+def register_stage_schema(name: str, schema: type[RunConfig]) -> None:
+    """Later stages (dpo, ppo, ...) register their schema, a subclass of RunConfig."""
+    STAGE_SCHEMAS[name] = schema
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _all_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in schema.model_fields.items():
+        full = f"{prefix}{name}"
+        keys.append(full)
+        ann = field.annotation
+        for t in getattr(ann, "__args__", (ann,)):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                keys.extend(_all_keys(t, full + "."))
+    return keys
+
+
+def suggest(key: str, schema: type[BaseModel]) -> str:
+    keys = _all_keys(schema)
+    best = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not best:  # try the last component against last components
+        last = key.rsplit(".", 1)[-1]
+        cands = {k.rsplit(".", 1)[-1]: k for k in keys}
+        m = difflib.get_close_matches(last, list(cands), n=1, cutoff=0.6)
+        best = [cands[m[0]]] if m else []
+    return f" (did you mean '{best[0]}'?)" if best else ""
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override's value as YAML, so `1e-4`, `true`, `[a, b]` get their types."""
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads '1e-4' as a string; accept it as a float
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def apply_override(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _format_errors(err: ValidationError, schema: type[BaseModel], source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{loc}'{suggest(loc, schema)}")
+        else:
+            got = e.get("input")
+            got_s = f", got {got!r}" if not isinstance(got, dict) else ""
+            lines.append(f"{loc}: {e['msg']}{got_s}")
+    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
+
+
+def load_config(
+    stage: str,
+    path: Optional[Union[str, Path]] = None,
+    overrides: Optional[list[str]] = None,
+    base: Optional[dict] = None,
+) -> RunConfig:
+    """Build and validate a stage's config from defaults, an optional YAML file and `key=value` overrides."""
+    schema = STAGE_SCHEMAS.get(stage)
+    if schema is None:
+        raise ConfigError(f"unknown stage '{stage}'; known stages: {', '.join(sorted(STAGE_SCHEMAS))}")
+    tree: dict = dict(base or {})
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        tree.update(loaded)
+        source = str(p)
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' must look like key=value (e.g. train.lr=1e-4)")
+        k, v = ov.split("=", 1)
+        apply_override(tree, k.strip(), parse_value(v))
+        source = f"{source} + overrides" if "overrides" not in source else source
+    declared = tree.pop("stage", stage)
+    if declared != stage:
+        raise ConfigError(f"{source}: stage is '{declared}' but the command is '{stage}'")
+    tree["stage"] = stage
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, schema, source)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,163 @@
+"""Load a causal LM and its tokenizer from a local Hugging Face directory or a hub name.
+
+Safe by default: a checkpoint's own Python code never runs unless
+``trust_remote_code=True``, and pickle weights (``*.bin``) are refused unless
+``allow_pickle=True`` because unpickling can execute arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of {sorted(_DTYPES)}") from None
+
+
+def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_model_dir(name: Union[str, Path]) -> Path:
+    """A finished posttrain run directory points at its final model; anything else is used as given."""
+    p = Path(name)
+    if p.is_dir() and not (p / "config.json").exists():
+        manifest = p / "manifest.json"
+        if manifest.exists():
+            m = json.loads(manifest.read_text())
+            if m.get("status") != "completed":
+                raise ModelLoadError(f"{p} is a posttrain run that did not complete (status: {m.get('status')}); "
+                                     "resume it with --resume, or load one of its checkpoints")
+            return p / m.get("model_dir", "model")
+        if (p / "model" / "config.json").exists():
+            raise ModelLoadError(f"{p} has no manifest.json: the run did not finish, so its model is not trusted")
+    return p
+
+
+def _check_weights(path: Path, allow_pickle: bool) -> None:
+    if not path.is_dir():
+        return
+    has_safe = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
+    if not has_safe and has_pickle and not allow_pickle:
+        raise ModelLoadError(
+            f"{path} holds only pickle weights (.bin/.pt), which can run code when loaded. "
+            "Convert them to safetensors, or pass allow_pickle=True if you trust the source."
+        )
+    if not has_safe and not has_pickle:
+        raise ModelLoadError(f"{path} has no weights (*.safetensors)")
+
+
+def load_tokenizer(name: Union[str, Path], *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # a pad token is needed for batching; the EOS token is the usual stand-in and never trained as padding
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(
+    model: Union[str, Path],
+    adapter: Optional[Union[str, Path]] = None,
+    *,
+    dtype: Union[str, torch.dtype, None] = "fp32",
+    device: Union[str, torch.device, None] = "auto",
+    tokenizer: Optional[Union[str, Path]] = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    gradient_checkpointing: bool = False,
+    attn_implementation: Optional[str] = "sdpa",
+):
+    """Load ``(model, tokenizer)``.
+
+    Args:
+        model: a local directory (config.json + safetensors + tokenizer files), a finished
+            posttrain run directory, or a hub name (needs network access).
+        adapter: an adapter directory (PEFT format) to attach.
+        dtype: ``fp32`` | ``bf16`` | ``fp16`` or a torch dtype.
+        device: ``auto`` picks CUDA when available.
+        trust_remote_code: allow the checkpoint's own Python code to run.
+        allow_pickle: allow ``.bin`` pickle weights.
+        gradient_checkpointing: trade compute for activation memory in training.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = resolve_model_dir(model)
+    local = src.exists()
+    if local:
+        if not (src / "config.json").exists():
+            raise ModelLoadError(f"{src} is not a Hugging Face model directory (no config.json)")
+        _check_weights(src, allow_pickle)
+    elif str(model).startswith((".", "/", "~")):
+        raise ModelLoadError(f"model directory not found: {model}")
+    name = str(src) if local else str(model)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    kind = _model_kind(config)
+    kwargs = dict(
+        dtype=resolve_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
+    )
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        if kind == "reward":
+            from transformers import AutoModelForSequenceClassification
+
+            m = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+        else:
+            m = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(f"could not load model '{model}': {e}") from None
+    m.to(resolve_device(device))
+    if gradient_checkpointing:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.config.use_cache = False
+    tok_src = tokenizer or (src if (not local or _has_tokenizer(src)) else None)
+    if tok_src is None:
+        raise ModelLoadError(f"{src} has no tokenizer files; pass tokenizer=...")
+    tok = load_tokenizer(tok_src, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        from posttrain.models import adapters
+
+        m = adapters.load_adapter(m, adapter)
+    return m, tok
+
+
+def _has_tokenizer(p: Path) -> bool:
+    return any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _model_kind(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "reward"
+    return "causal"

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random checkpoints of real architectures, built with save_pretrained."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from posttrain.models.tiny import ARCHS, build_tiny_model, build_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer):
+    """Factory: tiny_models(arch) -> directory of a saved random checkpoint (cached per session)."""
+    cache = {}
+
+    def make(arch="qwen2", **kw):
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"tiny-{arch}")
+            cache[key] = build_tiny_model(arch, d, tokenizer=tokenizer, **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
