@@ -156,14 +156,29 @@ def _all_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+# names that other trainers use for our keys; difflib alone would not find these
+ALIASES = {
+    "learning_rate": "lr", "lr_scheduler_type": "schedule", "scheduler": "schedule", "lr_schedule": "schedule",
+    "gradient_accumulation_steps": "grad_accum", "gradient_accumulation": "grad_accum",
+    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size", "bs": "batch_size",
+    "num_train_epochs": "epochs", "num_epochs": "epochs", "max_seq_length": "max_length", "max_seq_len": "max_length",
+    "seq_len": "max_length", "warmup": "warmup_steps", "bf16": "precision", "fp16": "precision", "dtype": "precision",
+    "dataset": "train", "train_file": "train", "eval_file": "eval", "output": "output_dir", "out": "output_dir",
+    "max_grad_norm_clip": "max_grad_norm", "clip": "max_grad_norm", "rank": "r", "lora_alpha": "alpha",
+    "lora_dropout": "dropout", "target_modules": "targets", "save_steps": "save_every", "eval_steps": "eval_every",
+}
+
+
 def suggest(key: str, schema: type[BaseModel]) -> str:
     keys = _all_keys(schema)
-    best = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-    if not best:  # try the last component against last components
-        last = key.rsplit(".", 1)[-1]
-        cands = {k.rsplit(".", 1)[-1]: k for k in keys}
-        m = difflib.get_close_matches(last, list(cands), n=1, cutoff=0.6)
-        best = [cands[m[0]]] if m else []
+    section, _, last = key.rpartition(".")
+    prefix = f"{section}." if section else ""
+    alias = ALIASES.get(last)
+    if alias and f"{prefix}{alias}" in keys:
+        return f" (did you mean '{prefix}{alias}'?)"
+    same_section = [k for k in keys if k.rpartition(".")[0] == section]
+    best = difflib.get_close_matches(key, same_section, n=1, cutoff=0.6) or \
+        difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     return f" (did you mean '{best[0]}'?)" if best else ""
 
 
@@ -197,7 +212,7 @@ def apply_override(tree: dict, dotted: str, value: Any) -> None:
 def _format_errors(err: ValidationError, schema: type[BaseModel], source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or True)
+        loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{loc}'{suggest(loc, schema)}")
         else:

@@ -139,7 +139,9 @@ def load(
         raise ModelLoadError(f"could not load model '{model}': {e}") from None
     m.to(resolve_device(device))
     if gradient_checkpointing:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed it; older releases only have the gradient_* name
+        enable = getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.config.use_cache = False
     tok_src = tokenizer or (src if (not local or _has_tokenizer(src)) else None)
     if tok_src is None:

@@ -1,0 +1,181 @@
+"""`posttrain <command>`: parse arguments, load the config, dispatch.
+
+    posttrain sft --config run.yaml train.lr=1e-4
+    posttrain sft model=DIR data.train=chats.jsonl output_dir=runs/a
+    posttrain cpt model=DIR data.train=corpus.jsonl
+    posttrain demo [--out DIR] [--stages base,sft]
+    posttrain gym export --task instruct --split train --out train.jsonl
+    posttrain report RUN_DIR [RUN_DIR ...] [--out report.html]
+    posttrain merge --model BASE --adapter A --out DIR
+    posttrain adapters show A
+    posttrain config STAGE          # print the defaults of a stage's config
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+TRAIN_STAGES = ("sft", "cpt")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _train_parser(stage: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"posttrain {stage}", description=f"Run the `{stage}` stage.")
+    p.add_argument("--config", "-c", help="YAML config file")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+    return p
+
+
+def cmd_train(stage: str, argv: list[str]) -> int:
+    from posttrain import stages
+    from posttrain.config import load_config
+
+    args = _train_parser(stage).parse_args(argv)
+    cfg = load_config(stage, args.config, args.overrides)
+    res = stages.get(stage).run(cfg, resume=args.resume)
+    print(f"posttrain: {stage} finished: {res.model_dir}")
+    return 0
+
+
+def cmd_config(argv: list[str]) -> int:
+    from posttrain.config import STAGE_SCHEMAS, dump_config, load_config
+
+    p = argparse.ArgumentParser(prog="posttrain config", description="Print a stage's resolved config.")
+    p.add_argument("stage", choices=sorted(STAGE_SCHEMAS))
+    p.add_argument("--config", "-c")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    print(dump_config(load_config(a.stage, a.config, a.overrides)), end="")
+    return 0
+
+
+def cmd_gym(argv: list[str]) -> int:
+    from posttrain import gym
+
+    p = argparse.ArgumentParser(prog="posttrain gym", description="Gym tasks with verifiable answers.")
+    sub = p.add_subparsers(dest="action", required=True)
+    e = sub.add_parser("export", help="write a task split as JSONL in the standard formats")
+    e.add_argument("--task", required=True, choices=list(gym.TASKS))
+    e.add_argument("--split", default="train", choices=["train", "validation", "test"])
+    e.add_argument("--out", required=True)
+    e.add_argument("--n", type=int, default=None, help="number of rows (default: the split's size)")
+    sub.add_parser("list", help="list the tasks")
+    a = p.parse_args(argv)
+    if a.action == "list":
+        for t in gym.TASKS:
+            print(t)
+        return 0
+    path = gym.export(a.task, a.split, a.out, n=a.n)
+    print(f"posttrain: wrote {path}")
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    from posttrain.report import build_report
+
+    p = argparse.ArgumentParser(prog="posttrain report", description="Rebuild the HTML report of one or more runs.")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", default=None)
+    p.add_argument("--title", default=None)
+    a = p.parse_args(argv)
+    for r in a.runs:
+        if not (Path(r) / "metrics.jsonl").exists() and not (Path(r) / "summary.json").exists():
+            raise UsageError(f"{r} is not a run directory (no metrics.jsonl)")
+    print(f"posttrain: wrote {build_report([Path(r) for r in a.runs], a.out, title=a.title)}")
+    return 0
+
+
+def cmd_merge(argv: list[str]) -> int:
+    from posttrain.models import adapters
+
+    p = argparse.ArgumentParser(prog="posttrain merge", description="Merge an adapter into its base model.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    print(f"posttrain: wrote {adapters.merge_to_dir(a.model, a.adapter, a.out)}")
+    return 0
+
+
+def cmd_adapters(argv: list[str]) -> int:
+    from posttrain.models import adapters
+
+    p = argparse.ArgumentParser(prog="posttrain adapters", description="Inspect adapters.")
+    sub = p.add_subparsers(dest="action", required=True)
+    s = sub.add_parser("show")
+    s.add_argument("adapter")
+    a = p.parse_args(argv)
+    print(adapters.format_description(adapters.describe(a.adapter)))
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    from posttrain.gym import demo
+
+    return demo.main(argv)
+
+
+COMMANDS = {
+    "config": cmd_config,
+    "gym": cmd_gym,
+    "report": cmd_report,
+    "merge": cmd_merge,
+    "adapters": cmd_adapters,
+    "demo": cmd_demo,
+}
+
+
+def _errors():
+    from posttrain.config import ConfigError
+    from posttrain.engine.run import RunDirError
+    from posttrain.engine.trainer import TrainingError
+    from posttrain.models.loading import ModelLoadError
+
+    errs = [ConfigError, RunDirError, TrainingError, ModelLoadError, UsageError, FileNotFoundError]
+    try:
+        from posttrain.data.formats import DataError
+
+        errs.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\ncommands: " + ", ".join(list(TRAIN_STAGES) + list(COMMANDS)))
+        return 0
+    if argv[0] in ("-V", "--version"):
+        import posttrain
+
+        print(posttrain.__version__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd in TRAIN_STAGES:
+            return cmd_train(cmd, rest)
+        if cmd in COMMANDS:
+            return COMMANDS[cmd](rest)
+        import difflib
+
+        near = difflib.get_close_matches(cmd, list(TRAIN_STAGES) + list(COMMANDS), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        print(f"posttrain: error: unknown command '{cmd}'{hint}", file=sys.stderr)
+        return 2
+    except _errors() as e:
+        print(f"posttrain: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

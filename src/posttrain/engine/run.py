@@ -1,0 +1,135 @@
+"""A run directory's life cycle: claim it, write the resolved config, publish the final model, sign it off.
+
+`manifest.json` is written last. Until it says `"status": "completed"` the directory is
+not a finished run, and `posttrain.load` refuses it. The final model is written to a
+temporary directory and renamed into place, so a kill never leaves a half-written model
+under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+from posttrain.config import RunConfig, dump_config
+from posttrain.engine.checkpoint import _atomic_dir, _commit
+from posttrain.engine.dist import barrier, is_main
+
+MANIFEST = "manifest.json"
+
+
+class RunDirError(RuntimeError):
+    pass
+
+
+def read_manifest(out: Path) -> Optional[dict]:
+    p = Path(out) / MANIFEST
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return {"status": "corrupt"}
+
+
+def claim(cfg: RunConfig, resume: bool) -> Path:
+    """Check that `output_dir` may be used, without ever clobbering finished work."""
+    out = Path(cfg.output_dir)
+    m = read_manifest(out)
+    has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    if m and m.get("status") == "completed":
+        raise RunDirError(f"{out} already holds a completed run; choose another output_dir (nothing was changed)")
+    if has_ckpt and not resume:
+        raise RunDirError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it, "
+                          "or choose another output_dir (nothing was changed)")
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        if m is not None:
+            (out / MANIFEST).unlink()  # a failed run being resumed is not complete either
+        (out / "config.yaml").write_text(dump_config(cfg))
+    barrier()
+    return out
+
+
+def publish_model(model, tokenizer, out: Path, *, adapter: bool) -> str:
+    """Write the final model (HF format) or adapter (PEFT format) atomically; returns its folder name."""
+    name = "adapter" if adapter else "model"
+    if not is_main():
+        return name
+    final = out / name
+    tmp = _atomic_dir(final)
+    if adapter:
+        from posttrain.models import adapters
+
+        adapters.save(model, tmp)
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    _commit(tmp, final)
+    return name
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_commit(cwd: Optional[Path] = None) -> Optional[str]:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    import posttrain
+
+    v = {"posttrain": posttrain.__version__, "torch": torch.__version__,
+         "transformers": transformers.__version__, "python": platform.python_version()}
+    for pkg in ("peft", "safetensors", "torchao"):
+        try:
+            v[pkg] = __import__(pkg).__version__
+        except Exception:  # optional packages
+            pass
+    return v
+
+
+def config_hash(cfg: RunConfig) -> str:
+    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
+
+
+def write_manifest(out: Path, *, status: str, cfg: RunConfig, data_hashes: dict, result: dict,
+                   model_dir: Optional[str] = None, error: Optional[str] = None, started: float) -> None:
+    if not is_main():
+        return
+    m = {
+        "status": status,
+        "stage": cfg.stage,
+        "model_dir": model_dir,
+        "base_model": cfg.model,
+        "adapter_type": cfg.adapter.type,
+        "config_hash": config_hash(cfg),
+        "data": data_hashes,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "result": result,
+    }
+    if error:
+        m["error"] = error
+    tmp = Path(out) / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(m, indent=1, default=str))
+    tmp.rename(Path(out) / MANIFEST)

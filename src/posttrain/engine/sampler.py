@@ -1,0 +1,59 @@
+"""Deterministic, resumable, distributed-aware batch order.
+
+Epoch e's order is a permutation seeded by (seed, e), so a resumed run that knows
+(epoch, batch index) continues exactly where it stopped. Each global batch of
+`batch_size * world_size` items is split so rank r takes a disjoint slice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    batch: int = 0  # index of the next global batch within the epoch
+
+
+class BatchSampler:
+    def __init__(self, n_items: int, batch_size: int, *, seed: int, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        if n_items <= 0:
+            raise ValueError("no training items: the dataset is empty after filtering")
+        self.n = n_items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world = world_size
+        self.pos = Position()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.n / (self.batch_size * self.world))
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next_batch(self) -> list[int]:
+        """Indices of this rank's share of the next global batch (moves the position)."""
+        if self.pos.batch >= self.batches_per_epoch:
+            self.pos = Position(self.pos.epoch + 1, 0)
+        order = self._order(self.pos.epoch)
+        gb = self.batch_size * self.world
+        start = self.pos.batch * gb + self.rank * self.batch_size
+        self.pos = Position(self.pos.epoch, self.pos.batch + 1)
+        return order[start:start + self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.pos.epoch, "batch": self.pos.batch}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.pos = Position(int(s["epoch"]), int(s["batch"]))

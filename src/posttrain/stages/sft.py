@@ -1,0 +1,54 @@
+"""Stage `sft`: supervised fine-tuning on prompt-completion or conversational data.
+
+Loss: next-token NLL on completion / assistant tokens only, normalized over every
+loss token of the optimizer step (see `posttrain.losses.sft.token_nll`).
+"""
+
+from __future__ import annotations
+
+from posttrain.config import RunConfig
+from posttrain.engine.trainer import TrainData
+from posttrain.losses.sft import IGNORE_INDEX, token_nll
+from posttrain.stages.common import RunResult, run_training
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+class LMStage:
+    """Causal-LM loss on labelled tokens; shared by `cpt` and `sft`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def loss(self, model, batch):
+        out = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False)
+        loss_sum, _ = token_nll(out.logits, batch["labels"])
+        return loss_sum, {}
+
+    def num_loss_units(self, batch) -> int:
+        # token_nll predicts labels[:, 1:]
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _item_tokens(item) -> int:
+    if hasattr(item, "input_ids"):
+        return len(item.input_ids)
+    return sum(len(x.input_ids) for x in item)  # a packed row: a list of examples
+
+
+def lm_data(cfg: RunConfig, tokenizer) -> TrainData:
+    from posttrain.data import build_dataset
+
+    bundle = build_dataset(cfg.data, tokenizer, stage=cfg.stage, seed=cfg.train.seed)
+
+    def collate(items):
+        batch = bundle.collate(items)
+        batch["num_real_tokens"] = sum(_item_tokens(x) for x in items)
+        return batch
+
+    return TrainData(train=bundle.train, eval=bundle.eval, collate=collate, stats=dict(bundle.stats),
+                     hashes=dict(bundle.hashes))
+
+
+def run(cfg: RunConfig, *, resume: bool = False, **kw) -> RunResult:
+    return run_training(cfg, lambda tok: LMStage(cfg.stage), lm_data, resume=resume, **kw)
