@@ -18,7 +18,10 @@ import os
 import sys
 from pathlib import Path
 
-TRAIN_STAGES = ("sft", "cpt")
+def _train_stages() -> tuple[str, ...]:
+    from posttrain.stages import STAGES
+
+    return tuple(STAGES)
 
 
 class UsageError(Exception):
@@ -45,10 +48,10 @@ def cmd_train(stage: str, argv: list[str]) -> int:
 
 
 def cmd_config(argv: list[str]) -> int:
-    from posttrain.config import STAGE_SCHEMAS, dump_config, load_config
+    from posttrain.config import dump_config, load_config
 
     p = argparse.ArgumentParser(prog="posttrain config", description="Print a stage's resolved config.")
-    p.add_argument("stage", choices=sorted(STAGE_SCHEMAS))
+    p.add_argument("stage", choices=list(_train_stages()))
     p.add_argument("--config", "-c")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
@@ -140,7 +143,7 @@ def _errors():
 
     errs = [ConfigError, RunDirError, TrainingError, ModelLoadError, UsageError, FileNotFoundError]
     try:
-        from posttrain.data.formats import DataError
+        from posttrain.data import DataError
 
         errs.append(DataError)
     except ImportError:
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\ncommands: " + ", ".join(list(TRAIN_STAGES) + list(COMMANDS)))
+        print("\ncommands: " + ", ".join(list(_train_stages()) + list(COMMANDS)))
         return 0
     if argv[0] in ("-V", "--version"):
         import posttrain
@@ -162,13 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     try:
-        if cmd in TRAIN_STAGES:
+        if cmd in _train_stages():
             return cmd_train(cmd, rest)
         if cmd in COMMANDS:
             return COMMANDS[cmd](rest)
         import difflib
 
-        near = difflib.get_close_matches(cmd, list(TRAIN_STAGES) + list(COMMANDS), n=1)
+        near = difflib.get_close_matches(cmd, list(_train_stages()) + list(COMMANDS), n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         print(f"posttrain: error: unknown command '{cmd}'{hint}", file=sys.stderr)
         return 2

@@ -231,7 +231,17 @@ def load_config(
     """Build and validate a stage's config from defaults, an optional YAML file and `key=value` overrides."""
     schema = STAGE_SCHEMAS.get(stage)
     if schema is None:
-        raise ConfigError(f"unknown stage '{stage}'; known stages: {', '.join(sorted(STAGE_SCHEMAS))}")
+        # stage modules register their own schema when imported
+        from posttrain import stages
+
+        if stage in stages.STAGES:
+            stages.get(stage)
+            schema = STAGE_SCHEMAS.get(stage)
+    if schema is None:
+        from posttrain import stages
+
+        known = sorted(set(STAGE_SCHEMAS) | set(stages.STAGES))
+        raise ConfigError(f"unknown stage '{stage}'; known stages: {', '.join(known)}")
     tree: dict = dict(base or {})
     source = "defaults"
     if path is not None:

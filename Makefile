@@ -1,0 +1,38 @@
+# Two entry points that work on a fresh machine with Python 3.11 and pip:
+#   make demo   - set up, then run the post-training demo on the bundled model (offline, CPU)
+#   make test   - set up, then run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.posttrain-installed
+
+.PHONY: setup demo test bench browser clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/posttrain demo --out demo-out
+
+# the report test opens the page in a real headless browser (Debian's chromium)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not found: the browser test will be skipped (install Debian's chromium)"; fi; }
+
+test: setup browser
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/sft_throughput.py
+
+clean:
+	rm -rf $(VENV) demo-out
