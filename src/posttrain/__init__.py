@@ -1,6 +1,13 @@
 """posttrain: turn a pretrained causal language model into a product."""
 
+import logging as _logging
+
 __version__ = "0.1.0"
+
+# torchao (pulled in by transformers' quantizer checks) warns at import about CUDA kernels a CPU
+# build cannot load, and torch's pytree warns about its enum registration; neither is actionable.
+for _name in ("torchao", "torch.utils._pytree"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 
 def load(*args, **kwargs):
@@ -8,3 +15,10 @@ def load(*args, **kwargs):
     from posttrain.models.loading import load as _load
 
     return _load(*args, **kwargs)
+
+
+def evaluate(*args, **kwargs):
+    """Evaluate a model on a suite; see :func:`posttrain.eval.evaluate`."""
+    from posttrain.eval import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)

@@ -1,5 +1,70 @@
-"""Pure loss functions over tensors: the public ``posttrain.losses`` API."""
+"""Pure loss functions over tensors: the public ``posttrain.losses`` API.
 
+- ``sft``: next-token NLL and per-sequence log-probs.
+- ``preference``: DPO (sigmoid, ipo, hinge, robust), KTO, ORPO, SimPO, reward model.
+- ``rl``: GAE, PPO policy/value losses, GRPO advantages and loss, KL estimators.
+"""
+
+from posttrain.losses.preference import (
+    DPO_LOSS_TYPES,
+    dpo_loss,
+    kto_kl_estimate,
+    kto_loss,
+    log1mexp,
+    mismatched_indices,
+    orpo_loss,
+    reward_model_loss,
+    simpo_loss,
+)
+from posttrain.losses.rl import (
+    GRPO_ADVANTAGE_SCALES,
+    GRPO_AGGREGATIONS,
+    KL_ESTIMATORS,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    grpo_advantages,
+    grpo_loss,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_rewards,
+    whiten,
+    zero_variance_groups,
+)
 from posttrain.losses.sft import IGNORE_INDEX, sequence_logps, token_nll
 
-__all__ = ["IGNORE_INDEX", "token_nll", "sequence_logps"]
+__all__ = [
+    "IGNORE_INDEX",
+    "token_nll",
+    "sequence_logps",
+    # preference
+    "DPO_LOSS_TYPES",
+    "dpo_loss",
+    "kto_loss",
+    "kto_kl_estimate",
+    "mismatched_indices",
+    "orpo_loss",
+    "log1mexp",
+    "simpo_loss",
+    "reward_model_loss",
+    # rl
+    "KL_ESTIMATORS",
+    "GRPO_ADVANTAGE_SCALES",
+    "GRPO_AGGREGATIONS",
+    "masked_mean",
+    "masked_var",
+    "whiten",
+    "entropy_from_logits",
+    "kl_penalty",
+    "token_rewards",
+    "gae",
+    "explained_variance",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "grpo_advantages",
+    "zero_variance_groups",
+    "grpo_loss",
+]

@@ -7,6 +7,7 @@ loss token of the optimizer step (see `posttrain.losses.sft.token_nll`).
 from __future__ import annotations
 
 from posttrain.config import RunConfig
+from posttrain.data.collate import model_attention_mask
 from posttrain.engine.trainer import TrainData
 from posttrain.losses.sft import IGNORE_INDEX, token_nll
 from posttrain.stages.common import RunResult, run_training
@@ -21,7 +22,11 @@ class LMStage:
         self.name = name
 
     def loss(self, model, batch):
-        out = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}, use_cache=False)
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        if inputs.get("attention_mask") is not None and inputs["attention_mask"].dim() == 4:
+            # packed rows: eager attention would add a bool mask as 1.0 instead of masking
+            inputs["attention_mask"] = model_attention_mask(inputs["attention_mask"], model)
+        out = model(**inputs, use_cache=False)
         loss_sum, _ = token_nll(out.logits, batch["labels"])
         return loss_sum, {}
 

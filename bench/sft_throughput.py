@@ -1,0 +1,247 @@
+"""SFT throughput, peak memory and packing efficiency: posttrain vs TRL's SFTTrainer, side by side.
+
+    python bench/sft_throughput.py            # full comparison (a few minutes on 2 cores)
+    python bench/sft_throughput.py --quick    # fewer rows, for a smoke run
+
+Each trainer runs in its own subprocess (so peak RSS is its own) on the same model, data,
+batch size, max length, learning rate, LoRA settings and precision. Held-out loss of every
+result is then measured by one function (completion-token NLL) in this process. Prints JSON.
+
+MFU: 6 * params * tokens/s / (bf16 matmul FLOP/s measured in this run on 2048^3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def make_model(out: Path, *, hidden: int, layers: int, heads: int, kv: int, inter: int, vocab: int) -> Path:
+    from posttrain import gym
+    from posttrain.models.tiny import build_tiny_model, build_tokenizer
+
+    corpus = [m["content"] for r in gym.load_task_rows("instruct", "train", n=2000) for m in r["messages"]]
+    tok = build_tokenizer(vocab_size=vocab, corpus=corpus)
+    return build_tiny_model("qwen2", out, tokenizer=tok, hidden=hidden, layers=layers, heads=heads, kv_heads=kv,
+                            intermediate=inter, max_pos=1024)
+
+
+def make_data(out: Path, n_train: int, n_eval: int) -> tuple[Path, Path, Path]:
+    from posttrain import gym
+
+    def chats(split, n):
+        return [{"messages": r["messages"]} for r in gym.load_task_rows("instruct", split, n=n)]
+
+    train, held = chats("train", n_train), chats("validation", n_eval)
+    f_msgs, f_pc, f_eval = out / "train.jsonl", out / "train_pc.jsonl", out / "eval.jsonl"
+    f_msgs.write_text("".join(json.dumps(r) + "\n" for r in train))
+    # the same conversations as prompt-completion: TRL trains completion tokens only in this form
+    f_pc.write_text("".join(json.dumps({"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}) + "\n"
+                            for r in train))
+    f_eval.write_text("".join(json.dumps(r) + "\n" for r in held))
+    return f_msgs, f_pc, f_eval
+
+
+def bf16_peak_flops() -> float:
+    import torch
+
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b
+    n, t = 6, time.perf_counter()
+    for _ in range(n):
+        a @ b
+    return n * 2 * 2048 ** 3 / (time.perf_counter() - t)
+
+
+# ----------------------------------------------------------------------------- children
+
+def child_posttrain(a) -> dict:
+    from posttrain.config import load_config
+    from posttrain.stages import sft
+
+    over = [f"model={a.model}", f"data.train={a.train}", f"output_dir={a.out}", f"train.batch_size={a.batch}",
+            f"data.max_length={a.max_length}", f"train.lr={a.lr}", "train.epochs=1", f"train.precision={a.precision}",
+            "train.progress=false", "train.warmup_steps=0", "train.schedule=constant", f"data.packing={a.packing}",
+            "train.max_grad_norm=1.0"]
+    if a.lora:
+        over += ["adapter.type=lora", "adapter.r=16", "adapter.alpha=32", "adapter.targets=all-linear"]
+    cfg = load_config("sft", overrides=over)
+    res = sft.run(cfg)
+    r = res.result
+    return {"train_time_s": r["train_time_s"], "tokens": r["tokens_seen"], "steps": r["steps"],
+            "packing_efficiency": r["data"].get("packing_efficiency")}
+
+
+def child_trl(a) -> dict:
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    ds = load_dataset("json", data_files=a.train, split="train")
+    cfg = SFTConfig(output_dir=a.out, per_device_train_batch_size=a.batch, num_train_epochs=1, learning_rate=a.lr,
+                    max_length=a.max_length, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+                    logging_steps=50, save_strategy="no", report_to=[], bf16=a.precision == "bf16", use_cpu=True,
+                    dataloader_num_workers=0, seed=0, packing=a.packing == "true", completion_only_loss=True,
+                    disable_tqdm=True)
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if a.lora else None
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
+    tokens = {"n": 0}
+    t0 = time.time()
+    out = trainer.train()
+    train_time = time.time() - t0
+    # count real tokens the same way as posttrain: every non-pad input token
+    for row in trainer.train_dataset:
+        tokens["n"] += len(row["input_ids"])
+    trainer.model.save_pretrained(a.out + "/final")
+    tok.save_pretrained(a.out + "/final")
+    return {"train_time_s": train_time, "tokens": tokens["n"], "steps": out.global_step}
+
+
+def run_child(kind: str, **kw) -> dict:
+    args = [sys.executable, __file__, "--child", kind] + [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    t0 = time.time()
+    p = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if p.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{p.stderr[-3000:]}")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res["process_time_s"] = round(time.time() - t0, 2)
+    return res
+
+
+# ----------------------------------------------------------------------------- held-out loss
+
+def heldout_loss(model_dir: str, adapter_dir: str | None, eval_file: Path, max_length: int) -> float:
+    import torch
+
+    import posttrain
+    from posttrain.config import DataConfig
+    from posttrain.data import build_dataset
+    from posttrain.losses.sft import token_nll
+
+    model, tok = posttrain.load(model_dir, adapter=adapter_dir, device="cpu")
+    model.eval()
+    b = build_dataset(DataConfig(train=str(eval_file), max_length=max_length), tok, stage="sft")
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(b.train), 16):
+            batch = b.collate(b.train[i:i + 16])
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            s, c = token_nll(out.logits, batch["labels"])
+            total, n = total + float(s), n + int(c)
+    return total / n
+
+
+# ----------------------------------------------------------------------------- main
+
+def compare(work: Path, *, model: Path, train: Path, train_pc: Path, eval_f: Path, lora: bool, precision: str,
+            batch: int, max_length: int, lr: float) -> dict:
+    common = dict(model=model, batch=batch, max_length=max_length, lr=lr, precision=precision, lora=int(lora))
+    tag = f"{'lora' if lora else 'full'}-{precision}"
+    ours = run_child("posttrain", train=train, out=work / f"pt-{tag}", packing="false", **common)
+    ours_packed = run_child("posttrain", train=train, out=work / f"ptpack-{tag}", packing="true", **common)
+    trl = run_child("trl", train=train_pc, out=work / f"trl-{tag}", packing="false", **common)
+    sub = "adapter" if lora else "model"
+    ours["heldout_loss"] = heldout_loss(str(work / f"pt-{tag}" / sub) if not lora else str(model),
+                                        str(work / f"pt-{tag}" / sub) if lora else None, eval_f, max_length)
+    ours_packed["heldout_loss"] = heldout_loss(str(work / f"ptpack-{tag}" / sub) if not lora else str(model),
+                                               str(work / f"ptpack-{tag}" / sub) if lora else None, eval_f, max_length)
+    trl["heldout_loss"] = heldout_loss(str(work / f"trl-{tag}" / "final") if not lora else str(model),
+                                       str(work / f"trl-{tag}" / "final") if lora else None, eval_f, max_length)
+    for r in (ours, ours_packed, trl):
+        r["tokens_per_s"] = r["tokens"] / r["train_time_s"]
+    return {
+        "setting": tag, "posttrain": ours, "posttrain_packed": ours_packed, "trl": trl,
+        "speedup_epoch_time": trl["train_time_s"] / ours["train_time_s"],
+        "speedup_epoch_time_packed": trl["train_time_s"] / ours_packed["train_time_s"],
+        "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
+        "peak_rss_ratio_packed": ours_packed["peak_rss_mb"] / trl["peak_rss_mb"],
+        "heldout_loss_ratio": ours["heldout_loss"] / trl["heldout_loss"],
+        "heldout_loss_ratio_packed": ours_packed["heldout_loss"] / trl["heldout_loss"],
+    }
+
+
+def mfu(work: Path, quick: bool) -> dict:
+    """posttrain full fine-tuning of a ~30M-parameter Qwen2 in bf16 on packed rows."""
+    from posttrain.models.loading import load
+
+    model = make_model(work / "m30", hidden=512, layers=8, heads=8, kv=8, inter=1536, vocab=4096)
+    n_params = sum(p.numel() for p in load(model)[0].parameters())
+    train = work / "cpt.jsonl"
+    from posttrain import gym
+
+    texts = [r["prompt"] + r["completion"] for r in gym.load_task_rows("regression", "train", n=4000)]
+    train.write_text("".join(json.dumps({"text": " ".join(texts[i:i + 40])}) + "\n" for i in range(0, len(texts), 40)))
+    peak = bf16_peak_flops()
+    r = run_child("posttrain-cpt", model=model, train=train, out=work / "pt-mfu", batch=4, max_length=512,
+                  lr=1e-4, precision="bf16", lora=0, max_steps=8 if quick else 20)
+    flops = 6 * n_params * r["tokens_per_s_steady"]
+    return {"params": n_params, "bf16_peak_gflops": peak / 1e9, "tokens_per_s": r["tokens_per_s_steady"],
+            "model_gflops": flops / 1e9, "mfu": flops / peak}
+
+
+def child_cpt(a) -> dict:
+    from posttrain.config import load_config
+    from posttrain.stages import cpt
+
+    cfg = load_config("cpt", overrides=[f"model={a.model}", f"data.train={a.train}", f"output_dir={a.out}",
+                                        f"train.batch_size={a.batch}", f"data.max_length={a.max_length}",
+                                        f"train.lr={a.lr}", f"train.precision={a.precision}", "train.progress=false",
+                                        f"train.max_steps={a.max_steps}"])
+    cpt.run(cfg)
+    recs = [json.loads(l) for l in (Path(a.out) / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in recs if r["split"] == "train"][2:]  # skip warm-up steps
+    return {"tokens_per_s_steady": sum(r["tokens"] for r in steady) / sum(r["step_time_s"] for r in steady)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--child")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--skip-mfu", action="store_true")
+    for k in ("model", "train", "out", "precision", "packing"):
+        p.add_argument(f"--{k}")
+    for k in ("batch", "max-length", "lora", "max-steps"):
+        p.add_argument(f"--{k}", type=int)
+    p.add_argument("--lr", type=float)
+    a = p.parse_args()
+    if a.child:
+        fn = {"posttrain": child_posttrain, "trl": child_trl, "posttrain-cpt": child_cpt}[a.child]
+        res = fn(a)
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(res))
+        return
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
+    n_train = 400 if a.quick else 1600
+    model = make_model(work / "m4", hidden=256, layers=4, heads=4, kv=2, inter=768, vocab=1024)
+    train, train_pc, eval_f = make_data(work, n_train, 200)
+    settings = dict(model=model, train=train, train_pc=train_pc, eval_f=eval_f, batch=8, max_length=256)
+    out = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+           "n_train": n_train, "results": []}
+    out["results"].append(compare(work, lora=True, precision="fp32", lr=2e-4, **settings))
+    out["results"].append(compare(work, lora=False, precision="fp32", lr=2e-5, **settings))
+    if not a.skip_mfu:
+        out["mfu_30m_bf16"] = mfu(work, a.quick)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
