@@ -42,9 +42,39 @@ def cmd_train(stage: str, argv: list[str]) -> int:
 
     args = _train_parser(stage).parse_args(argv)
     cfg = load_config(stage, args.config, args.overrides)
-    res = stages.get(stage).run(cfg, resume=args.resume)
-    print(f"posttrain: {stage} finished: {res.model_dir}")
+    try:
+        res = stages.get(stage).run(cfg, resume=args.resume)
+    finally:
+        from posttrain.engine.dist import shutdown
+
+        shutdown()
+    from posttrain.engine.dist import is_main
+
+    if is_main():
+        print(f"posttrain: {stage} finished: {res.model_dir}")
     return 0
+
+
+def cmd_launch(argv: list[str]) -> int:
+    """`posttrain launch --nproc N [torchrun flags] STAGE [args]`: a thin wrapper over torchrun."""
+    import subprocess
+
+    stages = set(_train_stages())
+    split = next((i for i, a in enumerate(argv) if a in stages), None)
+    if split is None:
+        raise UsageError("usage: posttrain launch --nproc N [--nnodes M --node-rank R --master-addr A "
+                         f"--master-port P] STAGE [args]; STAGE is one of {', '.join(sorted(stages))}")
+    p = argparse.ArgumentParser(prog="posttrain launch")
+    p.add_argument("--nproc", type=int, required=True, help="processes per node (GPUs per node)")
+    p.add_argument("--nnodes", default="1")
+    p.add_argument("--node-rank", default="0")
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", default="29500")
+    a = p.parse_args(argv[:split])
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}", f"--nnodes={a.nnodes}",
+           f"--node_rank={a.node_rank}", f"--master_addr={a.master_addr}", f"--master_port={a.master_port}",
+           "-m", "posttrain", *argv[split:]]
+    return subprocess.call(cmd)
 
 
 def cmd_config(argv: list[str]) -> int:
@@ -126,6 +156,7 @@ def cmd_demo(argv: list[str]) -> int:
 
 
 COMMANDS = {
+    "launch": cmd_launch,
     "config": cmd_config,
     "gym": cmd_gym,
     "report": cmd_report,

@@ -75,7 +75,9 @@ class TrainConfig(_Strict):
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Extra metric sinks, used when installed.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     progress: bool = Field(True, description="Show a progress bar.")
-    distributed: Literal["auto", "ddp", "fsdp", "none"] = Field("auto", description="Strategy under torchrun.")
+    distributed: Literal["auto", "ddp", "fsdp", "none"] = Field(
+        "auto", description="Data parallelism under torchrun: auto picks DDP when the model fits replicated, else FSDP2.")
+    cpu_offload: bool = Field(False, description="FSDP2: keep parameters and optimizer state on the CPU.")
 
     @field_validator("report_to", mode="before")
     @classmethod

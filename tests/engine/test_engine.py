@@ -82,7 +82,8 @@ def test_non_finite_loss_stops_with_clear_message_and_keeps_checkpoint(tiny_mode
     e.model.get_input_embeddings().register_forward_hook(poison)
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 5.*checkpoint is kept at .*step-4"):
         e.fit()
-    assert (tmp_path / "checkpoints" / "step-4" / "trainable.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "step-4" / "trainer_state.json").exists()
+    assert (tmp_path / "checkpoints" / "step-4" / "weights").is_dir()
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
 
 

@@ -1,43 +1,41 @@
-"""Resumable checkpoints, written atomically.
+"""Resumable checkpoints with `torch.distributed.checkpoint`, written atomically.
 
-A checkpoint is a directory `checkpoints/step-N/` holding the trainable weights
-(safetensors), optimizer and scheduler state, RNG state and the data position.
-It is first written to a hidden temporary directory and then renamed, so a run
-killed mid-write never leaves a checkpoint that looks complete.
+A checkpoint is a directory `checkpoints/step-N/` holding:
+
+- `weights/` and `optim/`: the trainable weights and the optimizer state, saved by
+  `torch.distributed.checkpoint` (DCP). Every rank writes its own shards, and DCP reshards
+  on load, so a run saved on 2 ranks resumes on 1 (or 4).
+- `extra.pt`: the LR scheduler state and each rank's RNG state.
+- `trainer_state.json`: step, data position (in samples, so it survives a change of world
+  size), best evaluation, and the like.
+
+It is written into a hidden temporary directory and renamed by rank 0 after every rank has
+finished, so a run killed mid-write never leaves a checkpoint that looks complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-WEIGHTS = "trainable.safetensors"
+from posttrain.engine.dist import barrier, is_main, rank, world_size
+
 STATE = "trainer_state.json"
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # named_parameters() lists tied weights once, so safetensors sees no shared storage
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    missing, extra = expected - state.keys(), state.keys() - expected
-    if missing or extra:
-        raise RuntimeError(
-            f"checkpoint does not match the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
-        )
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t.to(params[n].device, params[n].dtype))
+# frozen base weights (LoRA, QLoRA) are never saved: they come from the base model
+_OPTS = StateDictOptions(ignore_frozen_params=True)
 
 
 def rng_state() -> dict:
@@ -54,48 +52,48 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _atomic_dir(final: Path) -> Path:
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+def _tmp_for(final: Path) -> Path:
+    # the same name on every rank: all ranks write shards into one directory
+    return final.parent / f".tmp-{final.name}"
 
 
 def save_checkpoint(ckpt_root: Path, name: str, *, model, optimizer=None, scheduler=None,
                     trainer_state: dict, keep_last: Optional[int] = None) -> Path:
-    final = ckpt_root / name
-    tmp = _atomic_dir(final)
-    save_file(trainable_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    """Collective: every rank calls it. Returns the final directory."""
+    final = Path(ckpt_root) / name
+    tmp = _tmp_for(final)
+    if is_main():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(get_model_state_dict(model, options=_OPTS), checkpoint_id=str(tmp / "weights"))
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "rng": rng_state()}, tmp / "optimizer.pt")
-    (tmp / STATE).write_text(json.dumps(trainer_state, indent=1))
-    _commit(tmp, final)
-    if keep_last is not None:
-        prune(ckpt_root, keep_last)
+        dcp.save(get_optimizer_state_dict(model, optimizer, options=_OPTS), checkpoint_id=str(tmp / "optim"))
+    extra = {"rng": rng_state(), "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    torch.save(extra, tmp / f"extra-rank{rank()}.pt")
+    barrier()
+    if is_main():
+        (tmp / STATE).write_text(json.dumps({**trainer_state, "world_size": world_size()}, indent=1))
+        if final.exists():
+            old = final.parent / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        if keep_last is not None:
+            prune(Path(ckpt_root), keep_last)
+    barrier()
     return final
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    if not ckpt_root.is_dir():
+    if not Path(ckpt_root).is_dir():
         return []
     found = []
-    for d in ckpt_root.iterdir():
+    for d in Path(ckpt_root).iterdir():
         if d.is_dir() and d.name.startswith("step-") and (d / STATE).exists():
             try:
                 found.append((int(d.name[5:]), d))
@@ -114,14 +112,28 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def load_weights(path: Path, model) -> None:
+    """Load a checkpoint's trainable weights into `model` (any world size)."""
+    sd = get_model_state_dict(model, options=_OPTS)
+    dcp.load(sd, checkpoint_id=str(Path(path) / "weights"))
+    set_model_state_dict(model, sd, options=_OPTS)
+
+
 def load_checkpoint(path: Path, *, model, optimizer=None, scheduler=None) -> dict:
-    load_trainable_state(model, load_file(str(path / WEIGHTS)))
-    opt_file = path / "optimizer.pt"
-    if optimizer is not None and opt_file.exists():
-        # our own file, but still loaded without unpickling arbitrary objects
-        blob = torch.load(opt_file, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(blob["optimizer"])
-        if scheduler is not None and blob.get("scheduler") is not None:
-            scheduler.load_state_dict(blob["scheduler"])
-        set_rng_state(blob["rng"])
-    return json.loads((path / STATE).read_text())
+    """Collective. Restores weights, and optimizer/scheduler/RNG when given; returns the trainer state."""
+    path = Path(path)
+    state = json.loads((path / STATE).read_text())
+    load_weights(path, model)
+    if optimizer is not None and (path / "optim").exists():
+        osd = get_optimizer_state_dict(model, optimizer, options=_OPTS)
+        dcp.load(osd, checkpoint_id=str(path / "optim"))
+        set_optimizer_state_dict(model, optimizer, osd, options=_OPTS)
+        own = path / f"extra-rank{rank()}.pt"
+        same_world = state.get("world_size", 1) == world_size()
+        extra = torch.load(own if own.exists() else path / "extra-rank0.pt", map_location="cpu", weights_only=True)
+        if scheduler is not None and extra.get("scheduler") is not None:
+            scheduler.load_state_dict(extra["scheduler"])
+        if same_world:
+            # with a different number of ranks the RNG streams cannot be matched one to one
+            set_rng_state(extra["rng"])
+    return state

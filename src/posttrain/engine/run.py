@@ -11,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from posttrain.config import RunConfig, dump_config
-from posttrain.engine.checkpoint import _atomic_dir, _commit
-from posttrain.engine.dist import barrier, is_main
+from posttrain.engine.dist import barrier, full_state_dict, is_main, unwrap
 
 MANIFEST = "manifest.json"
 
@@ -56,22 +59,58 @@ def claim(cfg: RunConfig, resume: bool) -> Path:
     return out
 
 
-def publish_model(model, tokenizer, out: Path, *, adapter: bool) -> str:
-    """Write the final model (HF format) or adapter (PEFT format) atomically; returns its folder name."""
+def publish_model(model, tokenizer, out: Path, *, adapter: bool, sharded: bool = False) -> str:
+    """Write the final model (HF format) or adapter (PEFT format) atomically; returns its folder name.
+
+    Collective when `sharded` (FSDP): every rank helps gather the full weights, rank 0 writes.
+    """
     name = "adapter" if adapter else "model"
+    full = full_state_dict(model) if sharded else None
     if not is_main():
+        barrier()
         return name
+    model = unwrap(model)
     final = out / name
     tmp = _atomic_dir(final)
     if adapter:
         from posttrain.models import adapters
 
+        if full is not None:
+            # FSDP holds DTensor shards: give the adapter writer the gathered weights
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if p.requires_grad and n in full:
+                        p.data = full[n].to(p.device)  # noqa: this model is only saved after this point
         adapters.save(model, tmp)
     else:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=full)
     tokenizer.save_pretrained(str(tmp))
     _commit(tmp, final)
+    barrier()
     return name
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Publish `tmp` as `final` with a rename, after making its bytes durable."""
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
 
 
 def file_hash(path: Path) -> str:

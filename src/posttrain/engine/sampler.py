@@ -53,7 +53,14 @@ class BatchSampler:
         return order[start:start + self.batch_size]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.pos.epoch, "batch": self.pos.batch}
+        # samples consumed in the epoch, not batches: a resume on another number of ranks keeps its place
+        return {"epoch": self.pos.epoch, "batch": self.pos.batch,
+                "samples": self.pos.batch * self.batch_size * self.world}
 
     def load_state_dict(self, s: dict) -> None:
-        self.pos = Position(int(s["epoch"]), int(s["batch"]))
+        gb = self.batch_size * self.world
+        samples = int(s.get("samples", int(s["batch"]) * gb))
+        if samples % gb:
+            raise ValueError(f"cannot resume at sample {samples} of the epoch with a global batch of {gb} "
+                             f"({self.batch_size} per rank x {self.world} ranks): it must divide evenly")
+        self.pos = Position(int(s["epoch"]), samples // gb)

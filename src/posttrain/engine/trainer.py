@@ -26,7 +26,7 @@ import torch
 
 from posttrain.config import RunConfig
 from posttrain.engine import checkpoint as ckpt
-from posttrain.engine.dist import all_reduce_sum, barrier, is_main, rank, world_size
+from posttrain.engine.dist import all_reduce_sum, rank, world_size
 from posttrain.engine.monitor import Monitor
 from posttrain.engine.optim import build_optimizer, build_scheduler
 from posttrain.engine.sampler import BatchSampler
@@ -94,6 +94,7 @@ class Engine:
         self.stop_reason: Optional[str] = None
         self.tokens_seen = 0
         self.history: list[dict] = []
+        self._pending: list[list[dict]] = []  # optimizer steps left from the last rollout (RL stages)
 
     # ------------------------------------------------------------ set-up
 
@@ -101,6 +102,8 @@ class Engine:
         if self.t.max_steps:
             return self.t.max_steps
         micro = math.ceil(self.t.epochs * self.sampler.batches_per_epoch)
+        if hasattr(self.stage, "rollout"):
+            return max(1, micro * int(self.stage.steps_per_rollout))
         return max(1, math.ceil(micro / self.t.grad_accum))
 
     def _warmup(self) -> int:
@@ -168,8 +171,7 @@ class Engine:
 
     def _train_step(self) -> dict:
         t0 = time.perf_counter()
-        micro = [self.data.collate([self.data.train[i] for i in self.sampler.next_batch()])
-                 for _ in range(self.t.grad_accum)]
+        micro = self._next_micro_batches()
         stats = self.compute_gradients(micro)
         grad_norm = self._clip()
         if not math.isfinite(grad_norm):
@@ -186,6 +188,23 @@ class Engine:
                "epoch": self.sampler.pos.epoch + self.sampler.pos.batch / self.sampler.batches_per_epoch}
         out.update(stats)
         return out
+
+    def _next_micro_batches(self) -> list[dict]:
+        """The micro-batches of the next optimizer step.
+
+        An RL stage has `rollout(model, batch) -> list[list[dict]]` and `steps_per_rollout`: each
+        batch of `train.batch_size` prompts becomes a rollout that yields several optimizer steps
+        (PPO epochs x minibatches), each a list of micro-batches. Other stages collate data directly.
+        """
+        if not hasattr(self.stage, "rollout"):
+            return [self.data.collate([self.data.train[i] for i in self.sampler.next_batch()])
+                    for _ in range(self.t.grad_accum)]
+        if not self._pending:
+            prompts = self.data.collate([self.data.train[i] for i in self.sampler.next_batch()])
+            self._pending = list(self.stage.rollout(self.model, prompts))
+            if not self._pending:
+                raise TrainingError(f"step {self.step + 1}: stage {self.stage.name} returned no optimizer steps")
+        return self._pending.pop(0)
 
     def compute_gradients(self, micro: list[dict]) -> dict:
         """Accumulate the gradient of one optimizer step over `micro` batches (token-level normalized).
@@ -207,7 +226,9 @@ class Engine:
             value = float(loss_sum.detach())
             if not math.isfinite(value):
                 self._fail_non_finite(value, j)
-            (loss_sum / total_units).backward()
+            # DDP and FSDP average gradients over ranks; scaling by the world size turns that
+            # average back into the sum over all ranks' units, divided by their global count
+            (loss_sum * world_size() / total_units).backward()
             loss_total += value
             tokens += int(batch.get("num_real_tokens", batch["input_ids"].numel()))
             for k, v in m.items():
@@ -287,16 +308,13 @@ class Engine:
                 self.stop_reason = reason
 
     def _save(self, name: str, keep: bool = True) -> None:
-        barrier()
-        if is_main():
-            ckpt.save_checkpoint(self.ckpt_root, name, model=self.model,
-                                 optimizer=self.optimizer if keep else None,
-                                 scheduler=self.scheduler if keep else None,
-                                 trainer_state=self._state(), keep_last=self.t.keep_last if keep else None)
-        barrier()
+        ckpt.save_checkpoint(self.ckpt_root, name, model=self.model,
+                             optimizer=self.optimizer if keep else None,
+                             scheduler=self.scheduler if keep else None,
+                             trainer_state=self._state(), keep_last=self.t.keep_last if keep else None)
 
     def _restore_best(self) -> None:
         best_dir = self.ckpt_root / "best"
         if best_dir.exists():
-            ckpt.load_checkpoint(best_dir, model=self.model)
+            ckpt.load_weights(best_dir, self.model)
             self.monitor.write(f"posttrain: restored the best weights (held-out loss {self.best:.4f})")

@@ -15,6 +15,7 @@ import torch
 
 from posttrain.config import RunConfig
 from posttrain.engine import run as rundir
+from posttrain.engine.dist import init_distributed, local_device, unwrap, world_size, wrap_model
 from posttrain.engine.trainer import Engine, Stage, TrainData
 from posttrain.models.loading import load, resolve_device
 
@@ -28,21 +29,18 @@ class RunResult:
     tokenizer: object
 
 
-def load_for_training(cfg: RunConfig):
+def load_for_training(cfg: RunConfig, device=None):
     """Load the starting model in fp32 master weights (bf16 runs use autocast) and attach the adapter."""
     if not cfg.model:
         raise ValueError("no model given: set `model` (a local HF directory or a hub name)")
-    model, tok = load(cfg.model, dtype="fp32", device=cfg.train.device, tokenizer=cfg.tokenizer,
+    model, tok = load(cfg.model, dtype="fp32", device=device or cfg.train.device, tokenizer=cfg.tokenizer,
                       trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
                       gradient_checkpointing=cfg.train.gradient_checkpointing)
     if cfg.adapter.type != "none":
         from posttrain.models import adapters
 
-        if cfg.adapter.path:
-            model = adapters.load_adapter(model, cfg.adapter.path, trainable=True)
-        else:
-            torch.manual_seed(cfg.train.seed)
-            model = adapters.apply(model, cfg.adapter, tokenizer=tok)
+        torch.manual_seed(cfg.train.seed)
+        model = adapters.apply(model, cfg.adapter, tokenizer=tok)  # also continues from adapter.path
     else:
         model.requires_grad_(True)
     return model, tok
@@ -57,18 +55,25 @@ def run_training(cfg: RunConfig, make_stage: Callable[[object], Stage],
     model appears under its final name.
     """
     started = time.time()
+    device = resolve_device(cfg.train.device)
+    init_distributed(device)
+    device = local_device(device)
     out = rundir.claim(cfg, resume)
     data: Optional[TrainData] = None
     try:
         if model is None:
-            model, tokenizer = load_for_training(cfg)
+            model, tokenizer = load_for_training(cfg, device)
         data = make_data(cfg, tokenizer)
-        engine = Engine(model, make_stage(tokenizer), data, cfg, evaluators=evaluators, guard=guard,
-                        device=resolve_device(cfg.train.device))
+        model, strategy = wrap_model(model, cfg.train.distributed, precision=cfg.train.precision, device=device,
+                                     cpu_offload=cfg.train.cpu_offload)
+        engine = Engine(model, make_stage(tokenizer), data, cfg, evaluators=evaluators, guard=guard, device=device)
         result = engine.fit(resume=resume)
         result["data"] = {k: v for k, v in data.stats.items() if isinstance(v, (int, float, str))}
         result["eval_history"] = engine.history
-        model_dir = rundir.publish_model(model, tokenizer, out, adapter=cfg.adapter.type != "none")
+        result["distributed"] = {"strategy": strategy, "world_size": world_size()}
+        model_dir = rundir.publish_model(model, tokenizer, out, adapter=cfg.adapter.type != "none",
+                                         sharded=strategy == "fsdp")
+        model = unwrap(model)
     except BaseException as e:
         hashes = getattr(data, "hashes", {}) if data is not None else {}
         rundir.write_manifest(out, status="failed", cfg=cfg, data_hashes=hashes, result={},
