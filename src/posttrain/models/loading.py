@@ -140,8 +140,10 @@ def load(
     m.to(resolve_device(device))
     if gradient_checkpointing:
         # transformers 5 renamed it; older releases only have the gradient_* name
-        enable = getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(m, "activation_checkpointing_enable"):
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.config.use_cache = False
     tok_src = tokenizer or (src if (not local or _has_tokenizer(src)) else None)
     if tok_src is None:
