@@ -7,6 +7,8 @@
     posttrain gym export --task instruct --split train --out train.jsonl
     posttrain report RUN_DIR [RUN_DIR ...] [--out report.html]
     posttrain merge --model BASE --adapter A --out DIR
+    posttrain export RUN_DIR/checkpoints/step-N --out DIR   # checkpoint -> HF model / PEFT adapter
+    posttrain launch --nproc N sft ...                      # torchrun, one process per GPU
     posttrain adapters show A
     posttrain config STAGE          # print the defaults of a stage's config
 """
@@ -137,6 +139,18 @@ def cmd_merge(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(argv: list[str]) -> int:
+    from posttrain.engine.export import export_checkpoint
+
+    p = argparse.ArgumentParser(prog="posttrain export",
+                                description="Write a training checkpoint as an HF model (or PEFT adapter).")
+    p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    print(f"posttrain: wrote {export_checkpoint(a.checkpoint, a.out)}")
+    return 0
+
+
 def cmd_adapters(argv: list[str]) -> int:
     from posttrain.models import adapters
 
@@ -161,6 +175,7 @@ COMMANDS = {
     "gym": cmd_gym,
     "report": cmd_report,
     "merge": cmd_merge,
+    "export": cmd_export,
     "adapters": cmd_adapters,
     "demo": cmd_demo,
 }

@@ -126,6 +126,16 @@ def test_fsdp_kill_resume_and_reshard_to_one_rank(setup, tmp_path):
     saved = json.loads((run / "checkpoints" / "step-4" / "trainer_state.json").read_text())
     assert saved["world_size"] == 2
 
+    # the sharded checkpoint converts to a plain HF model in one process, equal to the 1-rank one
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.engine.export import export_checkpoint
+
+    e2 = export_checkpoint(run / "checkpoints" / "step-4", tmp_path / "export2")
+    e1 = export_checkpoint(ref / "checkpoints" / "step-4", tmp_path / "export1")
+    assert AutoModelForCausalLM.from_pretrained(str(e2)) is not None
+    _close(load_file(str(e1 / "model.safetensors")), load_file(str(e2 / "model.safetensors")))
+
     # resume with 1 process and the same global batch (4 = 2 per rank x 2 ranks)
     _single(_args(model, data, run, "train.save_every=2", batch=4, steps=8) + ["--resume"])
     la, lb = _losses(ref), _losses(run)

@@ -1,0 +1,42 @@
+"""Turn a (possibly sharded) training checkpoint into a plain HF model or a PEFT adapter.
+
+    posttrain export runs/a/checkpoints/step-400 --out exported/
+
+Works in one process whatever number of ranks wrote the checkpoint: DCP reshards on load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+def export_checkpoint(ckpt_dir, out_dir) -> Path:
+    from posttrain.config import load_config
+    from posttrain.engine.checkpoint import STATE, load_weights
+    from posttrain.engine.run import _atomic_dir, _commit
+    from posttrain.models import adapters
+    from posttrain.stages.common import load_for_training
+
+    ckpt = Path(ckpt_dir)
+    if not (ckpt / STATE).exists() or not (ckpt / "weights").is_dir():
+        raise FileNotFoundError(f"{ckpt} is not a posttrain checkpoint (no {STATE} or weights/)")
+    run_cfg = ckpt.parent.parent / "config.yaml"
+    if not run_cfg.exists():
+        raise FileNotFoundError(f"{run_cfg} not found: the checkpoint's run config is needed to rebuild the model")
+    tree = yaml.safe_load(run_cfg.read_text())
+    stage = tree.get("stage", "sft")
+    cfg = load_config(stage, base=tree, overrides=["train.device=cpu", "train.gradient_checkpointing=false"])
+    model, tok = load_for_training(cfg, "cpu")
+    load_weights(ckpt, model)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_dir(out)
+    if cfg.adapter.type != "none":
+        adapters.save(model, tmp)
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    _commit(tmp, out)
+    return out
