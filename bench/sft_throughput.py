@@ -76,13 +76,20 @@ def child_posttrain(a) -> dict:
             f"data.max_length={a.max_length}", f"train.lr={a.lr}", "train.epochs=1", f"train.precision={a.precision}",
             "train.progress=false", "train.warmup_steps=0", "train.schedule=constant", f"data.packing={a.packing}",
             "train.max_grad_norm=1.0"]
-    if a.lora:
-        over += ["adapter.type=lora", "adapter.r=16", "adapter.alpha=32", "adapter.targets=all-linear"]
+    adapter = a.adapter or ("lora" if a.lora else "none")
+    if adapter != "none":
+        over += [f"adapter.type={adapter}", "adapter.r=16", "adapter.alpha=32", "adapter.targets=all-linear",
+                 "adapter.num_virtual_tokens=20"]
+    if a.max_steps:
+        over.append(f"train.max_steps={a.max_steps}")
     cfg = load_config("sft", overrides=over)
     res = sft.run(cfg)
     r = res.result
+    trainable = sum(p.numel() for p in res.model.parameters() if p.requires_grad)
+    size = sum(f.stat().st_size for f in res.model_dir.glob("*.safetensors"))
     return {"train_time_s": r["train_time_s"], "tokens": r["tokens_seen"], "steps": r["steps"],
-            "packing_efficiency": r["data"].get("packing_efficiency")}
+            "packing_efficiency": r["data"].get("packing_efficiency"), "trainable_params": trainable,
+            "saved_weights_bytes": size}
 
 
 def child_trl(a) -> dict:
@@ -99,7 +106,7 @@ def child_trl(a) -> dict:
                     max_length=a.max_length, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
                     logging_steps=50, save_strategy="no", report_to=[], bf16=a.precision == "bf16", use_cpu=True,
                     dataloader_num_workers=0, seed=0, packing=a.packing == "true", completion_only_loss=True,
-                    disable_tqdm=True)
+                    disable_tqdm=True, max_steps=a.max_steps or -1)
     peft_cfg = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if a.lora else None
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
     tokens = {"n": 0}
@@ -111,7 +118,10 @@ def child_trl(a) -> dict:
         tokens["n"] += len(row["input_ids"])
     trainer.model.save_pretrained(a.out + "/final")
     tok.save_pretrained(a.out + "/final")
-    return {"train_time_s": train_time, "tokens": tokens["n"], "steps": out.global_step}
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    size = sum(f.stat().st_size for f in Path(a.out, "final").glob("*.safetensors"))
+    return {"train_time_s": train_time, "tokens": tokens["n"], "steps": out.global_step,
+            "trainable_params": trainable, "saved_weights_bytes": size}
 
 
 def run_child(kind: str, **kw) -> dict:
@@ -215,7 +225,7 @@ def main() -> None:
     p.add_argument("--child")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-mfu", action="store_true")
-    for k in ("model", "train", "out", "precision", "packing"):
+    for k in ("model", "train", "out", "precision", "packing", "adapter"):
         p.add_argument(f"--{k}")
     for k in ("batch", "max-length", "lora", "max-steps"):
         p.add_argument(f"--{k}", type=int)
