@@ -3,7 +3,8 @@
     posttrain sft --config run.yaml train.lr=1e-4
     posttrain sft model=DIR data.train=chats.jsonl output_dir=runs/a
     posttrain cpt model=DIR data.train=corpus.jsonl
-    posttrain demo [--out DIR] [--stages base,sft]
+    posttrain demo [--out DIR] [--stages base,sft] [--forgetting]
+    posttrain eval --model M [--adapter A] --suite regression [--baseline BASE] [--fail-on-regression]
     posttrain gym export --task instruct --split train --out train.jsonl
     posttrain report RUN_DIR [RUN_DIR ...] [--out report.html]
     posttrain merge --model BASE --adapter A --out DIR
@@ -163,6 +164,12 @@ def cmd_adapters(argv: list[str]) -> int:
     return 0
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from posttrain.eval.cli import main as eval_main
+
+    return eval_main(argv)
+
+
 def cmd_demo(argv: list[str]) -> int:
     from posttrain.gym import demo
 
@@ -178,6 +185,7 @@ COMMANDS = {
     "export": cmd_export,
     "adapters": cmd_adapters,
     "demo": cmd_demo,
+    "eval": cmd_eval,
 }
 
 

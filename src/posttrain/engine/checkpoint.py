@@ -115,8 +115,9 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
 def load_weights(path: Path, model) -> None:
     """Load a checkpoint's trainable weights into `model` (any world size)."""
     sd = get_model_state_dict(model, options=_OPTS)
-    dcp.load(sd, checkpoint_id=str(Path(path) / "weights"))
-    set_model_state_dict(model, sd, options=_OPTS)
+    dcp.load(sd, checkpoint_id=str(Path(path) / "weights"))  # errors if a trainable weight is missing
+    # non-strict only so the frozen base weights (absent by design) are not reported missing
+    set_model_state_dict(model, sd, options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 def load_checkpoint(path: Path, *, model, optimizer=None, scheduler=None) -> dict:

@@ -69,7 +69,8 @@ class Engine:
             (e.g. task accuracy, the regression suite); their metrics are logged
             with split "eval".
         guard: optional callable `(eval_metrics) -> str | None`; a non-None string
-            stops the run (the forgetting guard) and the best weights are restored.
+            stops the run (the forgetting guard). The guard restores the weights it trusts
+            itself, and the loss-based best checkpoint is then not restored over them.
     """
 
     def __init__(self, model: torch.nn.Module, stage: Stage, data: TrainData, cfg: RunConfig, *,
@@ -92,6 +93,7 @@ class Engine:
         self.best: Optional[float] = None
         self.bad_evals = 0
         self.stop_reason: Optional[str] = None
+        self.guard_fired = False
         self.tokens_seen = 0
         self.history: list[dict] = []
         self._pending: list[list[dict]] = []  # optimizer steps left from the last rollout (RL stages)
@@ -162,7 +164,7 @@ class Engine:
                 if self.stop_reason:
                     mon.write(f"posttrain: stopping at step {self.step}: {self.stop_reason}")
                     break
-            if self.best is not None and (self.t.early_stopping_patience or self.guard):
+            if self.best is not None and self.t.early_stopping_patience and not self.guard_fired:
                 self._restore_best()
         finally:
             mon.close()
@@ -290,6 +292,13 @@ class Engine:
             return
         self.monitor.log(self.step, "eval", metrics)
         self.history.append({"step": self.step, **metrics})
+        if self.guard is not None:
+            reason = self.guard(metrics)
+            if reason:
+                # the guard has restored the weights it trusts; the loss-based best must not override it
+                self.stop_reason = reason
+                self.guard_fired = True
+                return
         score = metrics.get("loss")
         if score is not None:
             if self.best is None or score < self.best - self.t.early_stopping_min_delta:
@@ -302,10 +311,6 @@ class Engine:
                 if pat and self.bad_evals >= pat:
                     self.stop_reason = (f"early stopping: held-out loss has not improved on {self.best:.4f} "
                                         f"for {pat} evaluations")
-        if self.guard is not None:
-            reason = self.guard(metrics)
-            if reason:
-                self.stop_reason = reason
 
     def _save(self, name: str, keep: bool = True) -> None:
         ckpt.save_checkpoint(self.ckpt_root, name, model=self.model,

@@ -124,7 +124,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
     p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
                    help=f"comma-separated stages to run (default: {','.join(DEFAULT_STAGES)})")
+    p.add_argument("--forgetting", action="store_true",
+                   help="instead: show catastrophic forgetting, a naive vs a guarded fine-tune (docs/eval.md)")
     a = p.parse_args(argv)
+    if a.forgetting:
+        from posttrain.eval import forgetting
+
+        forgetting.run(Path(a.out))
+        return 0
     stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
     unknown = set(stages) - set(DEFAULT_STAGES)
     if unknown:

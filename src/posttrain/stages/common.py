@@ -64,6 +64,12 @@ def run_training(cfg: RunConfig, make_stage: Callable[[object], Stage],
         if model is None:
             model, tokenizer = load_for_training(cfg, device)
         data = make_data(cfg, tokenizer)
+        if cfg.eval.regression_every:
+            # the forgetting guard: regression suite every N steps, stop and roll back past the limit
+            from posttrain.eval.guard import from_config
+
+            reg_evaluators, reg_guard = from_config(cfg, tokenizer, model=model)
+            evaluators, guard = [*evaluators, *reg_evaluators], guard or reg_guard
         model, strategy = wrap_model(model, cfg.train.distributed, precision=cfg.train.precision, device=device,
                                      cpu_offload=cfg.train.cpu_offload)
         engine = Engine(model, make_stage(tokenizer), data, cfg, evaluators=evaluators, guard=guard, device=device)

@@ -1,0 +1,165 @@
+"""Suites: named lists of tasks. Built-in: `gym` (the target tasks) and `regression` (general skills).
+
+A suite is a YAML file `{name, description, tasks: [task.yaml, ...]}` (paths relative to it).
+`load_suite(spec)` accepts a built-in name, a suite YAML, or a single task YAML.
+
+The built-in suites' JSONL files are exported from the gym's held-out *test* split and shipped
+in the package (so they work offline and never change under a user); `build_builtin()`
+regenerates them deterministically, and a test checks the shipped files still equal its output.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import yaml
+
+from posttrain.eval.tasks import Task, TaskError, load_task
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+BUILTIN = ("gym", "regression")
+
+
+@dataclass
+class Suite:
+    name: str
+    tasks: list[Task]
+    path: Path | None = None
+    description: str = ""
+
+
+def load_suite(spec: Union[str, Path, Suite], *, limit: int | None = None) -> Suite:
+    """A Suite from a built-in name, a suite YAML or a task YAML; `limit` keeps the first N rows per task."""
+    if isinstance(spec, Suite):
+        suite = spec
+    else:
+        s = str(spec)
+        p = SUITES_DIR / f"{s}.yaml" if s in BUILTIN else Path(s)
+        if not p.is_file():
+            import difflib
+
+            near = difflib.get_close_matches(s, BUILTIN, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise TaskError(f"suite not found: {s!r}{hint}; give a built-in name ({', '.join(BUILTIN)}), "
+                            "a suite YAML or a task YAML")
+        try:
+            doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise TaskError(f"{p}: not valid YAML: {e}") from None
+        if isinstance(doc, dict) and "kind" in doc:
+            suite = Suite(p.stem, [load_task(p)], p)
+        elif isinstance(doc, dict) and isinstance(doc.get("tasks"), list) and doc["tasks"]:
+            suite = Suite(str(doc.get("name") or p.stem), [load_task(p.parent / t) for t in doc["tasks"]], p,
+                          str(doc.get("description", "")))
+        else:
+            raise TaskError(f"{p}: a suite needs 'tasks' (a list of task YAML files); a task needs 'kind'")
+    names = [t.name for t in suite.tasks]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise TaskError(f"suite {suite.name}: task names must be unique, repeated: {sorted(dup)}")
+    if limit:
+        for t in suite.tasks:
+            t.rows = t.rows[:limit]
+    return suite
+
+
+def gym_verify(row: dict, completion: str) -> bool:
+    """Verifier for rows exported from the gym: applies the rule the row names in `check`."""
+    from posttrain.gym import verify
+
+    return verify("gym", row, completion)
+
+
+# ------------------------------------------------------------------ building the shipped data
+
+# (file, gym task, rows): the gym half of the built-in data
+_GYM_EXPORTS = (("gym-instruct", "instruct", 200), ("gym-reasoning", "reasoning", 100),
+                ("gym-refusal", "refusal", 200), ("gym-tools", "tools", 200), ("regression-gen", "regression", 200))
+
+
+MC_KINDS = ("capital", "currency", "reverse", "upper", "add", "mul")
+
+
+def _mc_rows(per_kind: int) -> list[dict]:
+    """Plain-text multiple choice on test-split facts, up to `per_kind` rows of each kind in MC_KINDS
+    (fewer where the test split has fewer distinct facts, e.g. capitals), 4 choices each."""
+    from posttrain.gym.facts import make_fact, split_of
+    from posttrain.gym.world import WORDS, countries
+
+    def distractors(fact, rng):
+        if fact.kind in ("capital", "currency"):
+            pool = {getattr(x, fact.kind) for x in countries()}
+        elif fact.kind == "reverse":
+            pool = {w[::-1] for w in WORDS}
+        elif fact.kind == "upper":
+            pool = {w.upper() for w in WORDS}
+        else:
+            ans = int(fact.answer)
+            pool = {str(ans + d) for d in (-10, -2, -1, 1, 2, 10) if ans + d >= 0}
+        return rng.sample(sorted(pool - {fact.answer}), 3)
+
+    prompts = {"capital": "The capital of {c} is", "currency": "The currency of {c} is the",
+               "reverse": "The word {w} reversed is", "upper": "The word {w} in capital letters is",
+               "add": "{a} + {b} =", "mul": "{a} * {b} ="}
+    by_kind = []
+    for kind in MC_KINDS:
+        rng = random.Random(f"eval-mc:{kind}")
+        rows, seen = [], set()
+        for _ in range(20_000):
+            if len(rows) == per_kind:
+                break
+            fact = make_fact(kind, rng)
+            if split_of(fact.key) != "test" or fact.key in seen:
+                continue
+            seen.add(fact.key)
+            choices = distractors(fact, rng) + [fact.answer]
+            rng.shuffle(choices)
+            rows.append({"prompt": prompts[kind].format(**fact.args), "choices": [" " + c for c in choices],
+                         "label": choices.index(fact.answer), "kind": kind})
+        by_kind.append(rows)
+    return [r for group in zip(*by_kind) for r in group] + [r for g in by_kind for r in g[min(map(len, by_kind)):]]
+
+
+def _ppl_rows(n: int) -> list[dict]:
+    """Held-out plain text: declarative sentences about test-split facts, in the corpus's style."""
+    from posttrain.gym.corpus import declare
+    from posttrain.gym.facts import FACT_KINDS, make_fact, sample_rows
+
+    kinds = [k for k in FACT_KINDS if k != "json"]
+
+    def make(rng: random.Random):
+        facts = []
+        while len(facts) < 4:
+            f = make_fact(rng.choice(kinds), rng)
+            if not facts or f.key != facts[0].key:
+                facts.append(f)
+        text = "\n".join(declare(f, rng) for f in facts)
+        return facts[0].key, text, {"text": text}
+
+    return sample_rows(make, "test", n, 0, "eval-ppl")
+
+
+def build_builtin(out_dir: Union[str, Path] = SUITES_DIR) -> list[Path]:
+    """Write the built-in suites' JSONL files (deterministic); returns the paths written."""
+    from posttrain import gym
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    data = {name: gym.load_task_rows(task, "test", n=n) for name, task, n in _GYM_EXPORTS}
+    data["regression-mc"] = _mc_rows(25)
+    data["regression-ppl"] = _ppl_rows(50)
+    for name, rows in data.items():
+        p = out / f"{name}.jsonl"
+        p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        written.append(p)
+    return written
+
+
+if __name__ == "__main__":
+    for path in build_builtin():
+        print(path)

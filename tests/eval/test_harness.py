@@ -1,0 +1,91 @@
+"""lm-evaluation-harness interop: the real `lm_eval` CLI, a local task file, offline, via the import hook."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from posttrain.eval.kinds import run_task  # noqa: E402
+from posttrain.eval.tasks import make_task  # noqa: E402
+
+MC = [{"prompt": "The capital of Goumos is", "choices": [" Pomsom", " Paris", " elppa"], "label": 0},
+      {"prompt": "12 + 30 =", "choices": [" 42", " 43", " 52", " 7"], "label": 0},
+      {"prompt": "Hello", "choices": [", how can I help you today?", " world"], "label": 1},
+      {"prompt": "The quick brown", "choices": [" fox", " dog jumps"], "label": 0},
+      {"prompt": "Numbers 0 1 2", "choices": [" 3", " 4 5 6", " x"], "label": 0}]
+TEXTS = [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "Numbers 0 1 2 3 4 5 6 7 8 9 10."}]
+GEN = [{"prompt": "Hello", "target": "x"}, {"prompt": "What is 2 + 3?", "target": "y"}]
+
+
+def _task_yaml(name, data, body):
+    return textwrap.dedent(f"""\
+        task: {name}
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+        test_split: test
+        """) + textwrap.dedent(body)
+
+
+def test_lm_eval_cli_runs_posttrain_models_and_matches_posttrain_eval(tiny, tmp_path):
+    d, model, tok = tiny
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, rows in (("mc", MC), ("ppl", TEXTS), ("gen", GEN)):
+        (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tasks / "pt_mc.yaml").write_text(_task_yaml("pt_mc", tasks / "mc.jsonl", """\
+        output_type: multiple_choice
+        doc_to_text: "{{prompt}}"
+        doc_to_choice: "{{choices}}"
+        doc_to_target: "{{label}}"
+        target_delimiter: ""
+        metric_list: [{metric: acc}, {metric: acc_norm}]
+        """))
+    (tasks / "pt_ppl.yaml").write_text(_task_yaml("pt_ppl", tasks / "ppl.jsonl", """\
+        output_type: loglikelihood_rolling
+        doc_to_text: ""
+        doc_to_target: "{{text}}"
+        metric_list: [{metric: bits_per_byte}]
+        """))
+    (tasks / "pt_gen.yaml").write_text(_task_yaml("pt_gen", tasks / "gen.jsonl", """\
+        output_type: generate_until
+        doc_to_text: "{{prompt}}"
+        doc_to_target: "{{target}}"
+        generation_kwargs: {until: ["\\n"], max_gen_toks: 5, do_sample: false}
+        metric_list: [{metric: exact_match}]
+        """))
+    # the import hook, installed as `python -m posttrain.eval.harness install` would, into a private site dir
+    site = tmp_path / "site"
+    site.mkdir()
+    from posttrain.eval.lm_eval_hook import write_pth
+
+    pth = write_pth(site)
+    assert pth.read_text().startswith("import posttrain.eval.lm_eval_hook")
+    out = tmp_path / "out"
+    boot = ("import site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'lm_eval'; "
+            "from lm_eval.__main__ import cli_evaluate; cli_evaluate()")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", boot, str(site), "--model", "posttrain", "--model_args",
+                           f"model={d}", "--tasks", "pt_mc", "pt_ppl", "pt_gen", "--include_path", str(tasks),
+                           "--output_path", str(out), "--log_samples", "--batch_size", "4"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+
+    ours_mc = run_task(make_task({"name": "mc", "kind": "multiple_choice"}, [dict(r) for r in MC]), model, tok)
+    assert results["pt_mc"]["acc,none"] == pytest.approx(ours_mc["metrics"]["acc"]["value"])
+    assert results["pt_mc"]["acc_norm,none"] == pytest.approx(ours_mc["metrics"]["acc_norm"]["value"])
+    ours_ppl = run_task(make_task({"name": "ppl", "kind": "perplexity"}, [dict(r) for r in TEXTS]), model, tok)
+    assert results["pt_ppl"]["bits_per_byte,none"] == pytest.approx(ours_ppl["metrics"]["bits_per_byte"]["value"],
+                                                                     rel=1e-5)
+    samples = [json.loads(x) for p in out.rglob("samples_pt_gen_*.jsonl") for x in p.read_text().splitlines()]
+    from posttrain.eval import lm
+
+    want = lm.generate(model, tok, [r["prompt"] for r in GEN], max_new_tokens=5, stop=("\n",))
+    assert sorted(s["resps"][0][0] for s in samples) == sorted(want)
