@@ -3,6 +3,13 @@
 STAGES = {
     "sft": "posttrain.stages.sft",
     "cpt": "posttrain.stages.cpt",
+    "dpo": "posttrain.stages.dpo",
+    "kto": "posttrain.stages.kto",
+    "orpo": "posttrain.stages.orpo",
+    "simpo": "posttrain.stages.simpo",
+    "reward": "posttrain.stages.reward",
+    "ppo": "posttrain.stages.ppo",
+    "grpo": "posttrain.stages.grpo",
 }
 
 

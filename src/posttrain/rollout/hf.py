@@ -1,0 +1,157 @@
+"""The default rollout backend: a transformers causal LM driven step by step with a KV cache.
+
+What makes it faster than `model.generate` on the same batch:
+
+* prompts are sorted by length and cut into batches, so little compute goes to padding;
+* each prompt is prefilled once and its cache repeated for its n samples (GRPO's G);
+* the prefill computes logits for the last position only (`logits_to_keep=1`);
+* rows that hit EOS or a stop string leave the batch (their cache rows are dropped), so late
+  steps run on the unfinished rows only;
+* the attention mask and output buffers are allocated once per batch, and no logits
+  processors / stopping-criteria objects run per step.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+
+from posttrain.rollout.backend import GeneratedIds
+from posttrain.rollout.sampling import SamplingParams, sample_next
+
+
+def _select(model, names: Optional[list[str]]):
+    if names is None:
+        return nullcontext()
+    from posttrain.models.adapters import select
+
+    return select(model, names[0] if len(set(names)) == 1 else names)
+
+
+class HFBackend:
+    """Batched sampling with a transformers model (any device, any dtype)."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+        if batch_size < 1:
+            raise ValueError(f"HFBackend: batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, *, stop_ids: list[int],
+                 adapters: Optional[list[str]] = None) -> GeneratedIds:
+        n = params.n
+        out = GeneratedIds.empty(len(prompt_ids) * n)
+        gen = None
+        device = next(self.model.parameters()).device
+        if params.seed is not None and not params.greedy:
+            gen = torch.Generator(device=device).manual_seed(params.seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+            # keep n * prompts per batch near batch_size rows
+            per_batch = max(1, self.batch_size // n)
+            for s in range(0, len(order), per_batch):
+                idx = order[s:s + per_batch]
+                names = None if adapters is None else [adapters[i] for i in idx]
+                self._generate_batch(idx, prompt_ids, params, stop_ids, names, gen, out, device)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_batch(self, idx, prompt_ids, params, stop_ids, names, gen, out: GeneratedIds, device):
+        from transformers import DynamicCache
+
+        model, n, T = self.model, params.n, params.max_new_tokens
+        width = max(len(prompt_ids[i]) for i in idx)
+        if width == 0:
+            raise ValueError("rollout: a prompt is empty (0 tokens); every prompt needs at least one token")
+        rows = len(idx) * n
+        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width + T), dtype=torch.long)
+        for r, i in enumerate(idx):  # left padding: every prompt ends where generation starts
+            p = prompt_ids[i]
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        # position ids from the mask, so a left-padded row is numbered exactly as it would be alone
+        pos = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        with _select(model, names):
+            logits = model(input_ids=ids, attention_mask=mask[:, :width], position_ids=pos, cache=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+        next_pos = pos[:, -1] + 1
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            logits, mask, next_pos = (t.repeat_interleave(n, 0) for t in (logits, mask, next_pos))
+            names = None if names is None else [x for x in names for _ in range(n)]
+        mask[:, width:] = 1  # generated positions are attended once written; later ones are never read
+        out_rows = torch.tensor([i * n + j for i in idx for j in range(n)], device=device)
+        tok_buf = torch.full((rows, T), self.pad_id, dtype=torch.long, device=device)
+        lp_buf = torch.zeros((rows, T), dtype=torch.float32, device=device)
+        lpt_buf = torch.zeros((rows, T), dtype=torch.float32, device=device)
+        length = torch.zeros(rows, dtype=torch.long, device=device)
+        reason = ["length"] * rows
+        active = torch.arange(rows, device=device)  # row of the buffers for each cache row
+        alive = torch.ones(rows, dtype=torch.bool, device=device)  # per cache row: still generating
+        stop_t = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        stopper = _StopStrings(self.tokenizer, params.stop) if params.stop else None
+        for t in range(T):
+            tok, lp, lpt = sample_next(logits, params, gen)
+            live = active[alive]
+            tok_buf[live, t], lp_buf[live, t], lpt_buf[live, t] = tok[alive], lp[alive], lpt[alive]
+            length[live] += 1
+            done = torch.isin(tok, stop_t) & alive
+            for k in done.nonzero()[:, 0].tolist():
+                reason[int(active[k])] = "eos"
+            if stopper is not None:
+                for k in (alive & ~done).nonzero()[:, 0].tolist():
+                    r = int(active[k])
+                    if stopper.hit(tok_buf[r, :t + 1].tolist()):
+                        done[k] = True
+                        reason[r] = "stop"
+            alive &= ~done
+            n_alive = int(alive.sum())
+            if t == T - 1 or n_alive == 0:
+                break
+            # drop finished rows from the cache once a quarter of the batch has finished: each drop
+            # copies the whole cache, so doing it for every finished row costs more than it saves
+            if n_alive <= 0.75 * len(alive):
+                keep = alive.nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                active, tok, mask, next_pos, alive = active[keep], tok[keep], mask[keep], next_pos[keep], alive[keep]
+                if names is not None:
+                    names = [names[k] for k in keep.tolist()]
+            with _select(model, names):
+                logits = model(input_ids=tok[:, None], attention_mask=mask[:, :width + t + 1],
+                               position_ids=next_pos[:, None], cache=cache, use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
+        tok_buf, lp_buf, lpt_buf, length = tok_buf.cpu(), lp_buf.cpu(), lpt_buf.cpu(), length.cpu()
+        for r, o in enumerate(out_rows.tolist()):
+            L = int(length[r])
+            out.tokens[o] = tok_buf[r, :L].tolist()
+            out.logprobs[o] = lp_buf[r, :L].tolist()
+            out.policy_logprobs[o] = lpt_buf[r, :L].tolist()
+            out.stop_reasons[o] = reason[r]
+
+
+class _StopStrings:
+    """Checks whether a row's generated text has just completed one of the stop strings."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        # every token decodes to at least part of one character, so this many tail tokens cover
+        # any stop string that the newest token could have completed
+        self.window = max(len(s) for s in stops) + 2
+
+    def hit(self, tokens: list[int]) -> bool:
+        tail = self.tokenizer.decode(tokens[-self.window:], skip_special_tokens=False)
+        return any(s in tail for s in self.stops)

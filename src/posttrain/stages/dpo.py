@@ -1,0 +1,166 @@
+"""Stage `dpo`: Direct Preference Optimization (sigmoid, ipo, hinge, robust) on prompt/chosen/rejected pairs.
+
+Loss: `posttrain.losses.dpo_loss` over summed completion log-probs of the policy and the reference;
+one unit = one pair. The reference is the adapter-disabled policy, a frozen copy, or log-probs
+precomputed once and cached beside the run (docs/preference.md).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from posttrain.config import RunConfig, register_stage_schema
+from posttrain.losses.preference import dpo_loss
+from posttrain.stages.common import RunResult
+from posttrain.stages.preference import Section, forward_logps, pair_metrics, resolve_reference, run_pairwise
+
+
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward beta*log(pi/pi_ref); "
+                                               "higher keeps the policy closer to the reference (Rafailov et al. 2023).")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo (Azar et al. 2023), hinge (SLiC), robust (Chowdhury et al. 2024).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed label-flip rate eps (sigmoid: cDPO; "
+                                                                     "robust: unbiased form). 0 for ipo and hinge.")
+    reference: Optional[Literal["adapter", "copy", "precomputed"]] = Field(
+        None, description="adapter: the policy with its adapter disabled (no second model); copy: a frozen copy; "
+                          "precomputed: log-probs computed once before training and cached in "
+                          "output_dir/reference_logps.safetensors. Default: adapter for adapter runs, else copy.")
+
+
+class DPOConfig(RunConfig):
+    dpo: DPOSection = Field(default_factory=DPOSection)
+
+    @model_validator(mode="after")
+    def _check_dpo(self) -> "DPOConfig":
+        if self.dpo.label_smoothing and self.dpo.loss in ("ipo", "hinge"):
+            raise ValueError(f"dpo.label_smoothing applies to dpo.loss sigmoid or robust, not {self.dpo.loss}; "
+                             "set dpo.label_smoothing=0")
+        if self.dpo.reference == "adapter" and self.adapter.type == "none":
+            raise ValueError("dpo.reference=adapter needs an adapter (set adapter.type=lora) or use "
+                             "dpo.reference=copy / precomputed for full fine-tuning")
+        return self
+
+
+register_stage_schema("dpo", DPOConfig)
+
+
+class DPOStage:
+    name = "dpo"
+
+    def __init__(self, opts: DPOSection, reference):
+        self.o = opts
+        self.reference = reference
+
+    def loss(self, model, batch):
+        B = batch["num_pairs"]
+        logps, counts = forward_logps(model, batch)
+        ref = self.reference.logps(model, batch).to(logps.dtype)
+        losses, cr, rr = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=self.o.beta, loss_type=self.o.loss,
+                                  label_smoothing=self.o.label_smoothing, chosen_lengths=counts[:B],
+                                  rejected_lengths=counts[B:])
+        return losses.sum(), pair_metrics(cr, rr, logps, counts, B)
+
+    def num_loss_units(self, batch) -> int:
+        return int(batch["num_pairs"])
+
+
+def implicit_reward_scores(reference, beta: float):
+    """Held-out score of each side: beta * (log pi - log pi_ref) (the DPO implicit reward)."""
+
+    def score(model, batch):
+        B = batch["num_pairs"]
+        r = beta * (forward_logps(model, batch)[0] - reference.logps(model, batch))
+        return r[:B], r[B:]
+
+    return score
+
+
+def run(cfg: DPOConfig, *, resume: bool = False, evaluators=(), model=None, tokenizer=None, guard=None) -> RunResult:
+    if cfg.stage != "dpo":
+        raise ValueError(f"dpo.run got a '{cfg.stage}' config")
+    mode = resolve_reference(cfg.dpo.reference, cfg)
+    holder = {}
+
+    def make_stage(tok, reference):
+        holder["ref"] = reference
+        return DPOStage(cfg.dpo, reference)
+
+    def score(model_, batch):
+        return implicit_reward_scores(holder["ref"], cfg.dpo.beta)(model_, batch)
+
+    return run_pairwise(cfg, make_stage, score, reference_mode=mode, resume=resume, evaluators=evaluators,
+                        model=model, tokenizer=tokenizer, guard=guard)
+
+
+# ---------------------------------------------------------------- the demo's `dpo` row
+
+DEMO_OVERRIDES = [
+    "adapter.type=lora", "adapter.r=16", "adapter.alpha=32", "dpo.beta=0.1", "dpo.reference=adapter",
+    "train.lr=1e-3", "train.batch_size=16", "train.max_steps=120", "train.warmup_steps=10",
+    "train.schedule=cosine", "train.precision=bf16", "train.eval_every=60", "data.max_length=256",
+]
+
+
+def starting_model(path, out_dir):
+    """A plain HF model directory from a model dir, a finished run, or an adapter run (merged into its base)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    p = Path(path)
+    manifest = p / "manifest.json"
+    if not (manifest.exists() and json.loads(manifest.read_text()).get("model_dir") == "adapter"):
+        return p
+    from posttrain.models import adapters
+
+    base = yaml.safe_load((p / "config.yaml").read_text())["model"]
+    return adapters.merge_to_dir(base, p / "adapter", Path(out_dir) / "start")
+
+
+def demo_stage(sft_run_dir_or_model, out_dir, *, n_train: int = 1600, n_eval: int = 200,
+               extra_overrides=()) -> dict:
+    """base -> SFT -> DPO on the gym's `preference` task; returns the before/after numbers.
+
+    Trains a LoRA adapter with the adapter-disabled SFT model as the reference, then measures on
+    held-out (test) preference rows: `preference_accuracy` (implicit-reward pairwise accuracy),
+    `preference_correctness` (greedy answers verified) and `regression_score`, each also for the
+    SFT model (`sft_*`). The DPO policy is `posttrain.load(start_model, adapter=adapter_dir)`.
+    """
+    import time
+    from pathlib import Path
+
+    from posttrain import gym
+    from posttrain.config import load_config
+    from posttrain.models.loading import load
+    from posttrain.stages.preference import held_out_pref_accuracy
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = starting_model(sft_run_dir_or_model, out)
+    train_f = gym.export("preference", "train", out / "data" / "preference-train.jsonl", n=n_train)
+    val_f = gym.export("preference", "validation", out / "data" / "preference-validation.jsonl", n=64)
+    test_rows = gym.load_task_rows("preference", "test", n=n_eval)
+
+    sft_model, tok = load(start, device="cpu")
+    sft = {"preference_correctness": gym.task_accuracy(sft_model, tok, task="preference", split="test", n=n_eval),
+           "regression_score": gym.regression_score(sft_model, tok, n=n_eval)}
+    del sft_model
+    cfg = load_config("dpo", overrides=[f"model={start}", f"data.train={train_f}", f"data.eval={val_f}",
+                                        f"output_dir={out / 'dpo'}", "train.progress=false", *DEMO_OVERRIDES,
+                                        *extra_overrides])
+    t0 = time.time()
+    res = run(cfg)
+    train_time = time.time() - t0
+    model = res.model.eval()
+    m = {"preference_accuracy": held_out_pref_accuracy(model, tok, test_rows, beta=cfg.dpo.beta),
+         "preference_correctness": gym.task_accuracy(model, tok, task="preference", split="test", n=n_eval),
+         "regression_score": gym.regression_score(model, tok, n=n_eval),
+         "sft_preference_correctness": sft["preference_correctness"],
+         "sft_regression_score": sft["regression_score"],
+         "train_time_s": round(train_time, 1), "run_dir": str(res.output_dir), "start_model": str(start),
+         "adapter_dir": str(res.model_dir)}
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}

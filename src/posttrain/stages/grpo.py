@@ -1,0 +1,243 @@
+"""Stage `grpo`: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath).
+
+Each batch of `train.batch_size` prompts is sampled G = `grpo.num_generations` times, scored by
+the reward functions, and each completion's advantage is its reward relative to its group
+(`posttrain.losses.grpo_advantages`). The rollout then feeds `iterations x minibatches` optimizer
+steps of the clipped surrogate `posttrain.losses.grpo_loss` (with an optional k3 KL to the
+reference). No critic. See docs/rl.md.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Literal, Optional, Sequence
+
+import torch
+from pydantic import Field, model_validator
+
+from posttrain.config import RunConfig, register_stage_schema
+from posttrain.losses.rl import grpo_advantages, grpo_loss, masked_mean, zero_variance_groups
+from posttrain.rollout import RolloutEngine, SamplingParams, completion_logprobs
+from posttrain.stages import rl_common as rl
+from posttrain.stages.common import RunResult, run_training
+
+
+class GRPOSection(rl.SamplingSection):
+    num_generations: int = Field(4, ge=2, description="G: completions per prompt (a group).")
+    scale: Literal["group", "none"] = Field("group", description="Divide advantages by the group's reward std "
+                                            "(GRPO) or not (Dr. GRPO, Liu et al. 2025).")
+    aggregation: rl.Aggregation = Field("grpo", description="Token weighting: grpo (mean of sequence means), "
+                                        "dr_grpo (sum / (B * max_new_tokens)), dapo (mean over all tokens).")
+    eps_low: float = Field(0.2, ge=0, lt=1, description="Lower clip range of the ratio.")
+    eps_high: float = Field(0.2, ge=0, description="Upper clip range (DAPO's clip-higher uses 0.28).")
+    beta: float = Field(0.0, ge=0, description="k3 KL coefficient to the reference (0 = no reference pass).")
+    iterations: int = Field(1, gt=0, description="mu: update passes over each generation batch.")
+    minibatches: int = Field(1, gt=0, description="Optimizer steps per pass (the batch's rows split evenly).")
+    mask_truncated: bool = Field(False, description="Completions that hit max_new_tokens get no loss (DAPO's "
+                                 "overlong filtering).")
+
+
+class GRPOConfig(RunConfig):
+    stage: str = "grpo"
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
+
+    @model_validator(mode="after")
+    def _check_grpo(self) -> "GRPOConfig":
+        if self.train.grad_accum != 1:
+            raise ValueError("grpo: train.grad_accum must be 1; set grpo.micro_batch_size to bound memory "
+                             "(updates are split into micro-batches without changing the result)")
+        if self.grpo.minibatches > self.train.batch_size * self.grpo.num_generations:
+            raise ValueError(f"grpo.minibatches={self.grpo.minibatches} exceeds the rows of a generation batch "
+                             f"(train.batch_size x grpo.num_generations = "
+                             f"{self.train.batch_size * self.grpo.num_generations})")
+        if self.grpo.reward_weights is not None and self.grpo.rewards and \
+                len(self.grpo.reward_weights) != len(self.grpo.rewards):
+            raise ValueError(f"grpo.reward_weights has {len(self.grpo.reward_weights)} values for "
+                             f"{len(self.grpo.rewards)} grpo.rewards")
+        return self
+
+
+register_stage_schema("grpo", GRPOConfig)
+
+
+class GRPOStage:
+    name = "grpo"
+
+    def __init__(self, cfg: GRPOConfig, tokenizer, reward_fns: Sequence[Callable] = ()):
+        self.cfg, self.g, self.tokenizer = cfg, cfg.grpo, tokenizer
+        specs = list(self.g.rewards) + list(reward_fns)
+        if not specs:
+            raise ValueError("grpo: no reward functions: set grpo.rewards (e.g. [math]) or pass reward_fns")
+        weights = self.g.reward_weights
+        if weights is not None and reward_fns:
+            weights = list(weights) + [1.0] * len(reward_fns)
+        self.rewards = rl.RewardSet(specs, weights)
+        self.steps_per_rollout = self.g.iterations * self.g.minibatches
+        self.params = SamplingParams(max_new_tokens=self.g.max_new_tokens, temperature=self.g.temperature,
+                                     top_p=self.g.top_p, top_k=self.g.top_k, stop=tuple(self.g.stop),
+                                     n=self.g.num_generations)
+        self.gen = torch.Generator().manual_seed(cfg.train.seed)
+        self._engine: Optional[RolloutEngine] = None
+        self._ref = None
+        self._ref_loaded = False
+        self._last_rollout_end: Optional[float] = None
+        self.rollouts = 0
+
+    # ------------------------------------------------------------ rollout -> optimizer steps
+
+    def rollout(self, model, batch: dict) -> list[list[dict]]:
+        rows = batch["rows"]
+        t0 = time.perf_counter()
+        if self._engine is None or self._engine.model is not model:
+            self._engine = RolloutEngine(model, self.tokenizer, backend=self.g.backend,
+                                         batch_size=self.g.rollout_batch_size)
+        self.params.seed = self.cfg.train.seed * 100_003 + self.rollouts
+        self.rollouts += 1
+        ro = self._engine.generate([r["_prompt"] for r in rows], self.params)
+        t1 = time.perf_counter()
+        G = self.g.num_generations
+        cols = {k: [v for v in vals for _ in range(G)] for k, vals in rl.columns(rows).items()}
+        rewards, rmetrics = self.rewards(ro.prompts, ro.completions, cols)
+        t2 = time.perf_counter()
+        adv = grpo_advantages(rewards, G, scale=self.g.scale)
+        zero_var = zero_variance_groups(rewards, G)
+        t = ro.batch()
+        if self.g.mask_truncated:
+            t["completion_mask"] = t["completion_mask"] * ro.finished[:, None].long()
+        t["advantages"] = adv
+        t.update(self._extra_logps(model, t))
+        t3 = time.perf_counter()
+        lengths = ro.completion_mask.sum(1).float()
+        metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                   **{k: v for k, v in rmetrics.items()},
+                   "zero_variance_groups": float(zero_var.sum()), "zero_variance_frac": float(zero_var.float().mean()),
+                   "completion_length": float(lengths.mean()), "truncated_frac": float((~ro.finished).float().mean()),
+                   "rollout_time_s": t1 - t0, "scoring_time_s": t2 - t1, "ref_time_s": t3 - t2,
+                   "rollout_tokens_per_s": ro.tokens_per_s}
+        if self._last_rollout_end is not None:  # the previous rollout's optimizer steps
+            metrics["update_time_s"] = t0 - self._last_rollout_end
+        steps = []
+        for _ in range(self.g.iterations):
+            for part in rl.minibatch_indices(len(ro), self.g.minibatches, self.gen):
+                steps.append(rl.micro_batches(t, part, self.g.micro_batch_size, extra={"rollout_metrics": metrics}))
+        self._last_rollout_end = time.perf_counter()
+        self.last_rollout = ro
+        return steps
+
+    @torch.no_grad()
+    def _extra_logps(self, model, t: dict) -> dict:
+        """Old log-probs recomputed under bf16 autocast (so the first ratio is exactly 1 in the training
+        precision) and reference log-probs when beta > 0. In fp32 the sampling-time log-probs are used
+        as they are: they match a training pass within the bound tested in tests/rollout."""
+        out = {}
+        device = next(model.parameters()).device
+        b = {k: v.to(device) for k, v in t.items() if torch.is_tensor(v)}
+        was = model.training
+        model.eval()
+        try:
+            with rl.autocast_for(self.cfg, device):
+                if self.cfg.train.precision == "bf16":
+                    out["logprobs"] = completion_logprobs(model, b, temperature=self.g.temperature).float().cpu()
+                if self.g.beta > 0:
+                    if not self._ref_loaded:
+                        self._ref, self._ref_loaded = rl.load_reference(self.cfg, model), True
+                    with rl.reference_of(model, self._ref) as ref:
+                        out["ref_logps"] = completion_logprobs(ref, b, temperature=self.g.temperature).float().cpu()
+        finally:
+            model.train(was)
+        return out
+
+    # ------------------------------------------------------------ loss
+
+    def loss(self, model, batch: dict):
+        logps, entropy = completion_logprobs(model, batch, temperature=self.g.temperature, with_entropy=True)
+        mask = batch["completion_mask"].bool()
+        loss = grpo_loss(logps, batch["logprobs"], batch["advantages"], mask, ref_logps=batch.get("ref_logps"),
+                         beta=self.g.beta, eps_low=self.g.eps_low, eps_high=self.g.eps_high,
+                         aggregation=self.g.aggregation, max_completion_length=self.g.max_new_tokens)
+        with torch.no_grad():
+            ratio = torch.exp(torch.where(mask, logps - batch["logprobs"], torch.zeros_like(logps)))
+            adv = batch["advantages"][:, None].expand_as(ratio)
+            clipped = ((ratio < 1 - self.g.eps_low) & (adv < 0)) | ((ratio > 1 + self.g.eps_high) & (adv > 0))
+            m = {"entropy": float(masked_mean(entropy, mask)), "clip_frac": float(masked_mean(clipped.float(), mask)),
+                 **batch["rollout_metrics"]}
+            if "ref_logps" in batch:
+                u = batch["ref_logps"] - logps
+                m["kl"] = float(masked_mean(torch.expm1(u) - u, mask))
+        return loss * self.num_loss_units(batch), m
+
+    def num_loss_units(self, batch: dict) -> int:
+        # grpo and dr_grpo are means over sequences; dapo is a mean over tokens
+        if self.g.aggregation == "dapo":
+            return int(batch["completion_mask"].sum())
+        return int(batch["completion_mask"].shape[0])
+
+
+def run(cfg: GRPOConfig, *, resume: bool = False, reward_fns: Sequence[Callable] = (), **kw) -> RunResult:
+    """Train with GRPO. `reward_fns` add Python reward functions to the configured `grpo.rewards`."""
+    if cfg.stage != "grpo" or not isinstance(cfg, GRPOConfig):
+        raise ValueError(f"grpo.run needs a grpo config (load_config('grpo', ...)), got stage {cfg.stage!r}")
+    return run_training(cfg, lambda tok: GRPOStage(cfg, tok, reward_fns), rl.prompt_data, resume=resume, **kw)
+
+
+# ------------------------------------------------------------------ gym / demo
+
+
+def gym_reward(task: str) -> Callable:
+    """The gym task's own verifier as a 0/1 reward function (dataset columns rebuild the row)."""
+    from posttrain import gym
+
+    def reward(prompts, completions, **cols):
+        rows = [{k: v[i] for k, v in cols.items()} for i in range(len(completions))]
+        return [1.0 if gym.verify(task, r, c) else 0.0 for r, c in zip(rows, completions)]
+
+    reward.__name__ = f"gym_{task}"
+    return reward
+
+
+def gym_accuracy(model, tokenizer, task: str = "reasoning", split: str = "test", n: int = 200) -> float:
+    """Greedy held-out accuracy on a gym chat task through the rollout engine (greedy output equals
+    `model.generate`'s, tests/rollout), so it is the number `gym.task_accuracy` reports, faster."""
+    from posttrain import gym
+
+    rows = gym.load_task_rows(task, split, n=n)
+    ro = RolloutEngine(model, tokenizer).generate(
+        [gym.chat_prompt(tokenizer, r) for r in rows],
+        SamplingParams(max_new_tokens=gym.MAX_NEW_TOKENS[task], temperature=0))
+    return sum(gym.verify(task, r, c) for r, c in zip(rows, ro.completions)) / max(1, n)
+
+
+DEMO_OVERRIDES = ["train.batch_size=16", "train.lr=1e-4", "train.warmup_steps=0", "train.schedule=constant",
+                  "grpo.num_generations=8", "grpo.max_new_tokens=112", "grpo.iterations=1"]
+
+
+def demo_stage(start_model, out_dir, *, task: str = "reasoning", max_steps: int = 30, n_eval: int = 200,
+               extra_overrides: Sequence[str] = ()) -> dict:
+    """The demo's `grpo` row: GRPO from `start_model` (an SFT model) on gym `task`, reward = its verifier.
+
+    Returns {"task_accuracy_before", "task_accuracy", "gain", "train_time_s", "reward_first",
+    "reward_last", "run_dir", "model_dir"}; accuracies are greedy on `n_eval` test rows.
+    """
+    from pathlib import Path
+
+    from posttrain.config import load_config
+    from posttrain.models.loading import load
+
+    out = Path(out_dir)
+    model, tok = load(start_model, device="cpu")
+    before = gym_accuracy(model.eval(), tok, task, n=n_eval)
+    cfg = load_config("grpo", overrides=[f"model={start_model}", f"data.train=gym:{task}", f"output_dir={out}",
+                                         f"train.max_steps={max_steps}", "train.progress=false", *DEMO_OVERRIDES,
+                                         *extra_overrides])
+    t0 = time.time()
+    res = run(cfg, reward_fns=[gym_reward(task)])
+    train_time = time.time() - t0
+    after = gym_accuracy(res.model.eval(), res.tokenizer, task, n=n_eval)
+    import json
+
+    rewards = [r["reward"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+               if r.get("split") == "train" and "reward" in r]
+    return {"task_accuracy_before": round(before, 4), "task_accuracy": round(after, 4),
+            "gain": round(after - before, 4), "train_time_s": round(train_time, 1),
+            "reward_first": round(rewards[0], 4), "reward_last": round(rewards[-1], 4),
+            "run_dir": str(out), "model_dir": str(res.model_dir)}

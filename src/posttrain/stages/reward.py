@@ -1,0 +1,82 @@
+"""Stage `reward`: a Bradley-Terry reward model on preference pairs (Ouyang et al. 2022).
+
+The model is the starting LM with a scalar head on its last real token
+(`posttrain.models.reward`); chosen and rejected are scored in one forward pass and trained with
+`posttrain.losses.reward_model_loss`. The result is saved as a ``*ForSequenceClassification``
+checkpoint; held-out pairwise accuracy is reported at each evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field, model_validator
+
+from posttrain.config import RunConfig, register_stage_schema
+from posttrain.losses.preference import reward_model_loss
+from posttrain.stages.common import RunResult
+from posttrain.stages.preference import Section, run_pairwise
+
+
+class RewardSection(Section):
+    margin: Optional[float] = Field(None, description="Constant margin m in -log sigma(s_c - s_r - m); "
+                                                      "None = 0 (plain Bradley-Terry).")
+    center_rewards: float = Field(0.0, ge=0, description="Weight of an auxiliary (s_c + s_r)^2 penalty that keeps "
+                                                         "scores centred on 0 (Eisenstein et al. 2023); 0 disables.")
+
+
+class RewardConfig(RunConfig):
+    reward: RewardSection = Field(default_factory=RewardSection)
+
+    @model_validator(mode="after")
+    def _check_reward(self) -> "RewardConfig":
+        if self.adapter.type != "none":
+            raise ValueError("the reward stage trains the full model and its scalar head; set adapter.type=none")
+        if self.data.packing:
+            raise ValueError("the reward stage scores one sequence per row; set data.packing=false")
+        return self
+
+
+register_stage_schema("reward", RewardConfig)
+
+
+def score_pairs(model, batch):
+    from posttrain.models.reward import reward_scores
+
+    B = batch["num_pairs"]
+    s = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+    return s[:B], s[B:]
+
+
+class RewardStage:
+    name = "reward"
+
+    def __init__(self, opts: RewardSection):
+        self.o = opts
+
+    def loss(self, model, batch):
+        sc, sr = score_pairs(model, batch)
+        losses = reward_model_loss(sc, sr, self.o.margin)
+        if self.o.center_rewards:
+            losses = losses + self.o.center_rewards * (sc + sr) ** 2
+        m = {"score_chosen": float(sc.detach().mean()), "score_rejected": float(sr.detach().mean()),
+             "score_margin": float((sc - sr).detach().mean()), "pair_accuracy": float((sc > sr).float().mean())}
+        return losses.sum(), m
+
+    def num_loss_units(self, batch) -> int:
+        return int(batch["num_pairs"])
+
+
+def run(cfg: RewardConfig, *, resume: bool = False, evaluators=(), model=None, tokenizer=None, guard=None) -> RunResult:
+    if cfg.stage != "reward":
+        raise ValueError(f"reward.run got a '{cfg.stage}' config")
+    if model is None:
+        if not cfg.model:
+            raise ValueError("no model given: set `model` (a local HF directory)")
+        from posttrain.models.reward import reward_model_from_lm
+
+        model, tokenizer = reward_model_from_lm(cfg.model, device=cfg.train.device, tokenizer=cfg.tokenizer,
+                                                trust_remote_code=cfg.trust_remote_code, seed=cfg.train.seed)
+    model.requires_grad_(True)
+    return run_pairwise(cfg, lambda tok, ref: RewardStage(cfg.reward), score_pairs, reference_mode=None,
+                        resume=resume, evaluators=evaluators, model=model, tokenizer=tokenizer, guard=guard)
