@@ -58,3 +58,24 @@ def test_missing_or_incomplete_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         posttrain.load(tmp_path / "empty")
+
+
+def test_loads_a_finished_adapter_run_with_its_base(tiny_models, tmp_path):
+    import json
+
+    from posttrain.cli import main
+
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} +", "completion": f" {i + 1}"}) + "\n" for i in range(16)))
+    out = tmp_path / "run"
+    assert main(["sft", f"model={tiny_models('qwen2')}", f"data.train={data}", f"output_dir={out}",
+                 "adapter.type=lora", "train.max_steps=3", "train.lr=1e-2", "train.progress=false"]) == 0
+    model, _ = posttrain.load(out)
+    from posttrain.models import adapters
+
+    assert adapters.adapter_type(model) == "lora"
+    base, _ = posttrain.load(tiny_models("qwen2"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with adapters.disabled(model):
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    assert not torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 DEFAULT_STAGES = ("base", "sft")
+ALL_STAGES = ("base", "sft", "dpo", "ppo")
 
 # The SFT recipe the demo runs: LoRA on every linear layer, a short schedule.
 SFT_OVERRIDES = [
@@ -100,6 +101,39 @@ def run_demo(out: Path, *, stages=DEFAULT_STAGES, n_train: int = 2400, n_task: i
         runs["sft"] = res.output_dir
         _say(f"[demo] sft: {m}")
 
+    if "dpo" in stages or "ppo" in stages:
+        if "sft" not in runs:
+            raise ValueError("the dpo and ppo stages start from the sft stage's model: include sft in --stages")
+        from posttrain.stages.dpo import starting_model
+
+        start = starting_model(runs["sft"], out / "sft-merged")  # SFT adapter merged into the base
+
+    if "dpo" in stages:
+        from posttrain.stages import dpo
+
+        _say("[demo] dpo: preference optimization on gym preference pairs (LoRA, reference = disabled adapter)")
+        r = dpo.demo_stage(runs["sft"], out / "dpo-stage")
+        model, tok = load(r["start_model"], adapter=r["adapter_dir"], device="cpu")
+        m = measure(model, tok, n_task=n_task, n_reg=n_reg)
+        m.update({k: r[k] for k in ("preference_accuracy", "preference_correctness", "sft_preference_correctness",
+                                    "train_time_s")})
+        summary["dpo"] = m
+        runs["dpo"] = Path(r["run_dir"])
+        _say(f"[demo] dpo: {m}")
+
+    if "ppo" in stages:
+        from posttrain.stages import ppo
+
+        _say("[demo] ppo: RLHF against a reward model trained on gym preferences, KL-penalized")
+        r = ppo.demo_stage(start, out / "ppo-stage")
+        model, tok = load(r["model_dir"], device="cpu")
+        m = measure(model, tok, n_task=n_task, n_reg=n_reg)
+        m.update({"rm_score_before": r["rm_score_before"], "rm_score": r["rm_score"], "kl": r["kl"],
+                  "train_time_s": r["train_time_s"]})
+        summary["ppo"] = m
+        runs["ppo"] = Path(r["run_dir"])
+        _say(f"[demo] ppo: {m}")
+
     summary_path = out / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=1))
     build_report(list(runs.values()) or [out], out / "report.html", title="posttrain demo",
@@ -123,7 +157,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="posttrain demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
     p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
-                   help=f"comma-separated stages to run (default: {','.join(DEFAULT_STAGES)})")
+                   help=f"comma-separated stages among {','.join(ALL_STAGES)} (default: {','.join(DEFAULT_STAGES)})")
     p.add_argument("--forgetting", action="store_true",
                    help="instead: show catastrophic forgetting, a naive vs a guarded fine-tune (docs/eval.md)")
     a = p.parse_args(argv)
@@ -133,9 +167,9 @@ def main(argv: list[str]) -> int:
         forgetting.run(Path(a.out))
         return 0
     stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
-    unknown = set(stages) - set(DEFAULT_STAGES)
+    unknown = set(stages) - set(ALL_STAGES)
     if unknown:
-        p.error(f"unknown stage(s) {sorted(unknown)}; available: {', '.join(DEFAULT_STAGES)}")
+        p.error(f"unknown stage(s) {sorted(unknown)}; available: {', '.join(ALL_STAGES)}")
     out = Path(a.out)
     if (out / "sft" / "manifest.json").exists():
         p.error(f"{out} already holds a demo run; pass another --out or delete it")

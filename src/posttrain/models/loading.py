@@ -111,6 +111,12 @@ def load(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src = resolve_model_dir(model)
+    if adapter is None and (src / "adapter_config.json").exists() and not (src / "config.json").exists():
+        # a finished adapter run (or an adapter directory): load its base, then the adapter
+        base = _adapter_base(src)
+        return load(base, adapter=src, dtype=dtype, device=device, tokenizer=tokenizer or src,
+                    trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                    gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation)
     local = src.exists()
     if local:
         if not (src / "config.json").exists():
@@ -154,6 +160,19 @@ def load(
 
         m = adapters.load_adapter(m, adapter)
     return m, tok
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter was trained on: the run's manifest, else the adapter's own config."""
+    manifest = adapter_dir.parent / "manifest.json"
+    if manifest.exists():
+        base = json.loads(manifest.read_text()).get("base_model")
+        if base:
+            return base
+    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{adapter_dir} is an adapter without a recorded base model; pass model=BASE, adapter=DIR")
+    return base
 
 
 def _has_tokenizer(p: Path) -> bool:
