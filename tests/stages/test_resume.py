@@ -23,8 +23,8 @@ def _chat_rows(n):
 
 
 def _args(model, data, out):
-    return [f"model={model}", f"data.train={data}", f"output_dir={out}", "train.max_steps=40",
-            "train.save_every=5", "train.batch_size=4", "train.lr=1e-3", "train.seed=3", "train.progress=false",
+    return [f"model={model}", f"data.train={data}", f"output_dir={out}", "train.max_steps=24",
+            "train.save_every=4", "train.batch_size=4", "train.lr=1e-3", "train.seed=3", "train.progress=false",
             "data.max_length=64", "train.keep_last=3"]
 
 
@@ -50,7 +50,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny_models, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "posttrain", "sft", *_args(model, data, killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-10").exists():
+    while not (killed / "checkpoints" / "step-8").exists():
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.005)
