@@ -135,13 +135,16 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, 
              batch_size: int = 32, seed: int = 0) -> list[str]:
     """Greedy completions of raw-text prompts (chat templates already applied), cut at the first stop string.
 
-    This is the one place that generates; it runs the gym's batched left-padded greedy decoder
-    with a KV cache and will switch to the rollout engine's sampler once that exists.
+    This is the one place evaluation generates: the rollout engine, batched, left-padded, with a
+    KV cache, stopping each row at its end-of-turn token.
     """
-    from posttrain.gym.generate import greedy_complete
+    from posttrain.rollout import RolloutEngine, SamplingParams
 
     torch.manual_seed(seed)  # greedy decoding needs no randomness; this pins anything that might
-    outs = greedy_complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    engine = RolloutEngine(model, tokenizer, batch_size=batch_size)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(s for s in stop if s),
+                            seed=seed)
+    outs = engine.generate(list(prompts), params).completions
     return [cut_at_stop(o, stop) for o in outs]
 
 
