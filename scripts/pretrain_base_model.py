@@ -1,18 +1,20 @@
 """Pretrain the bundled base model from the gym's generated corpus.
 
-    python scripts/pretrain_base_model.py [--out src/posttrain/gym/base_model] [--steps 1200]
+    python scripts/pretrain_base_model.py [--out DIR] [--steps N] [--init DIR] [--segments]
 
 Recipe (see docs/gym.md): a byte-level BPE tokenizer (1024 tokens, digits split one per token,
-ChatML special tokens) trained on 30k phase-1 documents; a 4-layer Qwen2 (hidden 192, 3 heads,
-1 KV head, MLP 576, tied embeddings, 1.92M parameters); next-token loss on every token of the
-framed document stream cut into 256-token rows, batch 32; AdamW (0.9, 0.95), weight decay 0.1 on
-matrices, linear warm-up then cosine decay to 10%; bf16 autocast on CPU; seed 0.
-  phase 1: 750 steps, lr 2.5e-3, corpus documents(0, phase=1) (arithmetic over 0-99)
-  phase 2: 200 steps, lr 1.5e-3, corpus documents(2, phase=2) (gym ranges, thread segments)
-  phase 3: 100 steps, lr 1e-3, corpus documents(3, phase=3) (segments with author lines)
-The weights are saved in fp32 (7.5 MB).
+ChatML special tokens) trained on 30k documents of `documents(1)`; a 4-layer Qwen2 (hidden 192,
+3 heads, 1 KV head, MLP 576, tied embeddings, 1.92M parameters); next-token loss on every token of
+the framed document stream cut into 256-token rows; AdamW (0.9, 0.95), weight decay 0.1 on
+matrices, linear warm-up then cosine decay to 10%; bf16 autocast on CPU; seed 0; fp32 weights
+(7.5 MB). The bundled model is four invocations (each continues the previous one's output):
 
-    nice -n -10 python scripts/pretrain_base_model.py --threads 1   # the recipe of the bundled model
+    S="nice -n -10 python scripts/pretrain_base_model.py --threads 1 --batch 16"
+    $S --out /tmp/m1 --steps 680 --lr 2e-3                      # from scratch, documents(0)
+    $S --out /tmp/m2 --init /tmp/m1 --steps 700 --lr 1.5e-3     # documents(2)
+    $S --out /tmp/m3 --init /tmp/m2 --steps 300 --lr 1e-3 --warmup 10 --segments --data-seed 3
+    $S --out src/posttrain/gym/base_model --init /tmp/m3 --steps 400 --lr 1e-3 --warmup 10 \
+       --segments --data-seed 4                                  # documents(4, threads=True)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from posttrain.gym.chat_template import CHAT_TEMPLATE  # noqa: E402
 from posttrain.gym.corpus import documents, framed  # noqa: E402
 
+STEPS = 680
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -107,19 +110,19 @@ def train_phase(model, data: torch.Tensor, *, steps: int, batch: int, lr: float,
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "src/posttrain/gym/base_model"))
-    p.add_argument("--steps", type=int, default=750, help="phase 1 steps")
-    p.add_argument("--lr", type=float, default=2.5e-3, help="phase 1 peak lr")
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--phase2-steps", type=int, default=200)
-    p.add_argument("--phase3-steps", type=int, default=100)
-    p.add_argument("--phase2-lr", type=float, default=1.5e-3)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak lr")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default); "
-                   "1 is much faster on a CPU shared with other jobs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init", default=None, help="skip phase 1: start phase 2 from this phase-1 model directory")
+    p.add_argument("--init", default=None, help="continue from this saved model (and its tokenizer) instead "
+                   "of starting from scratch; the corpus stream then uses seed + 2")
+    p.add_argument("--segments", action="store_true", help="corpus with answers in their own segments "
+                   "(documents(threads=True))")
+    p.add_argument("--data-seed", type=int, default=None, help="corpus stream seed (default: seed, or seed + 2 with --init)")
     p.add_argument("--save-every", type=int, default=0, help="also save copies every N steps under OUT.ckpt/")
     a = p.parse_args(argv)
 
@@ -131,54 +134,38 @@ def main(argv=None) -> None:
     random.seed(a.seed)
     torch.manual_seed(a.seed)
     out = Path(a.out)
-    info = {"seed": a.seed, "batch": a.batch, "seq_len": a.seq_len, "torch_threads": torch.get_num_threads()}
 
     def save(tag):
         _save(model, tok, Path(str(out) + ".ckpt") / tag, None)
 
     if a.init is None:
-        tok = train_tokenizer([framed(d) for d in itertools.islice(documents(a.seed + 1, phase=1), 30000)], a.vocab)
+        tok = train_tokenizer([framed(d) for d in itertools.islice(documents(a.seed + 1), 30000)], a.vocab)
         cfg = Qwen2Config(vocab_size=len(tok), hidden_size=192, num_hidden_layers=4, num_attention_heads=3,
                           num_key_value_heads=1, intermediate_size=576, max_position_embeddings=1024,
                           tie_word_embeddings=True, rope_theta=10000.0,
                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
         model = Qwen2ForCausalLM(cfg)
-        # phase 1: the whole corpus, arithmetic over 0-99 (documents(wide=True))
-        data = token_rows(tok, documents(a.seed, phase=1), a.steps * a.batch, a.seq_len)
-        log1, ema1, wall1 = train_phase(model, data, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup,
-                                        name="phase1", save=save, save_every=a.save_every)
-        info["phase1"] = {"steps": a.steps, "lr": a.lr, "warmup": a.warmup, "tokens": data.numel(),
-                          "final_loss_ema": round(ema1, 4), "train_wall_s": round(wall1, 1), "log": log1}
-        save("phase1")
+        data = token_rows(tok, documents(a.seed if a.data_seed is None else a.data_seed, threads=a.segments),
+                          a.steps * a.batch, a.seq_len)
     else:
         tok = AutoTokenizer.from_pretrained(a.init)
         model = Qwen2ForCausalLM.from_pretrained(a.init, dtype=torch.float32)
-        prev = Path(a.init) / "pretrain_log.json"
-        if prev.exists():
-            prev_info = json.loads(prev.read_text())
-            info["phase1"] = prev_info.get("phase1", prev_info)
-    # phase 2: the gym's arithmetic ranges (sums up to 15 + 15, differences below 21, products up to 9 x 9),
-    # which phase 1's 0-99 arithmetic was too broad for the model to learn in its budget
-    if a.phase2_steps == 0:  # --init is already a phase-2 model
-        prev_info = json.loads((Path(a.init) / "pretrain_log.json").read_text())
-        info["phase1"], info["phase2"] = prev_info["phase1"], prev_info["phase2"]
-    data2 = token_rows(tok, documents(a.seed + 2, phase=2), max(1, a.phase2_steps) * a.batch, a.seq_len)
-    log2, ema2, wall2 = train_phase(model, data2, steps=a.phase2_steps, batch=a.batch, lr=a.phase2_lr, warmup=10,
-                                    name="phase2", save=save, save_every=a.save_every)
-    if a.phase2_steps:
-        info["phase2"] = {"steps": a.phase2_steps, "lr": a.phase2_lr, "warmup": 10, "tokens": data2.numel(),
-                          "final_loss_ema": round(ema2, 4), "train_wall_s": round(wall2, 1), "log": log2}
-    # phase 3: thread segments carry an author line ("user", "assistant", "guest", ... at random)
-    data3 = token_rows(tok, documents(a.seed + 3, phase=3), a.phase3_steps * a.batch, a.seq_len)
-    log3, ema3, wall3 = train_phase(model, data3, steps=a.phase3_steps, batch=a.batch, lr=1e-3, warmup=10,
-                                    name="phase3", save=save, save_every=a.save_every)
-    info["phase3"] = {"steps": a.phase3_steps, "lr": 1e-3, "warmup": 10, "tokens": data3.numel(),
-                      "final_loss_ema": round(ema3, 4), "train_wall_s": round(wall3, 1), "log": log3}
-    ema2 = ema3
-    info.update(vocab=len(tok), params=sum(t.numel() for t in model.parameters()), final_loss_ema=round(ema2, 4),
-                total_wall_s=round(time.time() - t0, 1))
+        data = token_rows(tok, documents(a.seed + 2 if a.data_seed is None else a.data_seed, threads=a.segments),
+                          a.steps * a.batch, a.seq_len)
+    log, ema, wall = train_phase(model, data, steps=a.steps, batch=a.batch, lr=a.lr, warmup=a.warmup,
+                                 name="pretrain", save=save, save_every=a.save_every)
+    info = {"seed": a.seed, "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len, "lr": a.lr,
+            "warmup": a.warmup, "segments": a.segments, "data_seed": a.data_seed, "torch_threads": torch.get_num_threads(), "vocab": len(tok),
+            "params": sum(t.numel() for t in model.parameters()), "tokens": data.numel(),
+            "final_loss_ema": round(ema, 4), "train_wall_s": round(wall, 1),
+            "total_wall_s": round(time.time() - t0, 1), "log": log}
+    if a.init is not None:
+        prev = json.loads((Path(a.init) / "pretrain_log.json").read_text())
+        info = {**info, "runs": prev.get("runs", [{k: v for k, v in prev.items() if k != "runs"}]) + [dict(info, init=a.init)]}
+        info["total_wall_s"] = round(sum(r["total_wall_s"] for r in info["runs"]), 1)
+        info["tokens"] = sum(r["tokens"] for r in info["runs"])
     _save(model, tok, out, info)
-    print(f"saved {out}: {info['params'] / 1e6:.2f}M params, final loss (ema) {ema2:.3f}, {info['total_wall_s']:.0f}s")
+    print(f"saved {out}: {info['params'] / 1e6:.2f}M params, final loss (ema) {ema:.3f}, {info['total_wall_s']:.0f}s")
 
 
 def _save(model, tok, out: Path, info) -> None:

@@ -1,24 +1,29 @@
 """The plain-text pretraining corpus of the bundled base model.
 
 Documents state the gym's skills the way web text would: lists of equations, sentences about
-the generated world, JSON records, counting, worked word problems, FAQ-style "Q: ... A: ..."
-pairs and logs of tool calls. No document is a chat: roles, `user`/`assistant` turns and
-instructions followed by answers in chat form never appear.
+the generated world, JSON records, counting, FAQ pages of "Q: ...\\nA: ..." pairs, worked word
+problems and logs of tool calls. No document is a chat: role words (`user`, `assistant`) never
+head a turn, and no answer is ever written the way a chat answer is.
 
-Which facts appear in which form:
-- every fact (all splits) is stated declaratively ("7 + 5 = 12", "The capital of X is Y."):
-  these are the capabilities, and the regression suite probes them;
-- question forms (Q/A pairs, worked problems, tool logs, how-to answers) use train-split keys
-  only, so the gym's validation and test questions are never seen as questions.
+Every fact of every split is stated both declaratively ("11 + 15 = 26", "The capital of X is Y.")
+and as FAQ pairs whose questions are rendered with the instruct task's own question templates.
+This is what a base model is: it knows the facts and answers questions in plain text. The gym's
+held-out examples are held-out *instruction* examples; answering them through the chat template
+is the behaviour SFT adds. Word problems, tool logs and how-to answers (the tasks whose held-out
+rows are whole new prompts rather than one fact) use train-split keys only.
 
-Each document is framed as `<|im_start|>DOC<|im_end|>\n`. The framing gives the ChatML special
-tokens trained embeddings (as real base models such as Qwen2.5 have), so that LoRA can learn to
-end a turn. In phase 2 most question forms put the answer in its own segment of the document,
-`Q: ...<|im_end|>\n<|im_start|>A: ...`, like the posts of a forum thread: the model learns that a
-segment may answer the one before it. No segment has a role, and an answer segment always
-starts with a label (`A:`, `Solution:`, `Call:`), so the base model does not answer a chat turn
-in the form a verifier accepts. In phase 3 each segment opens with a random author line
-(`user`, `assistant`, `guest`, ...), so role words are known words (see docs/gym.md).
+Each document is framed as `<|im_start|>DOC<|im_end|>\\n`, so the ChatML special tokens have
+trained embeddings (as in real base models such as Qwen2.5) and `<|im_end|>` means "the text
+ends here"; a fifth of FAQ documents hold a single pair, so a document often ends right after
+an answer, which is what LoRA has to learn to do after the assistant's answer.
+
+Segments (`threads=True`, the last pretraining run): 60% of question-answer pairs put the answer,
+always labelled (`A:`, `Solution:`, `Call:`), in its own segment, `...?<|im_end|>\n<|im_start|>A: 26`,
+like a reply in a forum thread. Without them the model learns that nothing before an
+`<|im_start|>` matters, and LoRA SFT cannot learn in 150 steps to read the user turn across the
+chat boundary (measured: 0.36 held-out accuracy, right shape, wrong content). No segment has a
+role header, and the label keeps the base model from answering a chat turn in a form the
+verifiers accept (held-out chat accuracy 0.00).
 """
 
 from __future__ import annotations
@@ -35,46 +40,62 @@ DOC_START, DOC_END = "<|im_start|>", "<|im_end|>"
 SEGMENT = DOC_END + "\n" + DOC_START  # a new segment (post) of the same document
 
 _DECLARE = {
-    "add": ("{a} + {b} = {ans}", "The sum of {a} and {b} is {ans}.", "{a} plus {b} equals {ans}."),
+    "add": ("{a} + {b} = {ans}", "{a} plus {b} equals {ans}.", "The sum of {a} and {b} is {ans}."),
     "sub": ("{a} - {b} = {ans}", "{a} minus {b} equals {ans}.", "Taking {b} from {a} leaves {ans}."),
     "mul": ("{a} * {b} = {ans}", "{a} times {b} is {ans}.", "The product of {a} and {b} is {ans}."),
     "reverse": ("The word {w} reversed is {ans}.", "{w} written backwards is {ans}.", "reverse({w}) = {ans}"),
     "upper": ("The word {w} in capital letters is {ans}.", "{w} in upper case is {ans}.", "upper({w}) = {ans}"),
-    "capital": ("The capital of {c} is {ans}.", "{ans} is the capital city of {c}.",
-                "Travellers to {c} usually arrive in {ans}, the capital."),
+    "capital": ("The capital of {c} is {ans}.", "{ans} is the capital city of {c}."),
     "currency": ("The currency of {c} is the {ans}.", "People in {c} pay with the {ans}."),
     "json": ("{ans}",),
     "count": ("Counting from {a} to {b}: {ans}.", "The numbers from {a} to {b} are {ans}."),
     "repeat": ("The word {w} {k} times: {ans}", "{w} repeated {k} times is {ans}."),
 }
 
-_TOPICS = {  # document kind -> (fact kinds it mixes, weight in the corpus)
-    "arithmetic": (("add", "sub", "mul"), 5.0),
-    "words": (("reverse", "upper", "repeat"), 2.5),
-    "geography": (("capital", "currency"), 2.5),
-    "records": (("json",), 0.8),
-    "counting": (("count",), 0.8),
-}
+# Weight of each fact kind among fact lines: roughly its number of facts that must be memorised
+# (sums 256, differences 231, products 64, 100 countries, ~115 words); counting, repetition and
+# capital letters are rules and need fewer lines.
+FACT_WEIGHTS = {"add": 4.0, "sub": 3.5, "mul": 1.5, "reverse": 2.5, "upper": 1.2, "capital": 2.0,
+                "currency": 2.0, "json": 1.0, "count": 1.0, "repeat": 1.0}
 
 
 def declare(fact, rng: random.Random) -> str:
     return rng.choice(_DECLARE[fact.kind]).format(ans=fact.answer, **fact.args)
 
 
+def faq(fact, rng: random.Random, threads: bool = False) -> str:
+    """A question (the instruct task's wording) and its answer on the next line; quiz pages have no labels.
+
+    With `threads`, 60% of pairs put the labelled answer in its own segment, like a forum reply.
+    """
+    q = render_question(fact, rng)
+    if threads and rng.random() < 0.6:
+        return f"{q if rng.random() < 0.5 else 'Q: ' + q}{SEGMENT}A: {fact.answer}"
+    return f"Q: {q}\nA: {fact.answer}" if rng.random() < 0.7 else f"{q}\n{fact.answer}"
+
+
 def _sep(threads: bool, rng: random.Random) -> str:
-    """Between a question and its answer: a line break, or (phase 2) a new segment of a thread."""
     return SEGMENT if threads and rng.random() < 0.6 else "\n"
 
 
-def _fact_doc(kinds, rng: random.Random, wide: bool, threads: bool) -> str:
+def _kind(rng: random.Random) -> str:
+    return rng.choices(list(FACT_WEIGHTS), weights=list(FACT_WEIGHTS.values()))[0]
+
+
+def _fact_doc(rng: random.Random, threads: bool) -> str:
+    """A page about one kind of fact: statements, FAQ pairs, or each fact stated then asked."""
+    kind, style = _kind(rng), rng.random()
+    if style < 0.2:  # a single FAQ pair: the document ends right after the answer
+        return faq(make_fact(kind, rng), rng, threads)
     lines = []
-    qa = rng.random() < 0.35  # a third of fact documents are FAQ pages
     for _ in range(rng.randint(3, 8)):
-        fact = make_fact(rng.choice(kinds), rng, wide=wide)
-        if qa and split_of(fact.key) == "train":
-            lines.append(f"Q: {render_question(fact, rng)}{_sep(threads, rng)}A: {fact.answer}")
-        else:
+        fact = make_fact(kind, rng)
+        if style < 0.55:
+            lines.append(faq(fact, rng, threads))
+        elif style < 0.8:
             lines.append(declare(fact, rng))
+        else:
+            lines.append(f"{declare(fact, rng)}\n{faq(fact, rng, threads)}")
     return "\n".join(lines)
 
 
@@ -92,17 +113,17 @@ def _train_only(make, rng: random.Random):
             return item
 
 
-def _problem_doc(rng: random.Random, wide: bool, threads: bool) -> str:
-    pb = _train_only(lambda r: reasoning.make_problem(r, wide=wide), rng)
+def _problem_doc(rng: random.Random, threads: bool) -> str:
+    pb = _train_only(reasoning.make_problem, rng)
     return f"Problem: {pb['question']}{_sep(threads, rng)}Solution: {pb['solution']}"
 
 
-def _tool_log(rng: random.Random, wide: bool, threads: bool) -> str:
+def _tool_log(rng: random.Random, threads: bool) -> str:
     """An API log: the tool listing (as the chat template shows it), then requests and their calls."""
     names = set(rng.sample(sorted(tools.TOOLS), 3))
     lines = []
     for _ in range(rng.randint(1, 3)):
-        req = _train_only(lambda r: tools.make_request(r, wide=wide), rng)
+        req = _train_only(tools.make_request, rng)
         if req["call"] is not None:
             names.add(req["call"]["name"])
             lines.append(f"Request: {req['request']}{_sep(threads, rng)}Call: {tools.render_call(req['call'])}")
@@ -116,35 +137,17 @@ def _howto_doc(rng: random.Random, threads: bool) -> str:
     return f"Q: {req['request']}{_sep(threads, rng)}A: {req['reply']}"
 
 
-def documents(seed: int = 0, *, phase: int = 2):
+def documents(seed: int = 0, *, threads: bool = False):
     """An endless, deterministic stream of plain-text documents (without the outer framing).
 
-    Phase 1 (`phase=1`) has arithmetic over 0-99 and FAQ answers on the line after their
-    question; phase 2 has the gym's arithmetic ranges and puts most answers in their own
-    segment (see the module docstring).
+    `threads=True` (the last pretraining run) puts many answers in their own segment.
     """
-    wide, threads = phase == 1, phase >= 2
     rng = random.Random(f"corpus:{seed}")
-    makers = [(lambda r, ks=kinds: _fact_doc(ks, r, wide, threads), w) for kinds, w in _TOPICS.values()]
-    makers += [(_country_profile, 0.7), (lambda r: _problem_doc(r, wide, threads), 1.0),
-               (lambda r: _tool_log(r, wide, threads), 0.8), (lambda r: _howto_doc(r, threads), 0.6)]
+    makers = [(_fact_doc, 8.0), (lambda r, _: _country_profile(r), 0.4), (_problem_doc, 0.6), (_tool_log, 0.5),
+              (_howto_doc, 0.4)]
     fns, weights = zip(*makers)
     while True:
-        doc = rng.choices(fns, weights=weights)[0](rng)
-        if phase >= 3 and SEGMENT in doc:
-            doc = _with_authors(doc, rng)
-        yield doc
-
-
-# Phase 3: each segment of a thread opens with its author's name on its own line, drawn at random
-# (so "assistant" asks as often as it answers). Role words are ordinary words of the corpus then,
-# instead of byte fragments never seen in pretraining that derail the model after `<|im_start|>`.
-AUTHORS = ("user", "assistant", "system", "tool", "guest", "admin", "reader", "moderator", "Mira", "Tom")
-
-
-def _with_authors(doc: str, rng: random.Random) -> str:
-    parts = doc.split(SEGMENT)
-    return SEGMENT.join(f"{rng.choice(AUTHORS)}\n{p}" for p in parts)
+        yield rng.choices(fns, weights=weights)[0](rng, threads)
 
 
 def framed(doc: str) -> str:
