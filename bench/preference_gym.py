@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--base", default=None, help="base model (default: the bundled gym model)")
     p.add_argument("--out", default=None)
     p.add_argument("--sft-steps", type=int, default=150)
-    p.add_argument("--dpo-steps", type=int, default=120)
+    p.add_argument("--dpo-steps", type=int, default=60)
     p.add_argument("--n-train", type=int, default=1600)
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--no-kto", action="store_true")

@@ -21,12 +21,10 @@ def test_dpo_on_the_gym_beats_sft(tmp_path):
 
     from posttrain.stages import dpo
 
-    # the settings of `python bench/preference_gym.py --sft-steps 40 --dpo-steps 30 --n-eval 60
-    #   --dpo train.batch_size=8 train.lr=5e-4 train.eval_every=null train.warmup_steps=3`
+    # measured 13:53 UTC (bundled base of 13:25): accuracy 0.935, correctness 0.205 vs SFT 0.185,
+    # regression 0.66 vs 0.725 (the last target is not met yet)
     sft_dir = run_sft(gym.base_model_path(), tmp_path, steps=40, n_train=2400)
-    m = dpo.demo_stage(sft_dir, tmp_path / "dpo-stage", n_train=1600, n_eval=60,
-                       extra_overrides=["train.max_steps=30", "train.batch_size=8", "train.lr=5e-4",
-                                        "train.eval_every=null", "train.warmup_steps=3"])
+    m = dpo.demo_stage(sft_dir, tmp_path / "dpo-stage", n_train=1600, n_eval=200)
     print(json.dumps(m))
     assert m["preference_accuracy"] >= 0.9
     assert m["preference_correctness"] > m["sft_preference_correctness"]

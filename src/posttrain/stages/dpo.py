@@ -98,9 +98,9 @@ def run(cfg: DPOConfig, *, resume: bool = False, evaluators=(), model=None, toke
 # ---------------------------------------------------------------- the demo's `dpo` row
 
 DEMO_OVERRIDES = [
-    "adapter.type=lora", "adapter.r=16", "adapter.alpha=32", "dpo.beta=0.1", "dpo.reference=adapter",
-    "train.lr=1e-3", "train.batch_size=16", "train.max_steps=120", "train.warmup_steps=10",
-    "train.schedule=cosine", "train.precision=bf16", "train.eval_every=60", "data.max_length=256",
+    "adapter.type=lora", "adapter.r=16", "adapter.alpha=32", "dpo.beta=0.5", "dpo.reference=adapter",
+    "train.lr=5e-4", "train.batch_size=16", "train.max_steps=60", "train.warmup_steps=10",
+    "train.schedule=cosine", "train.precision=bf16", "train.eval_every=null", "data.max_length=256",
 ]
 
 
