@@ -196,7 +196,7 @@ def mfu(work: Path, quick: bool) -> dict:
     train = work / "cpt.jsonl"
     from posttrain import gym
 
-    texts = [r["prompt"] + r["completion"] for r in gym.load_task_rows("regression", "train", n=4000)]
+    texts = [r["prompt"] + r["completion"] for r in gym.load_task_rows("regression", "train", n=1500)] * 3
     train.write_text("".join(json.dumps({"text": " ".join(texts[i:i + 40])}) + "\n" for i in range(0, len(texts), 40)))
     peak = bf16_peak_flops()
     r = run_child("posttrain-cpt", model=model, train=train, out=work / "pt-mfu", batch=4, max_length=512,
@@ -248,9 +248,9 @@ def main() -> None:
            "n_train": n_train, "results": []}
     out["results"].append(compare(work, lora=True, precision="fp32", lr=2e-4, **settings))
     out["results"].append(compare(work, lora=False, precision="fp32", lr=2e-5, **settings))
+    print(json.dumps(out, indent=1), flush=True)
     if not a.skip_mfu:
-        out["mfu_30m_bf16"] = mfu(work, a.quick)
-    print(json.dumps(out, indent=1))
+        print(json.dumps({"mfu_30m_bf16": mfu(work, a.quick)}, indent=1))
 
 
 if __name__ == "__main__":
