@@ -20,7 +20,6 @@ log-prob of a completion is the sum over those tokens only. Paired data converts
 from __future__ import annotations
 
 import logging
-import random
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -179,14 +178,10 @@ def pair_to_unpaired(pair: PairExample) -> list[UnpairedExample]:
 
 
 def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded random `fraction` of `examples` held out (at least one, never all)."""
-    n_eval = max(1, round(len(examples) * fraction))
-    if n_eval >= len(examples):
-        raise DataError(f"data.eval_fraction={fraction} leaves no training data out of {len(examples)} examples")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+    """A seeded random `fraction` of `examples` held out (at least one, never all); same rule as SFT data."""
+    from posttrain.data.pipeline import _split
+
+    return _split(examples, fraction, seed)
 
 
 def _with_origin(ex: Example, origin: str) -> Example:
