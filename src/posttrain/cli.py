@@ -12,6 +12,8 @@
     posttrain launch --nproc N sft ...                      # torchrun, one process per GPU
     posttrain adapters show A
     posttrain config STAGE          # print the defaults of a stage's config
+    posttrain pipeline recipe.yaml [STAGE.key=value ...] [--only a,b] [--dry-run]
+    posttrain cai critique|compare --model M --prompts P --constitution C --out F
 """
 
 from __future__ import annotations
@@ -176,6 +178,18 @@ def cmd_demo(argv: list[str]) -> int:
     return demo.main(argv)
 
 
+def cmd_pipeline(argv: list[str]) -> int:
+    from posttrain.pipeline import main as pipeline_main
+
+    return pipeline_main(argv)
+
+
+def cmd_cai(argv: list[str]) -> int:
+    from posttrain.cai import main as cai_main
+
+    return cai_main(argv)
+
+
 COMMANDS = {
     "launch": cmd_launch,
     "config": cmd_config,
@@ -186,6 +200,8 @@ COMMANDS = {
     "adapters": cmd_adapters,
     "demo": cmd_demo,
     "eval": cmd_eval,
+    "pipeline": cmd_pipeline,
+    "cai": cmd_cai,
 }
 
 
@@ -196,6 +212,12 @@ def _errors():
     from posttrain.models.loading import ModelLoadError
 
     errs = [ConfigError, RunDirError, TrainingError, ModelLoadError, UsageError, FileNotFoundError]
+    try:
+        from posttrain.pipeline import PipelineError
+
+        errs.append(PipelineError)
+    except ImportError:
+        pass
     try:
         from posttrain.data import DataError
 
