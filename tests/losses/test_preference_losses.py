@@ -7,6 +7,7 @@ import torch
 
 from posttrain.losses import (
     DPO_LOSS_TYPES,
+    chosen_nll,
     dpo_loss,
     kto_kl_estimate,
     kto_loss,
@@ -237,3 +238,13 @@ def test_raising_chosen_logps_lowers_the_loss(name):
 def test_kto_undesirable_gradient_points_the_other_way():
     grad = _chosen_grad(lambda c: kto_loss(c, t(-5.0, -8.0), torch.tensor([False, False]), 0.3)[0])
     assert (grad > 0).all()
+
+
+def test_chosen_nll_is_the_per_token_nll_and_its_gradient_raises_chosen():
+    logps = torch.tensor([-6.0, -2.0], requires_grad=True)
+    nll = chosen_nll(logps, torch.tensor([3, 4]))
+    assert torch.allclose(nll, torch.tensor([2.0, 0.5]))
+    nll.sum().backward()
+    assert torch.allclose(logps.grad, torch.tensor([-1 / 3, -1 / 4]))  # descent raises log pi(chosen)
+    with pytest.raises(ValueError, match="chosen_nll: all inputs must have the same shape"):
+        chosen_nll(torch.zeros(2), torch.ones(3))

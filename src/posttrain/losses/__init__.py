@@ -7,6 +7,7 @@
 
 from posttrain.losses.preference import (
     DPO_LOSS_TYPES,
+    chosen_nll,
     dpo_loss,
     kto_kl_estimate,
     kto_loss,
@@ -43,6 +44,7 @@ __all__ = [
     # preference
     "DPO_LOSS_TYPES",
     "dpo_loss",
+    "chosen_nll",
     "kto_loss",
     "kto_kl_estimate",
     "mismatched_indices",

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 __all__ = [
     "DPO_LOSS_TYPES",
     "dpo_loss",
+    "chosen_nll",
     "kto_loss",
     "kto_kl_estimate",
     "mismatched_indices",
@@ -175,6 +176,26 @@ def dpo_loss(
 
 
 # --------------------------------------------------------------------------------------- KTO
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of the chosen completions: the RPO term.
+
+    Iterative RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization") adds an NLL
+    term on the chosen answer to the DPO loss, because DPO alone can lower the likelihood of the
+    chosen answer as long as the rejected one falls faster, which degrades generations:
+
+        L_RPO = L_DPO + alpha * NLL,   NLL = -logpi(y_c | x) / |y_c|
+
+    Args:
+        chosen_logps: [B] summed log-probs of the chosen completions under the policy.
+        chosen_lengths: [B] their completion token counts (> 0).
+
+    Returns:
+        [B] per-pair NLL (a mean over the completion's tokens).
+    """
+    _check_same_shape("chosen_nll", chosen_logps=chosen_logps, chosen_lengths=chosen_lengths)
+    return -chosen_logps / chosen_lengths.to(chosen_logps.dtype).clamp(min=1)
 
 
 def mismatched_indices(batch_size: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from posttrain.config import RunConfig, register_stage_schema
-from posttrain.losses.preference import dpo_loss
+from posttrain.losses.preference import chosen_nll, dpo_loss
 from posttrain.stages.common import RunResult
 from posttrain.stages.preference import Section, forward_logps, pair_metrics, resolve_reference, run_pairwise
 
@@ -28,6 +28,9 @@ class DPOSection(Section):
         None, description="adapter: the policy with its adapter disabled (no second model); copy: a frozen copy; "
                           "precomputed: log-probs computed once before training and cached in "
                           "output_dir/reference_logps.safetensors. Default: adapter for adapter runs, else copy.")
+    nll_weight: float = Field(0.0, ge=0.0, description="alpha of RPO (Pang et al. 2024): adds alpha * the chosen "
+                              "answer's per-token NLL to each pair's loss, which keeps the chosen likelihood from "
+                              "falling during DPO (a known failure that lowers answer quality). 0 = plain DPO.")
 
 
 class DPOConfig(RunConfig):
@@ -61,7 +64,12 @@ class DPOStage:
         losses, cr, rr = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta=self.o.beta, loss_type=self.o.loss,
                                   label_smoothing=self.o.label_smoothing, chosen_lengths=counts[:B],
                                   rejected_lengths=counts[B:])
-        return losses.sum(), pair_metrics(cr, rr, logps, counts, B)
+        metrics = pair_metrics(cr, rr, logps, counts, B)
+        if self.o.nll_weight:
+            nll = chosen_nll(logps[:B], counts[:B])
+            losses = losses + self.o.nll_weight * nll
+            metrics["nll_chosen"] = float(nll.mean())
+        return losses.sum(), metrics
 
     def num_loss_units(self, batch) -> int:
         return int(batch["num_pairs"])
