@@ -28,6 +28,7 @@ from typing import Optional
 
 from posttrain.data.formats import Example
 from posttrain.data.sources import DataError
+from posttrain.data.tools import has_tool_content, supports_tools, to_fallback
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -168,11 +169,19 @@ def _chat_spans(ex: Example, tokenizer, stats: dict) -> tuple[str, list[tuple[in
         messages, first_trained = ex.messages, 0
     else:
         messages, first_trained = ex.prompt + ex.completion, len(ex.prompt)
+    tools = ex.tools
+    if not supports_tools(tokenizer) and has_tool_content(messages, tools):
+        # a template that knows no tools: calls and results become plain turns (data/tools.py)
+        if ex.messages is not None:
+            messages, tools = to_fallback(messages, tools), None
+        else:
+            head = to_fallback(ex.prompt, tools)
+            messages, first_trained, tools = head + to_fallback(ex.completion, None), len(head), None
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{ex.origin}: conversational data needs a chat template, and the tokenizer has none "
                         "(set data.chat_template)")
     try:
-        full = _render(tokenizer, messages, ex.tools, False)
+        full = _render(tokenizer, messages, tools, False)
     except Exception as e:  # jinja raise_exception(...) surfaces as TemplateError
         if messages[0]["role"] != "system" or len(messages) < 2 or messages[1]["role"] != "user":
             raise DataError(f"{ex.origin}: the chat template rejected this conversation: {e}") from None
@@ -181,13 +190,13 @@ def _chat_spans(ex: Example, tokenizer, stats: dict) -> tuple[str, list[tuple[in
         messages = [dict(user, content=sys_msg["content"] + "\n\n" + user["content"])] + messages[2:]
         first_trained = max(0, first_trained - 1)
         try:
-            full = _render(tokenizer, messages, ex.tools, False)
+            full = _render(tokenizer, messages, tools, False)
         except Exception as e2:
             raise DataError(f"{ex.origin}: the chat template rejected this conversation: {e2}") from None
         stats["system_folded"] = stats.get("system_folded", 0) + 1
     trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first_trained]
     try:
-        spans = _prefix_spans(tokenizer, messages, ex.tools, full, trained)
+        spans = _prefix_spans(tokenizer, messages, tools, full, trained)
     except Exception:  # a template that refuses partial conversations: locate the contents instead
         spans = None
     if spans is None:

@@ -57,4 +57,6 @@ def chat_prompt(tokenizer, row: dict) -> str:
     messages = row["prompt"] if "prompt" in row and isinstance(row["prompt"], list) else row["messages"][:-1]
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template; the gym's chat tasks need one")
-    return tokenizer.apply_chat_template(messages, tools=row.get("tools"), tokenize=False, add_generation_prompt=True)
+    from posttrain.data.tools import render_prompt  # tools in the template's way, or the documented fallback
+
+    return render_prompt(tokenizer, messages, row.get("tools"))

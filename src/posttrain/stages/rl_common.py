@@ -54,7 +54,9 @@ def prompt_text(tokenizer, row: dict) -> str:
         raise ValueError(f"row has no prompt: give a 'prompt' (text or messages) or 'messages'; keys: {sorted(row)}")
     if msgs[-1].get("role") == "assistant" and "prompt" not in row:
         msgs = msgs[:-1]
-    return tokenizer.apply_chat_template(msgs, tools=row.get("tools"), tokenize=False, add_generation_prompt=True)
+    from posttrain.data.tools import render_prompt  # tools in the template's way, or the documented fallback
+
+    return render_prompt(tokenizer, msgs, row.get("tools"))
 
 
 def prompt_data(cfg, tokenizer) -> TrainData:
