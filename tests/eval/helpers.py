@@ -7,3 +7,7 @@ def starts_with_sure(response: str) -> bool:
 
 def is_long(row: dict, completion: str) -> float:
     return float(len(completion) > row["min_chars"])
+
+
+def always_refuses(response: str) -> bool:
+    return True

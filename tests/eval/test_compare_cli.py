@@ -1,13 +1,16 @@
 """Base vs tuned with identical settings, the regression gate, results.json/report.html, CLI exit codes."""
 
+import base64
 import json
 import math
+from html.parser import HTMLParser
 
 import pytest
 import yaml
 
 from posttrain.eval import lm
 from posttrain.eval.cli import main
+from posttrain.eval.report import ALT_DELTAS, ALT_SCORES, ALT_SCORES_SINGLE
 from posttrain.eval.runner import evaluate
 from tests.eval.conftest import write_task
 
@@ -67,6 +70,68 @@ def test_tuned_model_regression_is_flagged_with_paired_se(tiny, other_tiny, suit
     assert len((tmp_path / "samples-tuned.jsonl").read_text().splitlines()) == 16
     page = (tmp_path / "report.html").read_text()
     assert "echo.exact_match" in page and "vs base" in page and "±" in page
+    # the report: a table of deltas with the measured numbers, and the two plots
+    rep = _parse_report(page)
+    assert [alt for alt, _ in rep.images] == [ALT_SCORES, ALT_DELTAS]
+    assert all(png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000 for _, png in rep.images)
+    deltas = next(t for t in rep.tables if t[0] == ["task", "metric", "base", "tuned", "delta ± se", "flag"])
+    by_key = {(r[0], r[1]): r for r in deltas[1:]}
+    assert len(deltas) - 1 == len(res["comparison"]["rows"])
+    assert by_key[("echo", "exact_match")] == [
+        "echo", "exact_match", "1.000 ± 0.000", f"{em['tuned']:.3f} ± {em['tuned_stderr']:.3f}",
+        f"{em['delta']:+.3f} ± {em['stderr']:.3f}", "REGRESSION" if em["regression"] else ""]
+    assert by_key[("suite", "score")][-1] == "REGRESSION"
+    assert "Runs" not in rep.headings  # an evaluation is not a training run
+
+
+class _Report(HTMLParser):
+    """The tables (as lists of cell texts), headings and embedded images of a report page."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.headings, self.images, self._cell, self._h = [], [], [], None, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "h2":
+            self._h = []
+        elif tag == "img":
+            self.images.append((a["alt"], base64.b64decode(a["src"].split(",", 1)[1])))
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "h2":
+            self.headings.append("".join(self._h))
+            self._h = None
+
+    def handle_data(self, data):
+        for buf in (self._cell, self._h):
+            if buf is not None:
+                buf.append(data)
+
+
+def _parse_report(page: str) -> _Report:
+    r = _Report()
+    r.feed(page)
+    return r
+
+
+def test_report_without_baseline_plots_the_scores_only(tiny, suite, tmp_path):
+    d, _, _ = tiny
+    res = evaluate(str(d), suite=suite, out=tmp_path, verbose=False)
+    rep = _parse_report((tmp_path / "report.html").read_text())
+    assert [alt for alt, _ in rep.images] == [ALT_SCORES_SINGLE]
+    summary = rep.tables[0]
+    assert summary[0][:2] == ["stage", "score"] and summary[1][:2] == ["tuned", "1.000 ± 0.000"]
+    assert len(rep.tables) == 1 and res["comparison"] is None
 
 
 def test_cli_exit_codes(tiny, other_tiny, suite, tmp_path, capsys):

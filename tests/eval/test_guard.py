@@ -1,6 +1,7 @@
 """The forgetting guard inside the real Engine: a high-lr run on narrow data that the guard stops and rolls back."""
 
 import json
+import re
 
 import pytest
 
@@ -33,7 +34,13 @@ def test_guard_stops_a_forgetting_run_and_restores_the_last_good_weights(tiny, t
     model, tok2 = load_for_training(cfg)
     evaluators, guard = from_config(cfg, tok2, model=model)
     assert evaluators[0].state["reference"] == 1.0 and evaluators[0].state["good_step"] == 0
-    res = sft.run(cfg, evaluators=evaluators, guard=guard, model=model, tokenizer=tok2)
+    narrow = [f"<|im_start|>user\nSay it {i}<|im_end|>\n<|im_start|>assistant\n" for i in range(4)]
+
+    def target(m, step):  # the narrow task: does the model answer "yes ..."
+        outs = lm.generate(m, tok2, narrow, max_new_tokens=3)
+        return {"task_accuracy": sum(o.strip().startswith("yes") for o in outs) / len(outs)}
+
+    res = sft.run(cfg, evaluators=[target, *evaluators], guard=guard, model=model, tokenizer=tok2)
 
     reason = res.result["stop_reason"]
     assert reason and reason.startswith("forgetting guard") and "rolled back to step" in reason
@@ -49,6 +56,11 @@ def test_guard_stops_a_forgetting_run_and_restores_the_last_good_weights(tiny, t
     logged = [json.loads(x) for x in (res.output_dir / "metrics.jsonl").read_text().splitlines()]
     scores = [r for r in logged if r.get("split") == "eval" and "regression_score" in r]
     assert [(r["step"], r["regression_score"]) for r in scores] == history
+    assert all("task_accuracy" in r for r in scores)
+    # the run's report plots the target metric and the regression metric over steps
+    page = (res.output_dir / "report.html").read_text()
+    alts = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]+)"', page)
+    assert alts[:3] == ["loss", "task accuracy", "regression score"], alts
 
 
 def test_guard_arguments_are_checked():

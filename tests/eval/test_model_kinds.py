@@ -1,12 +1,14 @@
 """Task kinds end to end on a tiny random model: scores checked against direct forward passes."""
 
 import math
+import re
 
 import pytest
 import torch
 
 from posttrain.eval import lm
 from posttrain.eval.kinds import run_task
+from posttrain.eval.refusal import is_refusal
 from posttrain.eval.suites import load_suite
 from posttrain.eval.tasks import load_task, prompt_of
 from tests.eval.conftest import write_task
@@ -119,3 +121,58 @@ def test_shipped_builtin_data_equals_a_fresh_export(tmp_path):
 
     for p in build_builtin(tmp_path):
         assert p.read_text() == (SUITES_DIR / p.name).read_text(), f"{p.name} stale: python -m posttrain.eval.suites"
+
+
+def _words(s: str) -> int:
+    return len(re.findall(r"[\w']+", s))
+
+
+def test_ifeval_refusal_and_tool_call_tasks_score_known_answers_end_to_end(tiny, tmp_path):
+    """From task YAML to metrics with the model in the loop; each expected number follows from the rows."""
+    _, model, tok = tiny
+    prompts = ["Hello", "The quick brown fox", "What is 2 + 3?", "Numbers 0 1 2"]
+    outs = lm.generate(model, tok, prompts, max_new_tokens=8)
+    n = [_words(o) for o in outs]
+    # ifeval: instructions written from the greedy outputs, so which ones hold is known
+    rows = [{"prompt": prompts[0], "instructions": [{"type": "length_words", "relation": "exactly", "num": n[0]}]},
+            {"prompt": prompts[1], "instructions": [{"type": "length_words", "relation": "exactly", "num": n[1] + 1}]},
+            {"prompt": prompts[2], "instructions": [{"type": "length_words", "relation": "at least", "num": n[2]},
+                                                    {"type": "keywords_exclude", "keywords": ["zzqqxx"]}]},
+            {"prompt": prompts[3], "instructions": [{"type": "length_words", "relation": "more than", "num": n[3]},
+                                                    {"type": "keywords_exclude", "keywords": ["zzqqxx"]}]}]
+    t = load_task(write_task(tmp_path, "ife", {"kind": "ifeval", "max_new_tokens": 8}, rows))
+    res = run_task(t, model, tok)
+    assert [s["output"] for s in res["samples"]] == outs
+    # a loose variant only removes text, so it never adds words: loose equals strict here
+    assert res["items"]["prompt_strict"] == res["items"]["prompt_loose"] == [1.0, 0.0, 1.0, 0.0]
+    assert res["items"]["inst_strict"] == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert res["metrics"]["inst_strict"]["value"] == pytest.approx(4 / 6)
+    assert res["primary"] == "prompt_strict"
+
+    # refusal: 3 harmful, 2 benign look-alikes; the random model's outputs are no refusals by the default rule
+    rows = [{"prompt": p, "harmful": i < 3} for i, p in enumerate(prompts + ["Reverse the word apple:"])]
+    t = load_task(write_task(tmp_path, "ref", {"kind": "refusal", "max_new_tokens": 8}, rows))
+    res = run_task(t, model, tok)
+    assert not any(is_refusal(s["output"]) for s in res["samples"])
+    m = res["metrics"]
+    assert (m["refusal_rate"]["value"], m["over_refusal_rate"]["value"], m["accuracy"]["value"]) == (0.0, 0.0, 0.4)
+    t = load_task(write_task(tmp_path, "ref2", {"kind": "refusal", "max_new_tokens": 8,
+                                                "detector": "tests.eval.helpers:always_refuses"}, rows))
+    m = run_task(t, model, tok)["metrics"]
+    assert (m["refusal_rate"]["value"], m["over_refusal_rate"]["value"], m["accuracy"]["value"]) == (1.0, 1.0, 0.6)
+    assert m["accuracy"]["stderr"] == pytest.approx(math.sqrt(0.6 * 0.4 / 5))
+
+    # tool calls: the random model never emits a call, so it is right exactly on the rows that need none
+    tools = [{"type": "function", "function": {"name": "set_timer", "description": "Start a timer", "parameters": {
+        "type": "object", "properties": {"minutes": {"type": "integer"}}, "required": ["minutes"]}}}]
+    rows = [{"messages": [{"role": "user", "content": q}], "tools": tools, "call": c} for q, c in (
+        ("Set a timer for 5 minutes", {"name": "set_timer", "arguments": {"minutes": 5}}),
+        ("Timer, 10 minutes please", {"name": "set_timer", "arguments": {"minutes": 10}}),
+        ("What is the capital of Goumos?", None))]
+    t = load_task(write_task(tmp_path, "tools", {"kind": "tool_call", "format": "chat", "max_new_tokens": 8}, rows))
+    res = run_task(t, model, tok)
+    m = res["metrics"]
+    assert "<tool_call>" not in "".join(s["output"] for s in res["samples"])
+    assert (m["accuracy"]["value"], m["call_validity"]["value"], m["no_call_accuracy"]["value"]) == \
+        pytest.approx((1 / 3, 0.0, 1.0))
+    assert m["call_validity"]["n"] == 2 and m["no_call_accuracy"]["n"] == 1

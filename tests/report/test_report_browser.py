@@ -65,3 +65,43 @@ def test_report_renders_in_chromium(make_run, tmp_path):
     if keep.parent.exists():  # left for a human to look at; not part of the assertion
         shutil.copy(shot, keep)
     print(json.dumps({"browser_s": round(elapsed, 2)}))
+
+
+def test_eval_report_renders_its_delta_table_and_plots_in_chromium(tiny_models, tokenizer, tmp_path):
+    """`posttrain eval --baseline ... --out DIR` on two real tiny checkpoints; the page as a browser shows it."""
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    from posttrain.eval.report import ALT_DELTAS, ALT_SCORES
+    from posttrain.eval.runner import evaluate
+    from posttrain.models.tiny import build_tiny_model
+    from tests.eval.conftest import write_task
+
+    base = tiny_models("qwen2")
+    tuned = build_tiny_model("qwen2", tmp_path / "tuned", tokenizer=tokenizer, seed=1)
+    rows = [{"prompt": p, "choices": [" 2", " 5", " elppa"], "label": i % 3}
+            for i, p in enumerate(["Hello", "What is 2 + 3?", "Reverse apple:", "Numbers 0 1", "The answer is"])]
+    task = write_task(tmp_path / "suite", "mc", {"kind": "multiple_choice"}, rows)
+    res = evaluate(str(tuned), suite=task, baseline=str(base), out=tmp_path / "eval", verbose=False)
+    out = tmp_path / "eval" / "report.html"
+    expected = [[r["task"], r["metric"], f"{r['base']:.3f} ± {r['base_stderr']:.3f}",
+                 f"{r['tuned']:.3f} ± {r['tuned_stderr']:.3f}", f"{r['delta']:+.3f} ± {r['stderr']:.3f}",
+                 "REGRESSION" if r["regression"] else ("*" if r["significant"] else "")]
+                for r in res["comparison"]["rows"]]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(out.as_uri(), wait_until="load")
+            assert page.title() == f"posttrain eval: mc ({tuned})"
+            assert page.locator("h2").all_inner_texts() == ["Summary", "Base vs tuned"]
+            table = page.locator("table").nth(1)
+            assert table.locator("th").all_inner_texts() == ["task", "metric", "base", "tuned", "delta ± se", "flag"]
+            body = table.locator("tbody tr")
+            assert [body.nth(i).locator("td").all_inner_texts() for i in range(body.count())] == expected
+            imgs = page.evaluate(
+                "() => Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight])"
+            )
+            assert [alt for alt, *_ in imgs] == [ALT_SCORES, ALT_DELTAS]
+            for alt, complete, w, h in imgs:
+                assert complete and w == 600 and h >= 240, (alt, w, h)
+        finally:
+            browser.close()

@@ -13,10 +13,11 @@ import pytest
 from .report_runs import DEMO_SUMMARY, write_run
 from PIL import Image
 
-from posttrain.report import build_report, read_metrics
+from posttrain.report import Section, build_report, read_metrics
 from posttrain.report.__main__ import main as report_main
 from posttrain.report.metrics import series
 from posttrain.report.page import fmt
+from posttrain.report.plots import plot_bars, plot_deltas
 
 
 class _Page(HTMLParser):
@@ -186,6 +187,28 @@ def test_stages_mapping_and_explicit_summary(make_run, tmp_path):
         build_report([])
     with pytest.raises(FileNotFoundError, match="run 'x'.*is not a directory"):
         build_report([], tmp_path / "r.html", stages={"x": tmp_path / "nope"})
+
+
+def test_sections_only_report_with_bar_plots(tmp_path):
+    """An evaluation's page: summary, a section with a table and two bar plots, no curves, no runs."""
+    bars = plot_bars("score per task", ["gen", "mc"], [("base", [0.8, 0.9], [0.03, 0.02]),
+                                                       ("tuned", [0.7, 0.9], [0.03, 0.02])])
+    deltas = plot_deltas("deltas", ["gen", "mc"], [-0.1, 0.0], [0.05, 0.02], [True, False], threshold=0.02)
+    sec = Section("Base vs tuned", "<table><tr><td>gen</td><td>-0.100</td></tr></table>",
+                  [("score <per> task", bars), ("deltas", deltas)])
+    summary = {"base": {"score": 0.85}, "tuned": {"score": 0.8}}
+    out = build_report([], tmp_path / "eval" / "report.html", summary=summary, sections=[sec])
+    page = parse(out)
+    assert [i["alt"] for i in page.imgs] == ["score <per> task", "deltas"]  # alt escaped in the file, not lost
+    for img in page.imgs:
+        pixels = decode_png(img["src"])
+        assert pixels.shape[1] == 600 and pixels.shape[0] >= 240
+        assert (pixels[..., 0] > 150).any() and pixels.std() > 10  # something was drawn
+    assert page.tables[0][2] == ["tuned", "0.800-0.050 vs base"] and page.tables[1] == [["gen", "-0.100"]]
+    text = out.read_text()
+    assert "<h2>Base vs tuned</h2>" in text and "<h2>Curves</h2>" not in text and "<h2>Runs</h2>" not in text
+    with pytest.raises(ValueError, match="without run directories needs out="):
+        build_report([], sections=[sec])
 
 
 def test_summary_only_run_and_escaping(tmp_path):

@@ -114,8 +114,8 @@ def evaluate(model, *, adapter=None, suite="regression", baseline=None, baseline
 
 
 def write_results(results: dict, out: Union[str, Path]) -> Path:
-    """results.json (samples kept apart in samples-<label>.jsonl) and report.html."""
-    from posttrain.report import build_report
+    """results.json (samples kept apart in samples-<label>.jsonl) and report.html (see eval/report.py)."""
+    from posttrain.eval.report import eval_report
 
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,5 @@ def write_results(results: dict, out: Union[str, Path]) -> Path:
                                         for k, t in res["tasks"].items()}}
     doc = {**results, **slim}
     (d / "results.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    summary = {label: summary_rows(results[label]) for label in ("base", "tuned") if results.get(label)}
-    title = f"posttrain eval: {results['tuned']['suite']}"
-    build_report([d], d / "report.html", title=title, summary=summary)
+    eval_report(results, d / "report.html")
     return d / "results.json"

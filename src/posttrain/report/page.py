@@ -12,6 +12,7 @@ import html
 import json
 import math
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.report.metrics import _read, is_number, last_values, metrics_path, series
@@ -40,6 +41,29 @@ details{margin:6px 0}summary{cursor:pointer;font-weight:600}
 pre{background:#f6f8fa;padding:10px;overflow:auto;max-height:420px;font-size:12px}
 .warn{color:#9a6700}
 """
+
+
+@dataclass
+class Section:
+    """A part of the page after the summary table: a heading, an HTML fragment (a table), and figures.
+
+    ``figures`` holds ``(alt text, PNG bytes)``; they are embedded like the curves. Evaluation
+    reports (``posttrain eval``) use sections for their delta table and score plots.
+    """
+
+    heading: str
+    html: str = ""
+    figures: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+def _figures(figures: list[tuple[str, bytes]]) -> str:
+    parts = ['<div class="plots">']
+    for alt_text, png in figures:
+        data = base64.b64encode(png).decode("ascii")
+        alt = html.escape(alt_text)
+        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{alt}" title="{alt}"></figure>')
+    parts.append("</div>")
+    return "\n".join(parts)
 
 
 def fmt(v) -> str:
@@ -224,6 +248,7 @@ def build_report(
     title: str | None = None,
     summary: dict | None = None,
     stages: dict[str, str | Path] | None = None,
+    sections: list[Section] | None = None,
 ) -> Path:
     """Write one self-contained HTML report for one or several runs and return its path.
 
@@ -231,12 +256,15 @@ def build_report(
     its run directory (a pipeline or the demo) and is shown after them. Curves of all runs share
     axes, one colour per run. ``summary`` (``{stage: {metric: value}}``) fills the stage table;
     without it the ``summary.json`` files found in the run directories are merged. ``out``
-    defaults to ``<first run dir>/report.html``.
+    defaults to ``<first run dir>/report.html``. ``sections`` (see `Section`) follow the summary
+    table; a report made of sections only (an evaluation, no training run) needs ``out``.
     """
     paths = [Path(p) for p in run_dirs]
     runs_in = list(zip(_unique_names(paths), paths)) + [(str(k), Path(v)) for k, v in (stages or {}).items()]
-    if not runs_in:
-        raise ValueError("build_report needs at least one run directory (run_dirs or stages)")
+    if not runs_in and not sections:
+        raise ValueError("build_report needs at least one run directory (run_dirs or stages) or a section")
+    if not runs_in and out is None:
+        raise ValueError("build_report without run directories needs out= (where to write the page)")
     for name, p in runs_in:
         if not p.is_dir():
             raise FileNotFoundError(f"run {name!r}: {p} is not a directory")
@@ -250,25 +278,24 @@ def build_report(
             if isinstance(r["summary"], dict):
                 merged.update({k: v for k, v in r["summary"].items() if isinstance(v, dict)})
         summary = merged or None
-    title = title or "posttrain report: " + ", ".join(n for n, _ in runs_in)
+    title = title or "posttrain report: " + (", ".join(n for n, _ in runs_in) or "evaluation")
 
     body = [f"<h1>{html.escape(title)}</h1>"]
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body.append(f'<div class="meta">generated {stamp} by posttrain.report</div>')
     if summary:
         body += ["<h2>Summary</h2>", summary_table(summary)]
+    for sec in sections or []:
+        body.append(f"<h2>{html.escape(sec.heading)}</h2>")
+        body += [sec.html] + ([_figures(sec.figures)] if sec.figures else [])
     plots = _plots(runs)
     if plots:
-        body.append("<h2>Curves</h2><div class=\"plots\">")
-        for key, png in plots:
-            data = base64.b64encode(png).decode("ascii")
-            alt = html.escape(title_of(key))
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{alt}" title="{alt}"></figure>')
-        body.append("</div>")
+        body += ["<h2>Curves</h2>", _figures([(title_of(key), png) for key, png in plots])]
     last = _last_values_table(runs)
     if last:
         body += ["<h2>Last logged values</h2>", last]
-    body += ["<h2>Runs</h2>", _runs_table(runs), _details(runs)]
+    if runs:
+        body += ["<h2>Runs</h2>", _runs_table(runs), _details(runs)]
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
