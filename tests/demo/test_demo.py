@@ -42,5 +42,10 @@ def test_demo_outputs(demo):
     # the SFT stage trained a LoRA adapter, published in PEFT format
     cfg = json.loads((out / "sft" / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"
+    # the demo ran as a pipeline: lineage.json records the stage, its key and its regression delta
+    lin = json.loads((out / "lineage.json").read_text())
+    assert lin["stages"]["sft"]["status"] == "completed"
+    assert lin["stages"]["sft"]["regression_delta"] == round(s["sft"]["regression_score"]
+                                                             - s["base"]["regression_score"], 4)
     table = format_table(s)
     assert table.splitlines()[0].split()[:3] == ["stage", "task_accuracy", "regression_score"]

@@ -33,6 +33,7 @@ def _recipe(tmp_path, model, **dpo_extra):
                  "adapter": {"type": "lora", "r": 8}, "train": TRAIN},
                 {"name": "dpo", "stage": "dpo", "data": {"train": str(prefs), "max_length": 64},
                  "adapter": {"type": "lora", "r": 8}, "train": TRAIN, "dpo": {"beta": 0.1, **dpo_extra}},
+                {"name": "check", "stage": "eval", "suite": "regression", "limit": 2},
             ]}
 
 
@@ -66,6 +67,12 @@ def test_stages_hand_off_and_lineage_records_them(first_run):
         assert e["regression_delta"] == round(e["measures"]["regression_score"]
                                               - lin["base"]["metrics"]["regression_score"], 4)
         assert len(e["config_hash"]) == 16 and len(e["key"]) == 16
+    # `eval` as a step: the regression suite on the dpo policy (base + dpo adapter)
+    check = lin["stages"]["check"]
+    assert check["status"] == "completed" and check["started_from"] == "dpo"
+    assert check["inputs"]["adapter"] == str(out / "dpo" / "adapter")
+    results = json.loads((out / "check" / "results.json").read_text())
+    assert check["measures"]["regression_score"] == results["tuned"]["score"]["value"]
     html = (out / "report.html").read_text()
     assert "regression_delta" in html and ">dpo<" in html and ">sft<" in html
 
@@ -99,6 +106,7 @@ def test_a_changed_stage_reruns_alone(first_run):
 def test_failed_stage_is_fixed_and_resumed(tiny_models, tmp_path):
     raw = _recipe(tmp_path, tiny_models("qwen2"))
     raw["eval"] = {"regression": None, "base": False}
+    raw["stages"] = raw["stages"][:2]  # sft, dpo
     more = tmp_path / "more.jsonl"
     # a third stage continues the SFT adapter of the first branch (start_from: adapter) on a file not written yet
     raw["stages"].append({"name": "more", "stage": "sft", "from": "sft", "start_from": "adapter",

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="output_dir=DIR or STAGE_NAME.key=value, e.g. sft.train.lr=1e-4")
     p.add_argument("--only", default=None, help="comma-separated stage names (plus the stages they depend on)")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe, print the plan and warnings, run nothing")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     recipe = load_recipe(a.recipe, a.overrides)
     only = [s.strip() for s in a.only.split(",") if s.strip()] if a.only else None
     if a.dry_run:

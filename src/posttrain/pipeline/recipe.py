@@ -183,7 +183,7 @@ def _check_graph(specs: list[StageSpec], src: str) -> None:
             raise RecipeError(f"{src}: two stages are named '{s.name}' (stages[{seen[s.name].index}] and "
                               f"stages[{s.index}]); names must be unique (they are folders)")
         if s.index == 0:
-            if not s.model and s.stage != EVAL_STAGE:
+            if not s.model:
                 raise RecipeError(f"{src}: {s.where}: the first stage needs `model` (a local HF directory, a hub "
                                   "name, or gym:base)")
             if s.source:
