@@ -257,11 +257,13 @@ def test_reads_what_the_engine_monitor_writes(tmp_path):
     for step, loss in [(1, 2.0), (2, 1.5), (3, float("nan")), (4, 1.0)]:
         mon.log(step, "train", {"loss": loss, "lr": 1e-4 * step})
     mon.log(4, "eval", {"task_accuracy": 0.75, "regression_score": 0.9})
+    mon.log(0, "data", {"rows": 1000, "tokens": 32352})  # the engine's dataset statistics
     s = series(read_metrics(tmp_path))
     steps, loss = s["train"]["loss"]
     assert steps == [1, 2, 3, 4] and loss[:2] == [2.0, 1.5] and math.isnan(loss[2]) and loss[3] == 1.0
     assert s["eval"]["task_accuracy"] == ([4], [0.75])
     page = parse(build_report([tmp_path]))
-    assert [i["alt"] for i in page.imgs][:4] == ["loss", "task accuracy", "regression score", "learning rate"]
+    # no one-point plots of dataset statistics: they are in the last-values table
+    assert [i["alt"] for i in page.imgs] == ["loss", "task accuracy", "regression score", "learning rate", "elapsed s"]
     last = page.tables[0]
-    assert last[1][last[0].index("train/lr")] == "0.0004"
+    assert last[1][last[0].index("train/lr")] == "0.0004" and last[1][last[0].index("data/rows")] == "1000"

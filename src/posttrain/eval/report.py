@@ -7,10 +7,10 @@ sections instead of curves, because an evaluation has no steps:
 
 - "Base vs tuned": every compared metric with base ± SE, tuned ± SE, delta ± SE (paired) and a
   flag (REGRESSION beyond `max_drop`, `*` when |delta| > 1.96 SE); absent without a baseline.
-- plots: the primary metric of every task (base and tuned bars with ±1 SE), and the delta of every
-  0-1 metric with its 95% interval, regressions in red and the `max_drop` line dashed.
-  Perplexity-like metrics are left out of the delta plot: their scale is not points (they are in
-  the table).
+- plots: the suite score and the primary metric of every task (base and tuned bars with ±1 SE),
+  and the delta of every 0-1 metric with its 95% interval, regressions in red and the `max_drop`
+  line dashed. Perplexity-like metrics are left out of both plots: their scale is not points
+  (they are in the tables).
 """
 
 from __future__ import annotations
@@ -63,13 +63,15 @@ def _pm(v, se) -> str:
 
 def _score_plot(results: dict) -> tuple[str, bytes]:
     tuned = results["tuned"]
-    labels = [f"{name} ({t['primary']})" for name, t in tuned["tasks"].items()]
+    # bits per byte or perplexity on a 0-1 axis would flatten every accuracy: those stay in the tables
+    names = [n for n, t in tuned["tasks"].items() if t["primary"] not in UNBOUNDED] or list(tuned["tasks"])
+    labels = [f"{n} ({tuned['tasks'][n]['primary']})" for n in names]
     groups = []
     for label in ("base", "tuned"):
         res = results.get(label)
         if res is None:
             continue
-        ms = [t["metrics"][t["primary"]] for t in res["tasks"].values()]
+        ms = [res["tasks"][n]["metrics"][res["tasks"][n]["primary"]] for n in names]
         groups.append((label, [m["value"] for m in ms], [m["stderr"] for m in ms]))
     if tuned.get("score"):
         labels.insert(0, "suite score")

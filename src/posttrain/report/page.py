@@ -180,8 +180,13 @@ def _read_text(p: Path) -> str | None:
     return text
 
 
+# Splits logged once, not over steps (the engine's dataset statistics at step 0): a one-point
+# "curve" per key says nothing, so they appear in the last-values table only.
+_NOT_CURVES = {"data"}
+
+
 def _plots(runs: list[dict]) -> list[tuple[str, bytes]]:
-    per_run = [(r["name"], series(r["rows"])) for r in runs]
+    per_run = [(r["name"], {k: v for k, v in series(r["rows"]).items() if k not in _NOT_CURVES}) for r in runs]
     keys = {k for _, s in per_run for metrics in s.values() for k in metrics}
     color_of = {name: i for i, (name, _) in enumerate(per_run)}
     out = []

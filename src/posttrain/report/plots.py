@@ -84,8 +84,8 @@ def plot_bars(title: str, labels: list[str], groups: list[tuple[str, list[float]
     ax.set_title(title, fontsize=11)
     ax.set_xlabel(xlabel)
     ax.grid(True, axis="x", alpha=0.3)
-    if len(groups) > 1:
-        ax.legend(fontsize=8, frameon=False)
+    if len(groups) > 1:  # outside the axes: a bar may reach any corner
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
