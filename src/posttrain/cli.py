@@ -47,15 +47,14 @@ def cmd_train(stage: str, argv: list[str]) -> int:
 
     args = _train_parser(stage).parse_args(argv)
     cfg = load_config(stage, args.config, args.overrides)
+    from posttrain.engine.dist import is_main, shutdown
+
     try:
         res = stages.get(stage).run(cfg, resume=args.resume)
+        main = is_main()  # asked before the process group is gone, when every rank is "rank 0"
     finally:
-        from posttrain.engine.dist import shutdown
-
         shutdown()
-    from posttrain.engine.dist import is_main
-
-    if is_main():
+    if main:
         print(f"posttrain: {stage} finished: {res.model_dir}")
     return 0
 

@@ -7,6 +7,8 @@ torchrun needs no rewrite of the engine.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -32,6 +34,15 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (a one-element list without a process group)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def shutdown() -> None:
@@ -76,18 +87,29 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def _fits_replicated(model: torch.nn.Module, device: torch.device) -> bool:
-    """DDP keeps weights, gradients and two AdamW moments per rank: ~16 bytes per fp32 parameter."""
+def replicated_bytes(n_params: int, n_trainable: int) -> int:
+    """What DDP holds per rank: fp32 weights (4 B each) plus, per trainable parameter, a gradient
+    and two AdamW moments (12 B more)."""
+    return 4 * n_params + 12 * n_trainable
+
+
+def choose_strategy(n_params: int, n_trainable: int, *, free_bytes: int, ranks_sharing: int = 1,
+                    budget: float = 0.6) -> str:
+    """`train.distributed=auto`: "ddp" when `ranks_sharing` replicas fit in `budget` of `free_bytes`
+    (one GPU's free memory, or a CPU node's RAM shared by all its ranks), else "fsdp"."""
+    return "ddp" if replicated_bytes(n_params, n_trainable) * ranks_sharing < budget * free_bytes else "fsdp"
+
+
+def _auto_strategy(model: torch.nn.Module, device: torch.device) -> str:
     n = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    need = 4 * n + 12 * trainable
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return need < 0.6 * free
+        return choose_strategy(n, trainable, free_bytes=free)
     import os
 
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return need * world_size() < 0.5 * total  # all ranks of a CPU node share its memory
+    return choose_strategy(n, trainable, free_bytes=total, ranks_sharing=world_size(), budget=0.5)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -109,7 +131,7 @@ def wrap_model(model: torch.nn.Module, strategy: str, *, precision: str, device:
     if not is_distributed() or strategy == "none":
         return model, "none"
     if strategy == "auto":
-        strategy = "ddp" if _fits_replicated(model, device) else "fsdp"
+        strategy = _auto_strategy(model, device)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -122,11 +144,42 @@ def wrap_model(model: torch.nn.Module, strategy: str, *, precision: str, device:
         # bf16 compute and communication of parameters, fp32 gradient reduction
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory speeds up the copies to a GPU; pinning needs one, so CPU-only runs skip it
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     return model, "fsdp"
+
+
+@contextlib.contextmanager
+def rollout_view(model: torch.nn.Module):
+    """The model to sample from inside the block, with no collective per forward pass.
+
+    Ranks generate their own prompts and stop after different numbers of tokens, so a forward
+    pass may not be a collective: under DDP the block yields the plain module (its replica is
+    complete), and under FSDP2 it all-gathers every unit once on entry, keeps the parameters
+    unsharded for the whole rollout (generation, reference and value passes) and reshards on exit.
+    The cost is one full copy of the weights per rank while the rollout runs.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if is_distributed() else []
+    if not units:
+        yield unwrap(model)
+        return
+    inner = [m for m in units if m is not model]  # the root already stays unsharded after its forward
+    for m in units:
+        m.unshard()
+    for m in inner:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in inner:
+            m.set_reshard_after_forward(True, recurse=False)
+        for m in units:
+            m.reshard()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -26,7 +26,7 @@ import torch
 
 from posttrain.config import RunConfig
 from posttrain.engine import checkpoint as ckpt
-from posttrain.engine.dist import all_reduce_sum, rank, world_size
+from posttrain.engine.dist import all_reduce_sum, rank, rollout_view, world_size
 from posttrain.engine.monitor import Monitor
 from posttrain.engine.optim import build_optimizer, build_scheduler
 from posttrain.engine.sampler import BatchSampler
@@ -203,7 +203,9 @@ class Engine:
                     for _ in range(self.t.grad_accum)]
         if not self._pending:
             prompts = self.data.collate([self.data.train[i] for i in self.sampler.next_batch()])
-            self._pending = list(self.stage.rollout(self.model, prompts))
+            # each rank samples its own prompts; rollout_view keeps that free of per-forward collectives
+            with rollout_view(self.model) as sampler_model:
+                self._pending = list(self.stage.rollout(sampler_model, prompts))
             if not self._pending:
                 raise TrainingError(f"step {self.step + 1}: stage {self.stage.name} returned no optimizer steps")
         return self._pending.pop(0)

@@ -21,6 +21,7 @@ import torch
 from pydantic import Field, model_validator
 
 from posttrain.config import RunConfig, register_stage_schema
+from posttrain.engine.dist import unwrap
 from posttrain.losses.rl import (
     explained_variance, gae, kl_penalty, masked_mean, ppo_policy_loss, ppo_value_loss, token_rewards, whiten,
 )
@@ -207,7 +208,8 @@ class PPOStage:
     def loss(self, model, batch: dict):
         mask = batch["completion_mask"].bool()
         logps, entropy = completion_logprobs(model, batch, temperature=self.p.temperature, with_entropy=True)
-        values = getattr(model, VALUE_ATTR).completion_values(batch)
+        # under DDP the value head sits on the wrapped module; its gradients are still all-reduced
+        values = getattr(unwrap(model), VALUE_ATTR).completion_values(batch)
         pl, clipfrac = ppo_policy_loss(logps, batch["logprobs"], batch["advantages"], mask, clip=self.p.clip)
         vl = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, clip=self.p.value_clip)
         loss = pl + self.p.vf_coef * vl

@@ -113,14 +113,20 @@ def _items_hash(items) -> str:
 def precompute_reference(model, splits: dict[str, list], collate: Callable, *, batch_size: int, path: Path,
                          model_id: str, autocast=None) -> dict[str, torch.Tensor]:
     """Reference log-probs of every pair, computed once with `model` (its adapter disabled, if any) and
-    cached in `path` (safetensors; reused when the data and model are unchanged). Sets `item.ref`."""
+    cached in `path` (safetensors; reused when the data and model are unchanged). Sets `item.ref`.
+
+    Under torchrun each rank scores its share of the batches (before the model is wrapped, so no
+    collective per forward), the shares are all-gathered, and rank 0 alone writes the file."""
     from safetensors.torch import load_file, save_file
 
+    from posttrain.engine import dist
     from posttrain.models import adapters
 
     key = {name: _items_hash(items) for name, items in splits.items()}
     meta = {"model": model_id, **{f"hash_{k}": v for k, v in key.items()}}
     cached = None
+    # under torchrun every rank takes the same branch: none may see a file another rank is writing
+    dist.barrier()
     if path.exists():
         from safetensors import safe_open
 
@@ -133,19 +139,26 @@ def precompute_reference(model, splits: dict[str, list], collate: Callable, *, b
         cached = {}
         ctx = autocast or (lambda: torch.autocast("cpu", enabled=False))
         device = next(model.parameters()).device
+        # each rank scores every world_size-th chunk; the chunks are gathered back in order
+        me, w = dist.rank(), dist.world_size()
         with adapters.disabled(model):
             for name, items in splits.items():
-                vals = []
-                for s in range(0, len(items), batch_size):
+                mine = {}
+                starts = list(range(0, len(items), batch_size))
+                for s in starts[me::w]:
                     chunk = items[s:s + batch_size]
                     b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(chunk).items()}
                     with ctx():
                         lp = forward_logps(model, b)[0].float().cpu()
-                    vals.append(torch.stack([lp[:len(chunk)], lp[len(chunk):]], dim=1))
-                cached[name] = torch.cat(vals) if vals else torch.zeros(0, 2)
+                    mine[s] = torch.stack([lp[:len(chunk)], lp[len(chunk):]], dim=1)
+                for part in dist.all_gather_object(mine):
+                    mine.update(part)
+                cached[name] = torch.cat([mine[s] for s in starts]) if starts else torch.zeros(0, 2)
         model.train(was)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(cached, str(path), metadata=meta)
+        if dist.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(cached, str(path), metadata=meta)
+        dist.barrier()
     for name, items in splits.items():
         for p, (c, r) in zip(items, cached[name].tolist()):
             p.ref = (c, r)

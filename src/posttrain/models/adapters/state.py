@@ -29,6 +29,12 @@ class AdapterState:
 
 
 def get_state(model) -> Optional[AdapterState]:
+    # a DistributedDataParallel wrapper hides its module's attributes: without this, `disabled(ddp_model)`
+    # would silently run the adapted policy as the DPO/PPO/GRPO reference
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
     return getattr(model, STATE_ATTR, None)
 
 
