@@ -26,6 +26,7 @@ from typing import Optional, Union
 from posttrain.gym import instruct, preference, reasoning, refusal, regression, tools
 from posttrain.gym.facts import SPLITS
 from posttrain.gym.generate import MAX_NEW_TOKENS, chat_prompt, greedy_complete
+from posttrain.gym.rates import refusal_rates, tool_call_rates
 from posttrain.gym.verify import verify
 
 _GENERATORS = {
@@ -40,7 +41,7 @@ TASKS = tuple(_GENERATORS)
 DEFAULT_N = {"train": 2000, "validation": 200, "test": 200}
 
 __all__ = ["TASKS", "SPLITS", "load_task_rows", "verify", "export", "base_model_path", "task_accuracy",
-           "regression_score", "greedy_complete", "chat_prompt"]
+           "regression_score", "greedy_complete", "chat_prompt", "refusal_rates", "tool_call_rates"]
 
 
 def _check_task(task: str) -> None:

@@ -2,7 +2,8 @@
 
 A call is rendered by the bundled chat template as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
 and parsed back by `parse_tool_calls`. Requests that need no tool are ordinary instruct questions
-asked while tools are on offer: the right answer is a plain reply and no call at all.
+asked while tools are on offer: the right answer is a plain reply and no call at all. Rows carry the
+expected call twice: `call` (the gym verifier) and `expected_call` (the `tool_call` reward's column).
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def rows(split: str, n: int, seed: int) -> list[dict]:
                      "tool_calls": [{"type": "function", "function": req["call"]}]}
         row = {"messages": [{"role": "user", "content": req["request"]}, reply],
                "tools": [TOOLS[t] for t in offered], "call": req["call"], "answer": req["answer"],
-               "check": "tool_call"}
+               "check": "tool_call",
+               # the column name posttrain.rewards.tool_call_reward reads (GRPO on gym:tools)
+               "expected_call": req["call"]}
         return req["key"], req["request"], row
 
     return sample_rows(make, split, n, seed, "tools")
@@ -119,3 +122,14 @@ def parse_tool_calls(text: str) -> list[dict] | None:
 def render_call(call: dict) -> str:
     """The text form of a call, identical to the chat template's rendering."""
     return "<tool_call>" + json.dumps({"name": call["name"], "arguments": call["arguments"]}) + "</tool_call>"
+
+
+# The tool-use recipe on the gym (stage `sft`, from the demo's SFT model; docs/tools.md): gym tool
+# conversations and instructions half and half, plus 20% plain text against forgetting.
+SFT_OVERRIDES = [
+    "data.train=[gym:tools:train,gym:instruct:train]", "data.max_length=256",
+    "data.mix.data=gym:regression:train", "data.mix.ratio=0.2",
+    "adapter.type=lora", "adapter.r=16", "adapter.alpha=32",
+    "train.lr=1e-3", "train.batch_size=16", "train.max_steps=80", "train.schedule=cosine", "train.warmup_steps=5",
+    "train.precision=bf16",
+]

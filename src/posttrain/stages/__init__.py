@@ -10,6 +10,7 @@ STAGES = {
     "reward": "posttrain.stages.reward",
     "ppo": "posttrain.stages.ppo",
     "grpo": "posttrain.stages.grpo",
+    "safety": "posttrain.stages.safety",
 }
 
 
