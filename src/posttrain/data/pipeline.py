@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from posttrain.data.collate import collate_packed, collate_padded
+from posttrain.data.collate import collate_packed, collate_padded, collate_padding_free
 from posttrain.data.formats import Example, to_examples
 from posttrain.data.mixing import mix_general
 from posttrain.data.packing import pack_bfd, packing_efficiency
@@ -86,6 +86,8 @@ def build_dataset(data_cfg, tokenizer, *, stage: str, seed: int = 0) -> DatasetB
         if eval_items is not None:
             eval_items = _pack(eval_items, data_cfg.max_length, eval_stats)
         collate = functools.partial(collate_packed, pad_id=pad_id, row_len=data_cfg.max_length)
+    elif data_cfg.padding_free:
+        collate = functools.partial(collate_padding_free, pad_id=pad_id)
     else:
         collate = functools.partial(collate_padded, pad_id=pad_id)
     log.info("data: %s", _summary(stats))

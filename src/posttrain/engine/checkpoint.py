@@ -22,20 +22,27 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from posttrain.engine.dist import barrier, is_main, rank, world_size
 
 STATE = "trainer_state.json"
-# frozen base weights (LoRA, QLoRA) are never saved: they come from the base model
-_OPTS = StateDictOptions(ignore_frozen_params=True)
+
+
+def _dcp():
+    """`torch.distributed.checkpoint` and its state-dict helpers, imported on first use.
+
+    Importing DCP pulls in DTensor, torch.fx and sympy: ~50 MB of RSS and ~1 s in every training
+    process, most of which never write a checkpoint (measured with bench/sft_throughput.py).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+
+    return dcp, sd
+
+
+def _opts(**kw):
+    # frozen base weights (LoRA, QLoRA) are never saved: they come from the base model
+    return _dcp()[1].StateDictOptions(ignore_frozen_params=True, **kw)
 
 
 def rng_state() -> dict:
@@ -67,9 +74,10 @@ def save_checkpoint(ckpt_root: Path, name: str, *, model, optimizer=None, schedu
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    dcp.save(get_model_state_dict(model, options=_OPTS), checkpoint_id=str(tmp / "weights"))
+    dcp, sd = _dcp()
+    dcp.save(sd.get_model_state_dict(model, options=_opts()), checkpoint_id=str(tmp / "weights"))
     if optimizer is not None:
-        dcp.save(get_optimizer_state_dict(model, optimizer, options=_OPTS), checkpoint_id=str(tmp / "optim"))
+        dcp.save(sd.get_optimizer_state_dict(model, optimizer, options=_opts()), checkpoint_id=str(tmp / "optim"))
     extra = {"rng": rng_state(), "scheduler": scheduler.state_dict() if scheduler is not None else None}
     torch.save(extra, tmp / f"extra-rank{rank()}.pt")
     barrier()
@@ -114,10 +122,11 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
 
 def load_weights(path: Path, model) -> None:
     """Load a checkpoint's trainable weights into `model` (any world size)."""
-    sd = get_model_state_dict(model, options=_OPTS)
+    dcp, sdu = _dcp()
+    sd = sdu.get_model_state_dict(model, options=_opts())
     dcp.load(sd, checkpoint_id=str(Path(path) / "weights"))  # errors if a trainable weight is missing
     # non-strict only so the frozen base weights (absent by design) are not reported missing
-    set_model_state_dict(model, sd, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    sdu.set_model_state_dict(model, sd, options=_opts(strict=False))
 
 
 def load_checkpoint(path: Path, *, model, optimizer=None, scheduler=None) -> dict:
@@ -126,9 +135,10 @@ def load_checkpoint(path: Path, *, model, optimizer=None, scheduler=None) -> dic
     state = json.loads((path / STATE).read_text())
     load_weights(path, model)
     if optimizer is not None and (path / "optim").exists():
-        osd = get_optimizer_state_dict(model, optimizer, options=_OPTS)
+        dcp, sdu = _dcp()
+        osd = sdu.get_optimizer_state_dict(model, optimizer, options=_opts())
         dcp.load(osd, checkpoint_id=str(path / "optim"))
-        set_optimizer_state_dict(model, optimizer, osd, options=_OPTS)
+        sdu.set_optimizer_state_dict(model, optimizer, osd, options=_opts())
         own = path / f"extra-rank{rank()}.pt"
         same_world = state.get("world_size", 1) == world_size()
         extra = torch.load(own if own.exists() else path / "extra-rank0.pt", map_location="cpu", weights_only=True)

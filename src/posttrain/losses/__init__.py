@@ -35,11 +35,13 @@ from posttrain.losses.rl import (
     whiten,
     zero_variance_groups,
 )
-from posttrain.losses.sft import IGNORE_INDEX, sequence_logps, token_nll
+from posttrain.losses.sft import IGNORE_INDEX, next_token_targets, sequence_logps, target_nll, token_nll
 
 __all__ = [
     "IGNORE_INDEX",
     "token_nll",
+    "target_nll",
+    "next_token_targets",
     "sequence_logps",
     # preference
     "DPO_LOSS_TYPES",

@@ -6,10 +6,13 @@ loss token of the optimizer step (see `posttrain.losses.sft.token_nll`).
 
 from __future__ import annotations
 
+import inspect
+
 from posttrain.config import RunConfig
 from posttrain.data.collate import model_attention_mask
 from posttrain.engine.trainer import TrainData
-from posttrain.losses.sft import IGNORE_INDEX, token_nll
+from posttrain.losses.sft import IGNORE_INDEX, next_token_targets, target_nll, token_nll
+from posttrain.models.adapters.state import get_state
 from posttrain.stages.common import RunResult, run_training
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -26,13 +29,29 @@ class LMStage:
         if inputs.get("attention_mask") is not None and inputs["attention_mask"].dim() == 4:
             # packed rows: eager attention would add a bool mask as 1.0 instead of masking
             inputs["attention_mask"] = model_attention_mask(inputs["attention_mask"], model)
-        out = model(**inputs, use_cache=False)
-        loss_sum, _ = token_nll(out.logits, batch["labels"])
+        st = get_state(model)
+        if (st is not None and st.kind == "prompt") or not _takes_logits_to_keep(model):
+            # prompt tuning prepends virtual tokens, which would shift the kept positions
+            out = model(**inputs, use_cache=False)
+            return token_nll(out.logits, batch["labels"])[0], {}
+        # the output head runs only where a loss falls (not on prompt or padding tokens)
+        positions, targets = next_token_targets(batch["labels"])
+        out = model(**inputs, use_cache=False, logits_to_keep=positions)
+        loss_sum, _ = target_nll(out.logits, targets)
         return loss_sum, {}
 
     def num_loss_units(self, batch) -> int:
         # token_nll predicts labels[:, 1:]
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward accepts `logits_to_keep` (transformers' *ForCausalLM classes do)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    # DistributedDataParallel's own forward takes *args, **kwargs and hides the model's signature
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
 def _item_tokens(item) -> int:
