@@ -126,3 +126,41 @@ def test_failed_stage_is_fixed_and_resumed(tiny_models, tmp_path):
     # it continued the first stage's adapter on the original base
     assert lin["stages"]["more"]["inputs"]["adapter"] == str(tmp_path / "pipe" / "sft" / "adapter")
     assert lin["stages"]["more"]["inputs"]["model"] == lin["stages"]["sft"]["inputs"]["model"]
+
+
+def test_a_killed_stage_resumes_from_its_checkpoint(tiny_models, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    chats = _write(tmp_path / "chats.jsonl", _chats(64))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "pipe"), "eval": {"regression": None, "base": False},
+                                      "stages": [{"name": "sft", "stage": "sft", "model": str(tiny_models("qwen2")),
+                                                  "data": {"train": str(chats), "max_length": 64},
+                                                  "train": {**TRAIN, "max_steps": 16, "save_every": 4}}]}))
+    run = tmp_path / "pipe" / "sft"
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "pipeline", str(recipe)],
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (run / "checkpoints" / "step-4").exists():
+        assert proc.poll() is None, "the pipeline ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lin = json.loads((tmp_path / "pipe" / "lineage.json").read_text())
+    assert lin["stages"]["sft"]["status"] == "running"  # what a kill leaves behind
+    lin = run_pipeline(load_recipe(recipe), report=False)
+    e = lin["stages"]["sft"]
+    assert e["status"] == "completed" and e["resumed"] is True and e["metrics"]["steps"] == 16
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "train"]
+    # the same run directory went on from a checkpoint (steps 1-4 logged once, by the killed process)
+    assert steps[0] == 1 and steps[-1] == 16 and steps.count(1) == 1
+    assert not (tmp_path / "pipe" / ".superseded").exists()

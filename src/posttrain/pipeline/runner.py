@@ -57,8 +57,7 @@ def path_identity(p: Path) -> str:
 def _inputs_identity(tree, skip: Iterable[str] = ()) -> dict:
     """Every string in a config that names an existing file or folder, with its content identity.
 
-    `gym:` sources are generated deterministically from the installed posttrain, so the spec
-    and the version stand for their content.
+    `gym:` sources are generated on the fly: their identity is the hash of the generated rows.
     """
     found: dict = {}
 
@@ -71,14 +70,24 @@ def _inputs_identity(tree, skip: Iterable[str] = ()) -> dict:
                 walk(v, key)
         elif isinstance(node, str) and key not in skip and node:
             if node.startswith("gym:"):
-                import posttrain
-
-                found[node] = f"gym@{posttrain.__version__}"
+                found[node] = _gym_identity(node)
             elif len(node) < 4096 and Path(node).exists():
                 found[node] = path_identity(Path(node))
 
     walk(tree)
     return found
+
+
+def _gym_identity(spec: str) -> str:
+    from posttrain import gym
+    from posttrain.data.sources import parse_gym
+
+    try:
+        task, split = parse_gym(spec)
+        rows = gym.load_task_rows(task, split)
+    except ValueError:  # not a valid source: the stage itself will say so
+        return "invalid"
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
 def resolve_model(name: str) -> str:
@@ -270,7 +279,7 @@ def _train_step(s: StageSpec, start: dict, parent, out: Path, lin: Lineage, ev, 
              "inputs": {"model": tree["model"], "adapter": (tree.get("adapter") or {}).get("path"),
                         "input_key": start["key"], "files": files, "stage_refs": {r: published[r]["output"]["model_dir"]
                                                                                   for r in stage_refs(s.section)}},
-             "run_dir": str(run_dir)}
+             "run_dir": str(run_dir), "resumed": resume}
     lin.set_stage(s.name, entry)
     _say(f"{s.name}: running stage {s.stage} from {parent or 'the starting model'}")
     t0 = time.time()
