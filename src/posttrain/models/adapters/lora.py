@@ -67,7 +67,8 @@ class LoraWeights(nn.Module):
         """The adapted output for inputs x whose base output (bias included) is base_out."""
         dt = self.lora_A.weight.dtype
         xd = self.dropout(x.to(dt))
-        lora_out = self.lora_B(self.lora_A(xd)) * self.scaling
+        # scale the rank-r activation, not the [.., out] one: the same product, r/out of the multiplies
+        lora_out = self.lora_B(self.lora_A(xd) * self.scaling)
         if not self.is_dora:
             return base_out + lora_out.to(base_out.dtype)
         weight = layer.dense_weight().to(dt)
