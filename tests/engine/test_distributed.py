@@ -45,7 +45,9 @@ def setup(tmp_path_factory):
 
 
 def _extra(adapter):
-    return [f"adapter.type={adapter}"] + (["train.lr=5e-3"] if adapter == "lora" else [])
+    # the LoRA runs also pack 2-3 examples per row (4-D block masks through the DDP/FSDP wrappers)
+    lora = ["train.lr=5e-3", "data.packing=true", "data.max_length=128"]
+    return [f"adapter.type={adapter}"] + (lora if adapter == "lora" else [])
 
 
 def _args(model, data, out, *extra, batch=4):
@@ -155,6 +157,22 @@ def test_samplers_give_each_rank_a_disjoint_shard():
     one = BatchSampler(40, 8, seed=1)
     first = one.next_batch()
     assert sorted(first) == sorted(seen[0][:4] + seen[1][:4])  # same global batch as one rank x 8
+
+
+def test_short_last_batch_is_shared_and_matches_one_process():
+    """22 items, 2 per rank x 2 ranks: the 6th global batch has 2 items, one per rank (not 2 and 0)."""
+    from posttrain.engine.sampler import BatchSampler
+
+    ranks = [BatchSampler(22, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    one = BatchSampler(22, 4, seed=3)
+    assert ranks[0].batches_per_epoch == one.batches_per_epoch == 6
+    for _ in range(2 * 6):  # two epochs
+        parts = [s.next_batch() for s in ranks]
+        assert all(parts) and parts[0] + parts[1] == one.next_batch()
+    # a remainder smaller than the number of ranks is left out rather than give a rank nothing
+    assert BatchSampler(21, 2, seed=3, rank=1, world_size=2).batches_per_epoch == 5
+    with pytest.raises(ValueError, match="1 training items for 2 ranks"):
+        BatchSampler(1, 2, seed=3, rank=0, world_size=2)
 
 
 def test_auto_picks_ddp_when_replicas_fit_else_fsdp():

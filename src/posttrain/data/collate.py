@@ -95,7 +95,9 @@ def model_attention_mask(bool_mask: torch.Tensor, model) -> "torch.Tensor | None
     flash_attention_*: None; transformers then finds the example boundaries from the position_ids
     resets and runs varlen attention.
     """
-    impl = getattr(model.config, "_attn_implementation", "sdpa") or "sdpa"
+    # a DistributedDataParallel wrapper hides the model's config (packed batches under torchrun)
+    config = getattr(model, "module", model).config
+    impl = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
     if impl.startswith("flash"):
         return None
     if impl == "eager":

@@ -7,7 +7,6 @@ Epoch e's order is a permutation seeded by (seed, e), so a resumed run that know
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +23,8 @@ class BatchSampler:
                  rank: int = 0, world_size: int = 1):
         if n_items <= 0:
             raise ValueError("no training items: the dataset is empty after filtering")
+        if n_items < world_size:
+            raise ValueError(f"{n_items} training items for {world_size} ranks: every rank needs at least one")
         self.n = n_items
         self.batch_size = batch_size
         self.seed = seed
@@ -34,7 +35,10 @@ class BatchSampler:
 
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(self.n / (self.batch_size * self.world))
+        full, rest = divmod(self.n, self.batch_size * self.world)
+        # a last, short global batch is split over the ranks; with fewer items than ranks some rank
+        # would get none (and an empty forward), so that remainder is left out of the epoch
+        return full + (1 if rest >= self.world else 0)
 
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -48,9 +52,13 @@ class BatchSampler:
             self.pos = Position(self.pos.epoch + 1, 0)
         order = self._order(self.pos.epoch)
         gb = self.batch_size * self.world
-        start = self.pos.batch * gb + self.rank * self.batch_size
+        batch = order[self.pos.batch * gb:(self.pos.batch + 1) * gb]  # short at the end of an epoch
         self.pos = Position(self.pos.epoch, self.pos.batch + 1)
-        return order[start:start + self.batch_size]
+        # contiguous near-equal shares: batch_size each for a full batch; the engine's token-level
+        # normalization keeps unequal shares of a short batch equal to one process's step
+        k, extra = divmod(len(batch), self.world)
+        start = self.rank * k + min(self.rank, extra)
+        return batch[start:start + k + (1 if self.rank < extra else 0)]
 
     def state_dict(self) -> dict:
         # samples consumed in the epoch, not batches: a resume on another number of ranks keeps its place
