@@ -54,7 +54,7 @@ def path_identity(p: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _inputs_identity(tree, skip: Iterable[str] = ()) -> dict:
+def _inputs_identity(tree) -> dict:
     """Every string in a config that names an existing file or folder, with its content identity.
 
     `gym:` sources are generated on the fly: their identity is the hash of the generated rows.
@@ -68,7 +68,7 @@ def _inputs_identity(tree, skip: Iterable[str] = ()) -> dict:
         elif isinstance(node, list):
             for v in node:
                 walk(v, key)
-        elif isinstance(node, str) and key not in skip and node:
+        elif isinstance(node, str) and node:
             if node.startswith("gym:"):
                 found[node] = _gym_identity(node)
             elif len(node) < 4096 and Path(node).exists():
@@ -160,6 +160,8 @@ def run_pipeline(recipe: Recipe, *, only: Optional[Iterable[str]] = None, report
     out = recipe.output_dir
     out.mkdir(parents=True, exist_ok=True)
     lin = Lineage(out)
+    # stages no longer in the recipe leave lineage (their folders stay)
+    lin.data["stages"] = {n: e for n, e in lin.data["stages"].items() if n in {s.name for s in recipe.stages}}
     warnings = order_warnings(recipe)
     for w in warnings:
         print(f"posttrain: warning: {w}", file=sys.stderr, flush=True)
@@ -250,10 +252,11 @@ def _train_step(s: StageSpec, start: dict, parent, out: Path, lin: Lineage, ev, 
     cfg = build_stage_config(s, tree, "recipe")
     hashed = json.loads(json.dumps(cfg.model_dump(mode="json")))
     hashed.pop("output_dir", None)
+    # what the stage starts from is identified by its key, not by the path it happens to have
     hashed["model"] = ident["model"]
-    if isinstance(hashed.get("adapter"), dict) and tree.get("adapter", {}).get("path") == start.get("adapter"):
-        hashed["adapter"]["path"] = ident["model"] if start.get("adapter") else hashed["adapter"].get("path")
-    files = _inputs_identity(substitute(hashed, {}), skip=("model", "adapter.path"))
+    if start.get("adapter") and (tree.get("adapter") or {}).get("path") == start["adapter"]:
+        hashed["adapter"]["path"] = ident["model"]
+    files = _inputs_identity(hashed)
     measures_spec = [m.model_dump() for m in s.measures]
     key = _sha({"config": hashed, "files": files, "refs": {k: v for k, v in ident.items() if k != "model"},
                 "input": start["key"], "measures": measures_spec, "eval": ev_key})
