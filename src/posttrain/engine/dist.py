@@ -146,10 +146,28 @@ def wrap_model(model: torch.nn.Module, strategy: str, *, precision: str, device:
     if cpu_offload:
         # pinned host memory speeds up the copies to a GPU; pinning needs one, so CPU-only runs skip it
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    _check_nf4_shardable(model, world_size())
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     return model, "fsdp"
+
+
+def _check_nf4_shardable(model: torch.nn.Module, ranks: int) -> None:
+    """QLoRA under FSDP2: torchao's NF4Tensor shards along dim 0 only when each of its packed parts
+    (4-bit codes, block scales, scale factors) divides evenly by the number of ranks; say which
+    layer does not, instead of torchao's bare assertion mid-sharding."""
+    for name, p in model.named_parameters():
+        if type(p).__name__ != "NF4Tensor" and type(getattr(p, "data", None)).__name__ != "NF4Tensor":
+            continue
+        t = p if type(p).__name__ == "NF4Tensor" else p.data
+        parts = {a: getattr(t, a).numel() for a in ("quantized_scalers", "quantization_factor", "quantized_data")}
+        bad = {a: n for a, n in parts.items() if n % ranks} or ({"rows": t.size(0)} if t.size(0) % ranks else {})
+        if bad:
+            a, n = next(iter(bad.items()))
+            raise ValueError(f"QLoRA under FSDP2: {name} cannot be split over {ranks} ranks ({a} has {n} "
+                             f"elements); use train.distributed=ddp (the NF4 base is small to replicate) or "
+                             f"a number of processes that divides it")
 
 
 @contextlib.contextmanager
