@@ -40,7 +40,7 @@ _GENERATORS = {
 TASKS = tuple(_GENERATORS)
 DEFAULT_N = {"train": 2000, "validation": 200, "test": 200}
 
-__all__ = ["TASKS", "SPLITS", "load_task_rows", "verify", "export", "base_model_path", "task_accuracy",
+__all__ = ["TASKS", "verifier_reward", "SPLITS", "load_task_rows", "verify", "export", "base_model_path", "task_accuracy",
            "regression_score", "greedy_complete", "chat_prompt", "refusal_rates", "tool_call_rates"]
 
 
@@ -112,3 +112,17 @@ def regression_score(model, tokenizer, n: int = 200, split: str = "test", batch_
                            batch_size=batch_size)
     acc = sum(verify("regression", r, c) for r, c in zip(rows, outs)) / max(1, len(rows))
     return (acc, outs) if return_completions else acc
+
+
+def verifier_reward(task: str):
+    """The task's verifier as a 0/1 reward function with the GRPO signature
+    f(prompts, completions, **columns) -> list[float]; the columns rebuild each row."""
+    _check_task(task)
+
+    def reward(prompts, completions, **cols):
+        rows = [{k: v[i] for k, v in cols.items()} for i in range(len(completions))]
+        return [1.0 if verify(task, r, c) else 0.0 for r, c in zip(rows, completions)]
+
+    reward.__name__ = f"gym_{task}"
+    return reward
+

@@ -7,14 +7,35 @@ precomputed once and cached beside the run (docs/preference.md).
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
 from posttrain.config import RunConfig, register_stage_schema
 from posttrain.losses.preference import chosen_nll, dpo_loss
-from posttrain.stages.common import RunResult
+from posttrain.stages.common import RunResult, load_for_training
 from posttrain.stages.preference import Section, forward_logps, pair_metrics, resolve_reference, run_pairwise
+
+
+class SelfRejectedSection(Section):
+    """On-policy rejected answers (iterative RPO, Pang et al. 2024): before training, sample the
+    starting model on the training prompts, keep the samples the reward rejects, and pair each with
+    the row's chosen answer. The pairs go to output_dir/self_rejected.jsonl (with provenance) and
+    are trained on together with the data's own pairs."""
+
+    samples: int = Field(0, ge=0, description="Samples per training prompt (0 = off).")
+    reward: Optional[str] = Field(None, description="Verifier: a built-in reward name, 'module:function' or "
+                                                    "'gym:TASK'; a sample scoring <= threshold is a mistake.")
+    threshold: float = Field(0.0, description="Rewards at or below this mark a sample as rejected.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    max_new_tokens: int = Field(64, gt=0, description="Sample length limit (tokens).")
+    per_row: int = Field(1, gt=0, description="At most this many rejected samples per prompt.")
+    keep_offline_pairs: bool = Field(True, description="Also train on the data's own pairs (false: only the "
+                                                       "self-rejected ones).")
 
 
 class DPOSection(Section):
@@ -28,6 +49,8 @@ class DPOSection(Section):
         None, description="adapter: the policy with its adapter disabled (no second model); copy: a frozen copy; "
                           "precomputed: log-probs computed once before training and cached in "
                           "output_dir/reference_logps.safetensors. Default: adapter for adapter runs, else copy.")
+    self_rejected: SelfRejectedSection = Field(default_factory=SelfRejectedSection,
+                                               description="On-policy rejected answers; see SelfRejectedSection.")
     nll_weight: float = Field(0.0, ge=0.0, description="alpha of RPO (Pang et al. 2024): adds alpha * the chosen "
                               "answer's per-token NLL to each pair's loss, which keeps the chosen likelihood from "
                               "falling during DPO (a known failure that lowers answer quality). 0 = plain DPO.")
@@ -41,6 +64,9 @@ class DPOConfig(RunConfig):
         if self.dpo.label_smoothing and self.dpo.loss in ("ipo", "hinge"):
             raise ValueError(f"dpo.label_smoothing applies to dpo.loss sigmoid or robust, not {self.dpo.loss}; "
                              "set dpo.label_smoothing=0")
+        if self.dpo.self_rejected.samples and not self.dpo.self_rejected.reward:
+            raise ValueError("dpo.self_rejected.samples needs dpo.self_rejected.reward (a verifier such as "
+                             "'gym:preference', a built-in reward name or 'module:function')")
         if self.dpo.reference == "adapter" and self.adapter.type == "none":
             raise ValueError("dpo.reference=adapter needs an adapter (set adapter.type=lora) or use "
                              "dpo.reference=copy / precomputed for full fine-tuning")
@@ -68,7 +94,7 @@ class DPOStage:
         if self.o.nll_weight:
             nll = chosen_nll(logps[:B], counts[:B])
             losses = losses + self.o.nll_weight * nll
-            metrics["nll_chosen"] = float(nll.mean())
+            metrics["nll_chosen"] = float(nll.detach().mean())
         return losses.sum(), metrics
 
     def num_loss_units(self, batch) -> int:
@@ -91,6 +117,10 @@ def run(cfg: DPOConfig, *, resume: bool = False, evaluators=(), model=None, toke
         raise ValueError(f"dpo.run got a '{cfg.stage}' config")
     mode = resolve_reference(cfg.dpo.reference, cfg)
     holder = {}
+    if cfg.dpo.self_rejected.samples:
+        if model is None:
+            model, tokenizer = load_for_training(cfg)
+        cfg = with_self_rejected(cfg, model, tokenizer, resume=resume)
 
     def make_stage(tok, reference):
         holder["ref"] = reference
@@ -103,11 +133,50 @@ def run(cfg: DPOConfig, *, resume: bool = False, evaluators=(), model=None, toke
                         model=model, tokenizer=tokenizer, guard=guard)
 
 
+SELF_REJECTED_FILE = "self_rejected.jsonl"
+
+
+def with_self_rejected(cfg: DPOConfig, model, tokenizer, *, resume: bool = False) -> DPOConfig:
+    """Sample the starting model, write the self-rejected pairs beside the run, and return a config
+    whose data.train includes them. A resumed run reuses the file instead of sampling again."""
+    from posttrain.data.self_rejected import self_rejected_pairs, write_jsonl
+    from posttrain.data.sources import read_records
+    from posttrain.engine.dist import is_distributed, rank
+    from posttrain.stages.rl_common import resolve_reward
+
+    o = cfg.dpo.self_rejected
+    out = Path(cfg.output_dir) / SELF_REJECTED_FILE
+    sources = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+    if not (resume and out.exists()):
+        rows = [rec.data for s in sources for rec in read_records(s, split="train")]
+        pairs, stats = self_rejected_pairs(model, tokenizer, rows, resolve_reward(o.reward)[1], samples=o.samples,
+                                           temperature=o.temperature, max_new_tokens=o.max_new_tokens,
+                                           threshold=o.threshold, seed=cfg.train.seed, per_row=o.per_row,
+                                           model_name=str(cfg.model))
+        if not pairs:
+            raise ValueError(f"dpo.self_rejected: the reward accepted all {stats['self_rejected_samples']} samples; "
+                             "there is nothing to reject (lower the threshold or raise the temperature)")
+        main = (rank() if is_distributed() else int(os.environ.get("RANK", "0"))) == 0
+        if not main:  # every rank samples the same pairs (same seed); only rank 0 writes the run's copy
+            out = Path(tempfile.mkdtemp(prefix="posttrain-self-rejected-")) / SELF_REJECTED_FILE
+        write_jsonl(pairs, out)
+        if main:
+            (out.with_suffix(".stats.json")).write_text(json.dumps(stats, indent=1) + "\n")
+        print(f"dpo.self_rejected: {stats['self_rejected_pairs']} pairs from {stats['self_rejected_wrong']} rejected "
+              f"of {stats['self_rejected_samples']} samples -> {out}", flush=True)
+    train = [*sources, str(out)] if o.keep_offline_pairs else [str(out)]
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": train})})
+
+
 # ---------------------------------------------------------------- the demo's `dpo` row
 
+# Offline gym pairs alone left the SFT model's answers worse (correctness 0.91 -> 0.87-0.895 over four
+# settings); adding its own rejected samples and the RPO term raised it to 0.925 (docs/preference.md).
 DEMO_OVERRIDES = [
     "adapter.type=lora", "adapter.r=16", "adapter.alpha=32", "dpo.beta=0.5", "dpo.reference=adapter",
-    "train.lr=5e-4", "train.batch_size=16", "train.max_steps=60", "train.warmup_steps=10",
+    "dpo.nll_weight=1.0", "dpo.self_rejected.samples=4", "dpo.self_rejected.reward=gym:preference",
+    "dpo.self_rejected.max_new_tokens=32",
+    "train.lr=2e-4", "train.batch_size=16", "train.max_steps=80", "train.warmup_steps=10",
     "train.schedule=cosine", "train.precision=bf16", "train.eval_every=null", "data.max_length=256",
 ]
 

@@ -187,12 +187,7 @@ def gym_reward(task: str) -> Callable:
     """The gym task's own verifier as a 0/1 reward function (dataset columns rebuild the row)."""
     from posttrain import gym
 
-    def reward(prompts, completions, **cols):
-        rows = [{k: v[i] for k, v in cols.items()} for i in range(len(completions))]
-        return [1.0 if gym.verify(task, r, c) else 0.0 for r, c in zip(rows, completions)]
-
-    reward.__name__ = f"gym_{task}"
-    return reward
+    return gym.verifier_reward(task)
 
 
 def gym_accuracy(model, tokenizer, task: str = "reasoning", split: str = "test", n: int = 200) -> float:

@@ -95,9 +95,13 @@ def columns(rows: list[dict]) -> dict[str, list]:
 
 
 def resolve_reward(spec: Union[str, Callable]) -> tuple[str, Callable]:
-    """A reward function from a built-in name, 'module:function', or a callable."""
+    """A reward function from a built-in name, 'module:function', 'gym:TASK' (the task's verifier) or a callable."""
     if callable(spec):
         return getattr(spec, "__name__", "reward"), spec
+    if spec.startswith("gym:"):
+        from posttrain import gym
+
+        return f"gym_{spec[4:]}", gym.verifier_reward(spec[4:])
     if ":" in spec:
         mod, _, fn = spec.partition(":")
         try:
