@@ -70,3 +70,20 @@ def tool_call_rates(model, tokenizer, *, split: str = "test", n: int = 200, batc
     """`tool_call_scores` of greedy answers to `n` gym tool rows of `split` (about 30% need no call)."""
     rows, outs = _outputs(model, tokenizer, "tools", split, n, batch_size, seed)
     return tool_call_scores(rows, outs)
+
+
+# Pipeline / demo measurements (`fn(model, tokenizer, **args) -> {column: float}`, the contract of
+# posttrain.pipeline.register_measure): the two headline rates of each row, without the counts.
+
+
+def refusal_measure(model, tokenizer, *, split: str = "test", n: int = 200) -> dict:
+    r = refusal_rates(model, tokenizer, split=split, n=n)
+    return {"refusal_rate": r["refusal_rate"], "over_refusal_rate": r["over_refusal_rate"]}
+
+
+def tool_call_measure(model, tokenizer, *, split: str = "test", n: int = 200) -> dict:
+    r = tool_call_rates(model, tokenizer, split=split, n=n)
+    return {"valid_call_rate": r["valid_call_rate"], "no_call_rate": r["no_call_rate"]}
+
+
+MEASURES = {"refusal_rates": refusal_measure, "tool_call_rates": tool_call_measure}
