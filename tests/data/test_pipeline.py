@@ -9,7 +9,7 @@ import pytest
 from posttrain.config import DataConfig, MixConfig
 from posttrain.data import DataError, build_dataset
 from posttrain.data.packing import pack_bfd, packing_efficiency
-from posttrain.models.tiny import build_tokenizer
+from posttrain.models.tiny import CHATML_TEMPLATE, build_tokenizer
 
 
 def chat(i):
@@ -95,7 +95,9 @@ def test_gym_sources_and_tool_calls():
 def test_template_that_drops_tool_calls_is_an_error():
     from posttrain.data import Record, to_example, tokenize_example
 
-    tok = build_tokenizer()  # the plain ChatML template writes only `content`
+    # a template that lists tools but writes only each message's `content` (a template without any
+    # tool support gets the documented fallback format instead: tests/data/test_tool_render.py)
+    tok = build_tokenizer(chat_template="{% if tools %}{{ tools | length }} tools\n{% endif %}" + CHATML_TEMPLATE)
     row = {"messages": [{"role": "user", "content": "Timer 5"},
                         {"role": "assistant", "tool_calls": [{"name": "set_timer", "arguments": {"minutes": 5}}]}]}
     with pytest.raises(DataError, match=r"^row 0: messages\[1\].tool_calls are not written by the chat template"):
