@@ -212,4 +212,6 @@ def prompt_of(task: Task, row: dict, tokenizer) -> str:
         msgs = p if isinstance(p, list) else [{"role": "user", "content": p}]
     if msgs and msgs[-1].get("role") == "assistant":
         msgs = msgs[:-1]
-    return tokenizer.apply_chat_template(msgs, tools=row.get("tools"), tokenize=False, add_generation_prompt=True)
+    from posttrain.data.tools import render_prompt  # tools in the template's way, or the documented fallback
+
+    return render_prompt(tokenizer, msgs, row.get("tools"))
