@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
-from posttrain.losses.sft import sequence_logps
+from posttrain.losses.sft import next_token_targets
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -30,17 +31,30 @@ def forward_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs [N] and completion token counts [N] of every sequence, one forward.
 
     Padded batches: one sequence per row. Packed batches: per `segment_ids` (N = 2 * num_pairs).
+    The output head runs only at positions where some row has a completion token (as in SFT), and
+    the log-softmax only at the completion tokens themselves: prompts and padding cost no head.
     """
-    out = model(**_model_inputs(model, batch), use_cache=False)
-    if "segment_ids" not in batch:
-        return sequence_logps(out.logits, batch["labels"])
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    tok = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    seg = batch["segment_ids"][:, 1:][mask]
-    n = 2 * int(batch["num_pairs"])
-    logps = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seg, tok[mask])
-    counts = torch.zeros(n, dtype=torch.long, device=tok.device).index_add(0, seg, torch.ones_like(seg))
+    from posttrain.models.adapters.state import get_state
+    from posttrain.stages.sft import _takes_logits_to_keep
+
+    inputs = _model_inputs(model, batch)
+    st = get_state(model)
+    if (st is None or st.kind != "prompt") and _takes_logits_to_keep(model):
+        positions, targets = next_token_targets(batch["labels"])
+        logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
+        seg_at = (lambda seg: seg[:, 1:][:, positions])
+    else:  # prompt tuning prepends virtual tokens, which would shift the kept positions
+        logits = model(**inputs, use_cache=False).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        seg_at = (lambda seg: seg[:, 1:])
+    mask = targets != -100
+    tok = -F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+    if "segment_ids" in batch:
+        seq, n = seg_at(batch["segment_ids"])[mask], 2 * int(batch["num_pairs"])
+    else:
+        seq, n = mask.nonzero()[:, 0], targets.shape[0]
+    logps = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, seq, tok)
+    counts = torch.zeros(n, dtype=torch.long, device=tok.device).index_add(0, seq, torch.ones_like(seq))
     return logps, counts
 
 
