@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Literal, Optional
@@ -163,7 +164,7 @@ def with_self_rejected(cfg: DPOConfig, model, tokenizer, *, resume: bool = False
         if main:
             (out.with_suffix(".stats.json")).write_text(json.dumps(stats, indent=1) + "\n")
         print(f"dpo.self_rejected: {stats['self_rejected_pairs']} pairs from {stats['self_rejected_wrong']} rejected "
-              f"of {stats['self_rejected_samples']} samples -> {out}", flush=True)
+              f"of {stats['self_rejected_samples']} samples -> {out}", file=sys.stderr, flush=True)
     train = [*sources, str(out)] if o.keep_offline_pairs else [str(out)]
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": train})})
 
