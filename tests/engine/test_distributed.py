@@ -17,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.engine.dist_util import env, free_port, losses, max_abs_diff, max_rel_diff, single, torchrun, weights
+from tests.engine.dist_util import (
+    env, free_port, losses, max_abs_diff, max_rel_diff, records, single, torchrun, weights,
+)
 
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 2e-5
@@ -41,6 +43,8 @@ def setup(tmp_path_factory):
     model = build_tiny_model("llama", d / "model", tokenizer=build_tokenizer())
     data = d / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows(64)))
+    # 10 held-out rows: 3 rounds of 2 x 2, the last one short, so rank 1 runs out first
+    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(74)[64:]))
     return model, data
 
 
@@ -53,7 +57,8 @@ def _extra(adapter):
 def _args(model, data, out, *extra, batch=4):
     return [f"model={model}", f"data.train={data}", f"output_dir={out}", f"train.max_steps={STEPS}",
             f"train.batch_size={batch}", "train.lr=1e-3", "train.seed=5", "train.progress=false",
-            "data.max_length=64", "train.warmup_steps=0", f"train.save_every={SAVE_EVERY}", *extra]
+            "data.max_length=64", "train.warmup_steps=0", f"train.save_every={SAVE_EVERY}",
+            f"data.eval={data.parent / 'eval.jsonl'}", f"train.eval_every={SAVE_EVERY}", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +82,11 @@ def _assert_match(one, two, sub="model"):
     assert len(la) == len(lb) == STEPS  # rank 0 alone logs: no duplicated lines
     rel = max_rel_diff(la, lb)
     w = max_abs_diff(weights(one, sub), weights(two, sub))
-    print(f"max loss rel diff {rel:.2e}, max weight abs diff {w:.2e}")
-    assert rel < LOSS_RTOL and w < WEIGHT_ATOL, (rel, w)
+    ea, eb = ([r["loss"] for r in records(run, "eval")] for run in (one, two))
+    assert len(ea) == len(eb) == STEPS // SAVE_EVERY  # held-out loss over all rows, split over the ranks
+    ev = max_rel_diff(ea, eb)
+    print(f"max loss rel diff {rel:.2e}, max weight abs diff {w:.2e}, max eval loss rel diff {ev:.2e}")
+    assert rel < LOSS_RTOL and w < WEIGHT_ATOL and ev < LOSS_RTOL, (rel, w, ev)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

@@ -267,12 +267,16 @@ class Engine:
         total, units = 0.0, 0
         bs = self.t.batch_size
         items = self.data.eval
-        for i in range(rank() * bs, len(items), bs * world_size()):
-            batch = move_to(self.data.collate(list(items[i:i + bs])), self.device)
+        # every rank runs the same number of forward passes (under FSDP2 each one is a collective):
+        # a rank whose share ran out scores a stand-in batch and leaves it out of the sums
+        for r in range(math.ceil(len(items) / (bs * world_size()))):
+            i = (r * world_size() + rank()) * bs
+            batch = move_to(self.data.collate(list(items[i:i + bs] if i < len(items) else items[:1])), self.device)
             with self._autocast():
                 loss_sum, _ = self.stage.loss(model, batch)
-            total += float(loss_sum)
-            units += int(self.stage.num_loss_units(batch))
+            if i < len(items):
+                total += float(loss_sum)
+                units += int(self.stage.num_loss_units(batch))
         total = float(all_reduce_sum(torch.tensor(total)).item())
         units = int(all_reduce_sum(torch.tensor(units)).item())
         if was_training:
