@@ -134,7 +134,7 @@ def test_cli(tiny, tmp_path, capsys):
                  "--out", str(out), "--max-new-tokens", "4", "--limit", "2"]) == 0
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 2 and {r["cai"]["principle"]["text"] for r in rows} <= {"Be honest.", "Be brief."}
-    assert f"wrote 2 revised rows" in capsys.readouterr().out
+    assert "wrote 2 revised rows" in capsys.readouterr().out
     bad = tmp_path / "t.yaml"
     bad.write_text("compare: 'Pick {x}'\n")
     assert main(["cai", "compare", "--model", str(path), "--prompts", str(prompts), "--constitution", str(cons),

@@ -14,12 +14,17 @@ def test_print_recipe_is_the_shipped_recipe_and_it_validates(capsys, tmp_path):
     path = tmp_path / "copy.yaml"
     path.write_text(text)
     rec = load_recipe(path)
-    assert [(s.name, s.stage) for s in rec.stages] == [("sft", "sft"), ("dpo", "dpo"), ("rm", "reward"), ("ppo", "ppo")]
+    assert [(s.name, s.stage) for s in rec.stages] == [("sft", "sft"), ("dpo", "dpo"), ("safety", "safety"),
+                                                       ("tools", "sft"), ("rm", "reward"), ("ppo", "ppo")]
     assert order_warnings(rec) == []
     sft = rec.stages[0].cfg
     assert (sft.adapter.type, sft.adapter.r, sft.train.max_steps, sft.data.mix.ratio) == ("lora", 16, 150, 0.2)
     # the rows the demo offers come from the recipe (side stages such as the reward model are not rows)
-    assert demo.ALL_STAGES == ("base", "sft", "dpo", "ppo")
+    assert demo.ALL_STAGES == ("base", "sft", "dpo", "safety", "tools", "ppo")
+    # every measurement the recipe names is registered (the gym's rates included)
+    from posttrain.pipeline import MEASURES
+
+    assert {m.measure for s in rec.stages for m in s.measures} | {m.measure for m in rec.eval.measures} <= set(MEASURES)
     assert "train.max_steps=150" in demo.SFT_OVERRIDES and not any(o.startswith("data.train") for o in demo.SFT_OVERRIDES)
 
 
@@ -38,7 +43,7 @@ def test_unknown_row_and_bad_recipe_errors(capsys, tmp_path):
 
     with pytest.raises(SystemExit):
         main(["demo", "--stages", "base,saftey"])
-    assert "unknown stage(s) ['saftey']; available: base, sft, dpo, ppo" in capsys.readouterr().err
+    assert "unknown stage(s) ['saftey']; available: base, sft, dpo, safety, tools, ppo" in capsys.readouterr().err
     raw = yaml.safe_load(demo.RECIPE.read_text())
     raw["stages"][1]["dpo"]["betta"] = 1
     bad = tmp_path / "bad.yaml"

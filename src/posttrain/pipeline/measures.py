@@ -71,6 +71,19 @@ for _name, _fn in {"task_accuracy": task_accuracy, "regression_score": regressio
     register_measure(_name, _fn)
 
 
+def _gym_rates():
+    """The gym's refusal and tool-call rates (`refusal_rates`, `tool_call_rates`), when the gym has them."""
+    try:
+        from posttrain.gym.rates import MEASURES as gym_measures
+    except ImportError:
+        return
+    for name, fn in gym_measures.items():
+        MEASURES.setdefault(name, fn)
+
+
+_gym_rates()
+
+
 def regression(model, tokenizer, kind: Optional[str], n: int) -> dict:
     """The pipeline's regression measurement: `gym` (bundled set) or an eval suite's score."""
     if kind is None:
