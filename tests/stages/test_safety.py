@@ -111,3 +111,17 @@ def test_gym_refusal_rows_carry_what_the_recipe_needs():
     assert {r["harmful"] for r in rows} == {True, False}
     for r in rows:
         assert (r["messages"][-1]["content"] == DEFAULT_REFUSAL) == r["harmful"]
+
+
+def test_cli_names_bad_keys_and_bad_rows(tiny_models, tmp_path, capsys):
+    from posttrain.cli import main
+
+    assert main(["safety", "safety.methd=dpo"]) != 0
+    assert "unknown key 'safety.methd' (did you mean 'safety.method'?)" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": BENIGN["messages"]}) + "\n")  # no 'harmful' label for the dpo recipe
+    rc = main(["safety", f"model={tiny_models('qwen2')}", f"data.train={bad}", "safety.method=dpo",
+               f"output_dir={tmp_path / 'run'}"])
+    assert rc != 0
+    assert "bad.jsonl line 1: safety.method=dpo builds pairs from conversations labelled 'harmful'" in \
+        capsys.readouterr().err

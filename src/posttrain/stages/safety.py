@@ -150,12 +150,11 @@ def build_rows(cfg: SafetyConfig, sources, *, retain: bool) -> list[dict]:
     return rows
 
 
-def _write(rows: list[dict], path: Path) -> str:
+def _write(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return str(path)
 
 
 # ------------------------------------------------------------------ measuring refusals
@@ -235,17 +234,23 @@ def run(cfg: SafetyConfig, *, resume: bool = False, evaluators=(), model=None, t
     if not cfg.data.train:
         raise ValueError("safety: no data: set data.train (your conversations or pairs, or gym:refusal:train)")
     from posttrain.engine import run as rundir
-    from posttrain.engine.dist import is_main
+    from posttrain.engine.dist import barrier, is_main
     from posttrain.stages.common import load_for_training
 
     out = Path(cfg.output_dir)
     m = rundir.read_manifest(out)
     if m and m.get("status") == "completed":  # checked before the recipe writes its data into out/
-        raise rundir.RunDirError(f"{out} already holds a completed run; choose another output_dir (nothing was changed)")
+        raise rundir.RunDirError(f"{out} already holds a completed run; choose another output_dir "
+                                 "(nothing was changed)")
     sub = cfg.model_copy(deep=True)
-    sub.data.train = _write(build_rows(cfg, cfg.data.train, retain=True), out / "safety_data" / "train.jsonl")
+    sub.data.train = str(out / "safety_data" / "train.jsonl")
     if cfg.data.eval is not None:
-        sub.data.eval = _write(build_rows(cfg, cfg.data.eval, retain=False), out / "safety_data" / "eval.jsonl")
+        sub.data.eval = str(out / "safety_data" / "eval.jsonl")
+    if is_main():  # one writer; the rows are seeded, so a resumed run trains on the same file
+        _write(build_rows(cfg, cfg.data.train, retain=True), Path(sub.data.train))
+        if cfg.data.eval is not None:
+            _write(build_rows(cfg, cfg.data.eval, retain=False), Path(sub.data.eval))
+    barrier()
     held = _eval_rows(cfg)
     if model is None:
         model, tokenizer = load_for_training(cfg)
@@ -255,8 +260,8 @@ def run(cfg: SafetyConfig, *, resume: bool = False, evaluators=(), model=None, t
         with _start_weights(model, cfg):
             before = measure_refusals(model, tokenizer, held, max_new_tokens=cfg.safety.max_new_tokens)
     if cfg.safety.method == "sft":
-        from posttrain.stages.sft import LMStage, lm_data
         from posttrain.stages.common import run_training
+        from posttrain.stages.sft import LMStage, lm_data
 
         res = run_training(sub, lambda tok: LMStage("safety"), lm_data, resume=resume, evaluators=evaluators,
                            guard=guard, model=model, tokenizer=tokenizer)
