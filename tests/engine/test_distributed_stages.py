@@ -1,7 +1,8 @@
 """Preference and RL stages under torchrun with 2 CPU processes (gloo).
 
 DPO: 2 ranks x 2 pairs match 1 process x 4 pairs (LoRA, 6 steps), with the adapter-disabled
-reference under DDP and the precomputed reference under FSDP2; tolerances as in test_distributed.
+reference under DDP and the precomputed reference under FSDP2; the reward model likewise under
+FSDP2 (full fine-tuning, 4 steps).
 GRPO and PPO: sampling differs with the split of prompts over ranks, so they are checked for what
 must hold instead: whole groups on one rank, disjoint prompts, rank 0 alone writing.
 """
@@ -100,6 +101,21 @@ def test_dpo_two_ranks_match_one_process(setup, dpo_one_process, tmp_path, strat
         got = load_file(str(two / "reference_logps.safetensors"))["train"]
         assert got.shape == ref.shape == (32, 2)
         assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_reward_model_two_ranks_match_one_process(setup, tmp_path):
+    """The scalar head is read through the model's own forward, so FSDP2 all-gathers the body first."""
+    args = [f"model={setup['model']}", f"data.train={setup['pref']}", "train.max_steps=4", "train.lr=1e-3",
+            "train.seed=5", "train.progress=false", "data.max_length=64", "train.warmup_steps=0",
+            "data.eval_fraction=0"]
+    single([*args, f"output_dir={tmp_path / 'one'}", "train.batch_size=4"], stage="reward")
+    torchrun([*args, f"output_dir={tmp_path / 'two'}", "train.batch_size=2", "train.distributed=fsdp"],
+             stage="reward")
+    la, lb = losses(tmp_path / "one"), losses(tmp_path / "two")
+    rel = max_rel_diff(la, lb)
+    w = max_abs_diff(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    print(f"reward fsdp: max loss rel diff {rel:.2e}, max weight abs diff {w:.2e}")
+    assert len(la) == 4 and rel < LOSS_RTOL and w < WEIGHT_ATOL, (rel, w)
 
 
 def _rl_args(s, stage, out, *extra):

@@ -52,8 +52,10 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B] scalar rewards: the head applied to the hidden state of each row's last real token."""
-    body = getattr(model, model.base_model_prefix)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    # through the model's own forward: a DDP or FSDP2 wrapper acts on that call only (calling the
+    # transformer body directly would skip DDP's gradient sync and FSDP2's parameter all-gather)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
+    hidden = out.hidden_states[-1]
     last = last_token_index(attention_mask)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return model.score(picked).squeeze(-1).float()
+    return getattr(model, "module", model).score(picked).squeeze(-1).float()
