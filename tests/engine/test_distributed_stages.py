@@ -85,12 +85,12 @@ def test_dpo_two_ranks_match_one_process(setup, dpo_one_process, tmp_path, strat
         # the gathered cache equals what one process computes over all pairs
         from safetensors.torch import load_file
 
+        from posttrain.config import AdapterConfig
         from posttrain.data import read_records
         from posttrain.data.preference import to_preference_examples, tokenize_pairs
         from posttrain.models import adapters
         from posttrain.models.loading import load
         from posttrain.stages.preference import collate_pairs, precompute_reference
-        from posttrain.config import AdapterConfig
 
         base, tok = load(setup["model"], device="cpu")
         model = adapters.apply(base, AdapterConfig(type="lora", r=8))
@@ -147,7 +147,7 @@ def test_grpo_keeps_each_group_on_one_rank(setup, tmp_path, monkeypatch):
     r = torchrun(_rl_args(setup, "grpo", out, f"grpo.num_generations={G}", "grpo.beta=0.1",
                           "train.distributed=fsdp"), stage="grpo")
     assert r.stdout.count("finished:") == 1
-    prompts = [l.strip() and json.loads(l)["prompt"] for l in setup["prompts"].read_text().splitlines()]
+    prompts = [json.loads(line)["prompt"] for line in setup["prompts"].read_text().splitlines()]
     one = BatchSampler(len(prompts), 4, seed=5)
     for step in range(2):
         seen = []
