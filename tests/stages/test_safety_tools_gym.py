@@ -20,6 +20,10 @@ from posttrain.models.loading import load
 from posttrain.stages import safety, sft
 from posttrain.stages.dpo import starting_model
 
+# The default suite asserts the same targets through the demo's safety and tools rows
+# (tests/demo/test_demo.py); this module checks the stage-level records as well, from its own SFT.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def sft_model(tmp_path_factory):
