@@ -1,4 +1,9 @@
-"""base -> SFT -> DPO on the bundled gym model: the issue's targets, as measured (slow)."""
+"""base -> SFT -> DPO on the bundled gym model: issue 5's targets, as measured (about 2 min).
+
+The SFT is short (40 steps), so its answers to the held-out preference prompts leave room (0.355
+correct); the demo's longer SFT is already at 0.91 there (docs/preference.md). DPO is the demo's
+recipe: LoRA, RPO term, and the SFT model's own rejected answers beside the gym pairs.
+"""
 
 import json
 
@@ -7,7 +12,6 @@ import pytest
 from posttrain import gym
 
 
-@pytest.mark.slow
 def test_dpo_on_the_gym_beats_sft(tmp_path):
     try:
         gym.base_model_path()
@@ -21,8 +25,8 @@ def test_dpo_on_the_gym_beats_sft(tmp_path):
 
     from posttrain.stages import dpo
 
-    # measured 13:53 UTC (bundled base of 13:25): accuracy 0.935, correctness 0.205 vs SFT 0.185,
-    # regression 0.66 vs 0.725 (the last target is not met yet)
+    # measured 2026-11-27 16:30 UTC (base v2, 1 thread): preference accuracy 0.955, correctness 0.645 vs
+    # SFT 0.355, regression 0.75 vs 0.765; DPO training 77 s
     sft_dir = run_sft(gym.base_model_path(), tmp_path, steps=40, n_train=2400)
     m = dpo.demo_stage(sft_dir, tmp_path / "dpo-stage", n_train=1600, n_eval=200)
     print(json.dumps(m))
