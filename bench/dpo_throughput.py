@@ -5,6 +5,7 @@ Each configuration runs in its own subprocess so that its peak RSS (ru_maxrss) i
 Prints one JSON object. Usage:
 
     python bench/dpo_throughput.py [--steps 30] [--batch 8] [--max-length 256] [--pairs 400]
+        [--configs posttrain-adapter,posttrain-adapter-pf,posttrain-precomputed-pf,trl-adapter,...]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 CONFIGS = ("posttrain-adapter", "posttrain-precomputed", "trl-adapter", "trl-precomputed")
+# posttrain-*-pf: the same with data.padding_free (the batch's pairs side by side in one row)
 
 
 def _rows(n: int) -> list[dict]:
@@ -48,10 +50,13 @@ def worker_posttrain(mode: str, model_dir: Path, data: Path, out: Path, a) -> di
     from posttrain.config import load_config
     from posttrain.stages import dpo
 
+    padding_free = mode.endswith("-pf")
+    mode = mode.removesuffix("-pf")
     cfg = load_config("dpo", overrides=[
         f"model={model_dir}", f"data.train={data}", f"output_dir={out}", f"train.max_steps={a.steps}",
         f"train.batch_size={a.batch}", f"data.max_length={a.max_length}", "train.lr=5e-4", "train.progress=false",
-        "adapter.type=lora", "adapter.r=16", "adapter.alpha=32", f"dpo.reference={mode}", "train.device=cpu"])
+        "adapter.type=lora", "adapter.r=16", "adapter.alpha=32", f"dpo.reference={mode}", "train.device=cpu",
+        f"data.padding_free={str(padding_free).lower()}"])
     t0 = time.perf_counter()
     res = dpo.run(cfg)
     return {"train_s": res.result["train_time_s"], "steps": res.result["steps"],
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
     summary = {"model": "qwen2 tiny (hidden 256, 4 layers), fp32, LoRA r=16 all-linear", "batch": a.batch,
                "max_length": a.max_length, "steps": a.steps, "results": results}
     trl = results.get("trl-adapter", {})
-    for name in ("posttrain-adapter", "posttrain-precomputed"):
+    for name in [c for c in a.configs.split(",") if c.startswith("posttrain-")]:
         r = results.get(name, {})
         if "steps_per_s" in r and "steps_per_s" in trl:
             summary[f"{name}_vs_trl"] = {"speed_x": round(r["steps_per_s"] / trl["steps_per_s"], 2),

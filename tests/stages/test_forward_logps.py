@@ -32,3 +32,33 @@ def test_padded_and_packed_logps_equal_the_full_head(tiny_models, arch):
         pk = forward_logps(model, packed)
     assert torch.allclose(pk[0], torch.cat([got[0][idx], got[0][B + idx]]), atol=1e-4)
     assert torch.equal(pk[1], torch.cat([got[1][idx], got[1][B + idx]]))
+
+
+def test_padding_free_pairs_give_the_padded_loss_and_gradients(tiny_models, tmp_path):
+    from posttrain.config import load_config
+    from posttrain.stages.dpo import DPOStage
+    from posttrain.stages.preference import Reference, collate_pairs_padding_free
+
+    model, tok = load(tiny_models("qwen2"), device="cpu")
+    items = tokenize_pairs(to_preference_examples(read_records(pref_rows(7)), "paired"), tok, max_length=64)
+    cfg = load_config("dpo", overrides=["model=x", "dpo.beta=0.5"])
+    stage = DPOStage(cfg.dpo, Reference("copy", model))
+    model.requires_grad_(True)
+    out = []
+    for batch in (collate_preference(items, tok.pad_token_id), collate_pairs_padding_free(items, tok.pad_token_id)):
+        model.zero_grad(set_to_none=True)
+        loss, m = stage.loss(model, batch)
+        loss.backward()
+        out.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    pf = collate_pairs_padding_free(items, tok.pad_token_id)
+    assert pf["input_ids"].shape[0] < len(items) and pf["input_ids"].numel() < 2 * len(items) * 64
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+    for n, g in out[0][1].items():
+        assert torch.allclose(g, out[1][1][n], atol=1e-6, rtol=1e-4), n
+
+
+def test_padding_free_is_refused_where_it_cannot_apply():
+    from posttrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="the reward stage scores one sequence per row"):
+        load_config("reward", overrides=["model=x", "data.padding_free=true"])

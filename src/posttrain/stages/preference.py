@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from posttrain.config import RunConfig
 from posttrain.data.collate import collate_padded
+from posttrain.data.packing import pack_bfd
 from posttrain.data.preference import (
     mismatched, split_held_out, to_preference_examples, tokenize_pairs, tokenize_unpaired,
 )
@@ -141,6 +142,20 @@ def collate_preference(items, pad_id: int, row_len: Optional[int] = None) -> dic
     return batch
 
 
+def collate_pairs_padding_free(items, pad_id: int) -> dict:
+    """The batch's pairs without padding to the longest sequence (`data.padding_free`): the same
+    pairs and loss as `collate_pairs`, packed best-fit-decreasing into rows of twice the longest pair.
+
+    One row of the whole batch would have no padding at all, but its dense [T, T] attention mask
+    makes attention cost grow with the batch; rows of two longest pairs keep padding small (BFD)
+    and attention close to the padded cost (DPO bench: 1.9x TRL's speed, docs/benchmarks.md).
+    """
+    lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in items]
+    cap = min(2 * max(lengths), sum(lengths))
+    rows = [[items[i] for i in row] for row in pack_bfd(lengths, cap)]
+    return collate_preference(rows, pad_id, row_len=cap)
+
+
 def collate_unpaired(items, pad_id: int, max_length: int) -> dict:
     """B examples followed by B mismatched rows (prompt i, completion of example i+1 mod B), `labels_kto` [B]."""
     from posttrain.losses.preference import mismatched_indices
@@ -240,7 +255,13 @@ def run_pairwise(cfg: RunConfig, make_stage: Callable, score: Optional[Callable]
         train, eval_items, stats, hashes = build_preference_data(cfg_, tok, kind)
         if kind == "paired":
             row_len = 2 * cfg_.data.max_length  # a row always fits the longest pair
-            collate = functools.partial(collate_preference, pad_id=pad_id_of(tok), row_len=row_len)
+            if cfg_.data.padding_free:
+                collate = functools.partial(collate_pairs_padding_free, pad_id=pad_id_of(tok))
+            else:
+                collate = functools.partial(collate_preference, pad_id=pad_id_of(tok), row_len=row_len)
+        elif cfg_.data.padding_free:
+            raise DataError("data.padding_free is not supported by the kto stage (its batches pair examples "
+                            "across rows); set data.padding_free=false")
         else:
             collate = functools.partial(collate_unpaired, pad_id=pad_id_of(tok), max_length=cfg_.data.max_length)
         if reference_mode == "precomputed":

@@ -32,8 +32,9 @@ class RewardConfig(RunConfig):
     def _check_reward(self) -> "RewardConfig":
         if self.adapter.type != "none":
             raise ValueError("the reward stage trains the full model and its scalar head; set adapter.type=none")
-        if self.data.packing:
-            raise ValueError("the reward stage scores one sequence per row; set data.packing=false")
+        if self.data.packing or self.data.padding_free:
+            raise ValueError("the reward stage scores one sequence per row; set data.packing=false and "
+                             "data.padding_free=false")
         return self
 
 
