@@ -15,7 +15,7 @@ samples are skipped, since an empty answer cannot be a training target.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,7 +29,6 @@ class SelfRejectedStats:
     wrong: int = 0
     empty: int = 0
     pairs: int = 0
-    extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"self_rejected_rows": self.rows, "self_rejected_samples": self.samples,
