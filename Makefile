@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.posttrain-installed
 
-.PHONY: setup demo test test-slow bench browser clean
+.PHONY: setup demo test test-grpo-gym test-slow bench browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ browser:
 # the default suite; gym acceptance runs (minutes each, marked slow) are `make test-slow`
 test: setup browser
 	$(THREADS) $(BIN)/python -m pytest -q -m "not slow"
+
+# issue 6's GRPO gym target through the demo's reasoning chain (~12 min, marked slow); CI runs it after `test`
+test-grpo-gym: setup
+	$(THREADS) $(BIN)/python -m pytest -q -m slow tests/demo/test_demo_grpo.py
 
 test-slow: setup
 	$(THREADS) $(BIN)/python -m pytest -q -m slow

@@ -2,7 +2,8 @@
 
     python bench/adapters_throughput.py [--steps 30] [--rounds 1] [--threads 1]
 
-For the bundled base model and a ~30M-parameter Qwen2-shaped model, runs full fine-tuning,
+For the bundled base model and a ~30M-parameter Qwen2-shaped model (and, with `--only
+qwen2_head32k`, a small body with a Llama-2/Mistral-sized 32,768-row head), runs full fine-tuning,
 LoRA, QLoRA, prompt tuning and prefix tuning with posttrain, and TRL's SFTTrainer with PEFT
 LoRA side by side (same data, batch 8, max length 256, fp32, the same number of steps, the
 same OMP thread count). Every run is its own subprocess, so its peak RSS is its own; each
@@ -66,7 +67,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="OMP threads of every child, both sides")
-    p.add_argument("--only", choices=["bundled", "qwen2_30m"])
+    p.add_argument("--only", choices=["bundled", "qwen2_30m", "qwen2_head32k"])
     a = p.parse_args()
     from posttrain import gym
 
@@ -78,6 +79,10 @@ def main() -> None:
     if a.only in (None, "qwen2_30m"):
         m30 = make_model(work / "m30", hidden=512, layers=8, heads=8, kv=8, inter=1536, vocab=4096)
         out["qwen2_30m"] = bench_model(work, "m30", m30, a.steps, a.rounds, a.threads)
+        print(json.dumps(out, indent=1), flush=True)
+    if a.only == "qwen2_head32k":  # opt-in: the 3.7M body of bench/sft_throughput.py with a 32,768-row head
+        m = make_model(work / "h32k", hidden=256, layers=4, heads=4, kv=2, inter=768, vocab=1024, head_vocab=32768)
+        out["qwen2_head32k"] = bench_model(work, "h32k", m, a.steps, a.rounds, a.threads)
         print(json.dumps(out, indent=1), flush=True)
 
 

@@ -42,14 +42,15 @@ HERE = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------- set-up
 
-def make_model(out: Path, *, hidden: int, layers: int, heads: int, kv: int, inter: int, vocab: int) -> Path:
+def make_model(out: Path, *, hidden: int, layers: int, heads: int, kv: int, inter: int, vocab: int,
+               head_vocab: int | None = None) -> Path:
     from posttrain import gym
     from posttrain.models.tiny import build_tiny_model, build_tokenizer
 
     corpus = [m["content"] for r in gym.load_task_rows("instruct", "train", n=2000) for m in r["messages"]]
     tok = build_tokenizer(vocab_size=vocab, corpus=corpus)
     return build_tiny_model("qwen2", out, tokenizer=tok, hidden=hidden, layers=layers, heads=heads, kv_heads=kv,
-                            intermediate=inter, max_pos=1024)
+                            intermediate=inter, max_pos=1024, vocab_size=head_vocab)
 
 
 def make_data(out: Path, n_train: int, n_eval: int) -> tuple[Path, Path, Path]:
@@ -308,6 +309,9 @@ def main() -> None:
     for k in ("batch", "max-length", "lora", "max-steps"):
         p.add_argument(f"--{k}", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--head-vocab", type=int, default=None,
+                   help="widen the model's embedding/output head to this many rows (the tokenizer keeps 1024 "
+                        "tokens), e.g. 32768 for a Llama-2/Mistral-sized head; default: 1024")
     a = p.parse_args()
     if a.child:
         fn = {"posttrain": child_posttrain, "trl": child_trl, "posttrain-cpt": child_cpt}[a.child]
@@ -318,7 +322,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     n_train = 400 if a.quick else 1600
     rounds = 1 if a.quick else a.rounds
-    model = make_model(work / "m4", hidden=256, layers=4, heads=4, kv=2, inter=768, vocab=1024)
+    model = make_model(work / "m4", hidden=256, layers=4, heads=4, kv=2, inter=768, vocab=1024,
+                       head_vocab=a.head_vocab)
     train, train_pc, eval_f = make_data(work, n_train, 200)
     batch, max_length = 8, 256
     mean_len = mean_example_tokens(model, train, max_length)
@@ -328,6 +333,7 @@ def main() -> None:
                     packed_batch=packed_batch, rounds=rounds, threads=a.threads,
                     variants=tuple(v for v in a.variants.split(",") if v))
     out = {"machine": {"cpus": os.cpu_count(), "omp_threads_per_child": a.threads}, "n_train": n_train,
+           "head_vocab": a.head_vocab or 1024,
            "batch": batch, "max_length": max_length, "mean_example_tokens": mean_len, "packed_rows_per_step": packed_batch,
            "results": []}
     if a.only in (None, "lora"):

@@ -5,6 +5,8 @@
 - issue 9: safety row refusal >= 95%, over-refusal <= 5%, regression within 2 points of SFT;
   tools row valid calls >= 95%, no call when none fits >= 90%;
 - issue 6: the ppo row (RLHF against the demo's reward model, lr 2e-5) keeps regression and task accuracy.
+The reasoning chain (`reasoning`, `grpo`: about 12 min) has its own slow test, tests/demo/test_demo_grpo.py,
+which CI runs after this suite.
 Measured 2026-11-27 (1 thread): sft 0.925/0.915, dpo pref 0.94 correctness 0.905, safety 1.00/0.00,
 tools 0.984/1.00, ppo 0.895/0.93; 227 s.
 """
@@ -16,15 +18,19 @@ import pytest
 from posttrain.gym.demo import ALL_STAGES, DEFAULT_STAGES, format_table, run_demo
 
 
+REASONING_CHAIN = ("reasoning", "grpo")  # tests/demo/test_demo_grpo.py
+ROWS = tuple(s for s in ALL_STAGES if s not in REASONING_CHAIN)
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(out)
+    summary = run_demo(out, stages=ROWS)
     return out, summary
 
 
 def test_default_demo_has_every_row():
-    assert DEFAULT_STAGES == ALL_STAGES == ("base", "sft", "dpo", "safety", "tools", "ppo")
+    assert DEFAULT_STAGES == ALL_STAGES == ("base", "sft", "dpo", "safety", "tools", "ppo", "reasoning", "grpo")
 
 
 def test_sft_teaches_instructions_without_forgetting(demo):
@@ -65,7 +71,7 @@ def test_demo_outputs(demo):
     out, s = demo
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == s
-    assert list(on_disk) == list(ALL_STAGES)
+    assert list(on_disk) == list(ROWS)
     for m in on_disk.values():
         assert 0.0 <= m["task_accuracy"] <= 1.0 and 0.0 <= m["regression_score"] <= 1.0
     html = (out / "report.html").read_text()
@@ -81,4 +87,4 @@ def test_demo_outputs(demo):
                                                              - s["base"]["regression_score"], 4)
     table = format_table(s)
     assert table.splitlines()[0].split()[:3] == ["stage", "task_accuracy", "regression_score"]
-    assert [line.split()[0] for line in table.splitlines()[2:]] == list(ALL_STAGES)
+    assert [line.split()[0] for line in table.splitlines()[2:]] == list(ROWS)

@@ -15,12 +15,14 @@ def test_print_recipe_is_the_shipped_recipe_and_it_validates(capsys, tmp_path):
     path.write_text(text)
     rec = load_recipe(path)
     assert [(s.name, s.stage) for s in rec.stages] == [("sft", "sft"), ("dpo", "dpo"), ("safety", "safety"),
-                                                       ("tools", "sft"), ("rm", "reward"), ("ppo", "ppo")]
+                                                       ("tools", "sft"), ("rm", "reward"), ("ppo", "ppo"),
+                                                       ("reasoning", "sft"), ("grpo", "grpo")]
+    assert rec.stages[6].source == "base" and rec.stages[7].cfg.grpo.rewards == ["gym:reasoning"]
     assert order_warnings(rec) == []
     sft = rec.stages[0].cfg
     assert (sft.adapter.type, sft.adapter.r, sft.train.max_steps, sft.data.mix.ratio) == ("lora", 16, 150, 0.2)
     # the rows the demo offers come from the recipe (side stages such as the reward model are not rows)
-    assert demo.ALL_STAGES == ("base", "sft", "dpo", "safety", "tools", "ppo")
+    assert demo.ALL_STAGES == ("base", "sft", "dpo", "safety", "tools", "ppo", "reasoning", "grpo")
     # every measurement the recipe names is registered (the gym's rates included)
     from posttrain.pipeline import MEASURES
 

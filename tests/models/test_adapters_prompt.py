@@ -141,3 +141,19 @@ def test_packed_batches_are_refused(tiny_models, tokenizer):
     m.train()
     with pytest.raises(ValueError, match="cannot train with gradient checkpointing"):
         m(input_ids=torch.ones(1, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_logits_at_kept_positions_equal_the_full_logits_there(tiny_models, tokenizer, arch, kind):
+    # SFT and preference losses run the output head only at loss positions (logits_to_keep=tensor);
+    # prompt tuning shifts those positions past its virtual tokens
+    m = _adapted(tiny_models(arch), kind, tokenizer)
+    ids = _ids()
+    full = m(input_ids=ids).logits
+    keep = torch.tensor([0, 3, 4, 9])
+    kept = m(input_ids=ids, logits_to_keep=keep).logits
+    assert kept.shape[:2] == (2, 4)
+    assert torch.allclose(kept, full[:, keep], atol=1e-5), (kept - full[:, keep]).abs().max()
+    last = m(input_ids=ids, logits_to_keep=3).logits
+    assert torch.allclose(last, full[:, -3:], atol=1e-5)

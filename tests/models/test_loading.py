@@ -5,6 +5,7 @@ import torch
 
 import posttrain
 from posttrain.models.loading import ModelLoadError
+from posttrain.models.tiny import build_tiny_model
 
 
 def test_loads_every_architecture(tiny_models, arch):
@@ -79,3 +80,14 @@ def test_loads_a_finished_adapter_run_with_its_base(tiny_models, tmp_path):
     with adapters.disabled(model):
         assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
     assert not torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_tiny_checkpoint_with_a_head_wider_than_its_tokenizer(tokenizer, tmp_path):
+    # real checkpoints pad their vocabulary (Qwen2.5: 151,665 tokens, 151,936 rows); the bench uses this
+    d = build_tiny_model("qwen2", tmp_path / "wide", tokenizer=tokenizer, vocab_size=len(tokenizer) + 100)
+    model, tok = posttrain.load(str(d))
+    assert model.get_output_embeddings().weight.shape[0] == len(tok) + 100
+    ids = tok("hello world", return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape[-1] == len(tok) + 100
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        build_tiny_model("qwen2", tmp_path / "narrow", tokenizer=tokenizer, vocab_size=len(tokenizer) - 1)

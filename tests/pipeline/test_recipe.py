@@ -44,6 +44,7 @@ def test_each_section_is_validated_by_its_stage_schema():
     (_recipe(SFT, {"name": "p", "stage": "ppo", "ppo": {"reward_model": "${stages.rm}"}}),
      "${stages.rm} names no earlier stage"),
     (_recipe(SFT, {"name": "d", "stage": "dpo", "start_from": "merge"}), "start_from must be merged or adapter"),
+    (_recipe(SFT, {"name": "base", "stage": "dpo"}), "'base' is reserved for the recipe's starting model"),
     (_recipe({**SFT, "output_dir": "elsewhere"}), "output_dir is set by the pipeline (<output_dir>/sft)"),
     ({"stages": [SFT]}, "output_dir is required"),
     (_recipe(SFT, stagess=[]), "unknown top-level key 'stagess' (did you mean 'stages'?)"),
@@ -78,3 +79,17 @@ def test_order_warnings():
                  "erodes the chat format and instruction following that SFT taught"]
     # a branch (`from:`) only inherits its own ancestry: sft -> dpo, and a second sft branched from sft
     assert _warnings({**sft, "model": "m"}, dpo, {**sft, "name": "sft2", "from": "sft"}) == []
+
+
+def test_from_base_starts_a_second_chain():
+    from posttrain.pipeline.runner import _parents
+
+    sft = {"name": "sft", "stage": "sft", "model": "m", "data": {"train": "s.jsonl"}}
+    dpo = {"name": "dpo", "stage": "dpo", "data": {"train": "p.jsonl"}}
+    sft2 = {"name": "sft2", "stage": "sft", "from": "base", "data": {"train": "s.jsonl"}}
+    r = load_recipe(_recipe(sft, dpo, sft2, {**dpo, "name": "dpo2"}))
+    assert _parents(r) == {"sft": None, "dpo": "sft", "sft2": None, "dpo2": "sft2"}
+    assert order_warnings(r) == []  # sft2 starts over from the model: nothing of dpo to undo
+    # a preference stage straight from the base model still gets its warning
+    w = order_warnings(load_recipe(_recipe(sft, {**dpo, "from": "base"})))
+    assert w and w[0].startswith("stage 'dpo' (dpo) runs before any SFT stage")

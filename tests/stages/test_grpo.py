@@ -89,6 +89,33 @@ def test_zero_variance_groups_are_counted_and_give_no_gradient(tiny_models, prom
     assert max(float(p.grad.abs().max()) for p in model.parameters() if p.grad is not None) == 0.0
 
 
+def digits_or_flat(prompts, completions, tag, **kw):
+    # prompts with tag 1 give every completion the same reward: zero-variance groups
+    return [1.0 if t else sum(ch.isdigit() for ch in c) / max(1, len(c)) for c, t in zip(completions, tag)]
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "dapo"])
+def test_zero_advantage_rows_are_left_out_of_the_update_with_the_same_gradient(
+        tiny_models, prompts_file, tmp_path, aggregation):
+    grads, rows = [], []
+    for skip in (False, True):
+        cfg = _cfg(tiny_models("qwen2"), prompts_file, tmp_path / f"r{skip}", "train.max_steps=1", "train.lr=1e-2",
+                   f"grpo.aggregation={aggregation}", f"grpo.skip_zero_advantage={str(skip).lower()}",
+                   "grpo.micro_batch_size=5")
+        model, tok = load(cfg.model, device="cpu")
+        model.requires_grad_(True)
+        stage = grpo.GRPOStage(cfg, tok, [digits_or_flat])
+        data = prompt_data(cfg, tok)
+        steps = stage.rollout(model, data.collate(data.train[:8]))  # tags 0,1,0,1,...: 4 flat groups
+        assert steps[0][0]["rollout_metrics"]["zero_variance_groups"] >= 4
+        rows.append(sum(len(b["advantages"]) for b in steps[0]))
+        Engine(model, stage, data, cfg, device=torch.device("cpu")).compute_gradients(steps[0])
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert rows[0] == 32 and rows[1] <= 16, rows
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+
+
 def test_reward_set_weights_and_none():
     def half_none(prompts, completions, tag, **kw):
         return [None if t else 2.0 for t in tag]

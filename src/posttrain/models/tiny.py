@@ -92,15 +92,22 @@ def build_tiny_model(
     *,
     tokenizer=None,
     seed: int = 0,
+    vocab_size: Optional[int] = None,
     **config_kw,
 ):
-    """Save a random `arch` checkpoint plus tokenizer into `out_dir`; returns the path."""
+    """Save a random `arch` checkpoint plus tokenizer into `out_dir`; returns the path.
+
+    `vocab_size` widens the embedding and output head beyond the tokenizer (real checkpoints pad
+    theirs, e.g. Qwen2.5: 151,665 tokens, 151,936 rows); the default is the tokenizer's size.
+    """
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer or build_tokenizer()
-    cfg = tiny_config(arch, len(tok), **config_kw)
+    if vocab_size is not None and vocab_size < len(tok):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tok)} tokens)")
+    cfg = tiny_config(arch, vocab_size or len(tok), **config_kw)
     cfg.pad_token_id = tok.pad_token_id
     cfg.eos_token_id = tok.eos_token_id
     cfg.bos_token_id = tok.bos_token_id

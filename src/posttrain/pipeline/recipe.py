@@ -36,6 +36,7 @@ PIPELINE_KEYS = ("name", "stage", "model", "from", "start_from", "measures")
 # stages that measure or train a side model: they never become the next stage's starting policy
 EVAL_STAGE = "eval"
 SIDE_STAGES = {"reward"}
+BASE = "base"  # `from: base`: start from the recipe's model (a second chain beside the first)
 STAGE_REF = re.compile(r"\$\{stages\.([A-Za-z0-9_.-]+)\}")
 
 
@@ -191,7 +192,10 @@ def _check_graph(specs: list[StageSpec], src: str) -> None:
         elif s.model:
             raise RecipeError(f"{src}: {s.where}: only the first stage names a model; this one starts from the "
                               f"previous stage's output (use `from: NAME` to start from another earlier stage)")
-        if s.source is not None:
+        if s.name == BASE:
+            raise RecipeError(f"{src}: {s.where}: '{BASE}' is reserved for the recipe's starting model; rename "
+                              "the stage")
+        if s.source is not None and s.source != BASE:
             if s.source not in seen:
                 raise RecipeError(f"{src}: {s.where}: from '{s.source}' names no earlier stage"
                                   f"{_near(s.source, list(seen))}")
@@ -280,7 +284,7 @@ def order_warnings(recipe: Recipe) -> list[str]:
         if s.stage == EVAL_STAGE or s.stage in SIDE_STAGES:
             chain[s.name] = chain.get(prev_policy, []) if prev_policy else []
             continue
-        parent = s.source or prev_policy
+        parent = None if s.source == BASE else (s.source or prev_policy)
         before = chain.get(parent, []) if parent else []
         if s.stage in PREFERENCE and not any(a.stage == "sft" for a in before):
             out.append(f"stage '{s.name}' ({s.stage}) runs before any SFT stage: preference optimization and RL expect "

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 
 from posttrain.config import dump_config
 from posttrain.pipeline import measures as M
-from posttrain.pipeline.recipe import (EVAL_STAGE, SIDE_STAGES, Recipe, StageSpec, build_stage_config,
+from posttrain.pipeline.recipe import (BASE, EVAL_STAGE, SIDE_STAGES, Recipe, StageSpec, build_stage_config,
                                        order_warnings, stage_refs, substitute)
 
 LINEAGE = "lineage.json"
@@ -148,7 +148,7 @@ def _parents(recipe: Recipe) -> dict[str, Optional[str]]:
     """Each stage's starting policy: `from`, else the closest earlier policy stage (None = the model)."""
     out, last = {}, None
     for s in recipe.stages:
-        out[s.name] = s.source or last
+        out[s.name] = None if s.source == BASE else (s.source or last)
         if s.stage not in SIDE_STAGES and s.stage != EVAL_STAGE:
             last = s.name
     return out

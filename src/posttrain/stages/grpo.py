@@ -35,6 +35,10 @@ class GRPOSection(rl.SamplingSection):
     minibatches: int = Field(1, gt=0, description="Optimizer steps per pass (the batch's rows split evenly).")
     mask_truncated: bool = Field(False, description="Completions that hit max_new_tokens get no loss (DAPO's "
                                  "overlong filtering).")
+    skip_zero_advantage: bool = Field(True, description="Leave rows whose advantage is exactly 0 (zero-variance "
+                                      "groups) out of the update's forward/backward passes when beta = 0: their "
+                                      "loss and gradient are 0, and they still count in the normalization, so the "
+                                      "gradient is unchanged.")
 
 
 class GRPOConfig(RunConfig):
@@ -119,10 +123,32 @@ class GRPOStage:
         steps = []
         for _ in range(self.g.iterations):
             for part in rl.minibatch_indices(len(ro), self.g.minibatches, self.gen):
-                steps.append(rl.micro_batches(t, part, self.g.micro_batch_size, extra={"rollout_metrics": metrics}))
+                keep, skipped_units = self._informative(part, t)
+                micro = rl.micro_batches(t, keep, self.g.micro_batch_size, extra={"rollout_metrics": metrics})
+                micro[0]["skipped_units"] = skipped_units
+                steps.append(micro)
         self._last_rollout_end = time.perf_counter()
         self.last_rollout = ro
         return steps
+
+    def _informative(self, part: torch.Tensor, t: dict) -> tuple[torch.Tensor, int]:
+        """The rows of `part` that the update must run, and the loss units of those it may leave out.
+
+        With beta = 0 a row whose advantage is exactly 0 has loss 0 and gradient 0 (the surrogate is
+        ratio x 0), so it need not be run; it still counts in the normalization (`skipped_units`),
+        which keeps the step's gradient identical. At least one row is kept.
+        """
+        if not self.g.skip_zero_advantage or self.g.beta > 0:
+            return part, 0
+        zero = t["advantages"][part] == 0
+        if bool(zero.all()):
+            zero[0] = False
+        skipped = part[zero]
+        if self.g.aggregation == "dapo":
+            units = int(t["completion_mask"][skipped].sum())
+        else:
+            units = len(skipped)
+        return part[~zero], units
 
     @torch.no_grad()
     def _extra_logps(self, model, t: dict) -> dict:
@@ -164,13 +190,17 @@ class GRPOStage:
             if "ref_logps" in batch:
                 u = batch["ref_logps"] - logps
                 m["kl"] = float(masked_mean(torch.expm1(u) - u, mask))
-        return loss * self.num_loss_units(batch), m
+        return loss * self._own_units(batch), m
 
-    def num_loss_units(self, batch: dict) -> int:
+    def _own_units(self, batch: dict) -> int:
         # grpo and dr_grpo are means over sequences; dapo is a mean over tokens
         if self.g.aggregation == "dapo":
             return int(batch["completion_mask"].sum())
         return int(batch["completion_mask"].shape[0])
+
+    def num_loss_units(self, batch: dict) -> int:
+        """This micro-batch's units plus those of the zero-advantage rows left out of its step."""
+        return self._own_units(batch) + int(batch.get("skipped_units", 0))
 
 
 def run(cfg: GRPOConfig, *, resume: bool = False, reward_fns: Sequence[Callable] = (), **kw) -> RunResult:
@@ -188,51 +218,3 @@ def gym_reward(task: str) -> Callable:
     from posttrain import gym
 
     return gym.verifier_reward(task)
-
-
-def gym_accuracy(model, tokenizer, task: str = "reasoning", split: str = "test", n: int = 200) -> float:
-    """Greedy held-out accuracy on a gym chat task through the rollout engine (greedy output equals
-    `model.generate`'s, tests/rollout), so it is the number `gym.task_accuracy` reports, faster."""
-    from posttrain import gym
-
-    rows = gym.load_task_rows(task, split, n=n)
-    ro = RolloutEngine(model, tokenizer).generate(
-        [gym.chat_prompt(tokenizer, r) for r in rows],
-        SamplingParams(max_new_tokens=gym.MAX_NEW_TOKENS[task], temperature=0))
-    return sum(gym.verify(task, r, c) for r, c in zip(rows, ro.completions)) / max(1, n)
-
-
-DEMO_OVERRIDES = ["train.batch_size=16", "train.lr=1e-4", "train.warmup_steps=0", "train.schedule=constant",
-                  "grpo.num_generations=8", "grpo.max_new_tokens=112", "grpo.iterations=1"]
-
-
-def demo_stage(start_model, out_dir, *, task: str = "reasoning", max_steps: int = 30, n_eval: int = 200,
-               extra_overrides: Sequence[str] = ()) -> dict:
-    """The demo's `grpo` row: GRPO from `start_model` (an SFT model) on gym `task`, reward = its verifier.
-
-    Returns {"task_accuracy_before", "task_accuracy", "gain", "train_time_s", "reward_first",
-    "reward_last", "run_dir", "model_dir"}; accuracies are greedy on `n_eval` test rows.
-    """
-    from pathlib import Path
-
-    from posttrain.config import load_config
-    from posttrain.models.loading import load
-
-    out = Path(out_dir)
-    model, tok = load(start_model, device="cpu")
-    before = gym_accuracy(model.eval(), tok, task, n=n_eval)
-    cfg = load_config("grpo", overrides=[f"model={start_model}", f"data.train=gym:{task}", f"output_dir={out}",
-                                         f"train.max_steps={max_steps}", "train.progress=false", *DEMO_OVERRIDES,
-                                         *extra_overrides])
-    t0 = time.time()
-    res = run(cfg, reward_fns=[gym_reward(task)])
-    train_time = time.time() - t0
-    after = gym_accuracy(res.model.eval(), res.tokenizer, task, n=n_eval)
-    import json
-
-    rewards = [r["reward"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-               if r.get("split") == "train" and "reward" in r]
-    return {"task_accuracy_before": round(before, 4), "task_accuracy": round(after, 4),
-            "gain": round(after - before, 4), "train_time_s": round(train_time, 1),
-            "reward_first": round(rewards[0], 4), "reward_last": round(rewards[-1], 4),
-            "run_dir": str(out), "model_dir": str(res.model_dir)}

@@ -34,16 +34,14 @@ def forward_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     The output head runs only at positions where some row has a completion token (as in SFT), and
     the log-softmax only at the completion tokens themselves: prompts and padding cost no head.
     """
-    from posttrain.models.adapters.state import get_state
     from posttrain.stages.sft import _takes_logits_to_keep
 
     inputs = _model_inputs(model, batch)
-    st = get_state(model)
-    if (st is None or st.kind != "prompt") and _takes_logits_to_keep(model):
+    if _takes_logits_to_keep(model):
         positions, targets = next_token_targets(batch["labels"])
         logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
         seg_at = (lambda seg: seg[:, 1:][:, positions])
-    else:  # prompt tuning prepends virtual tokens, which would shift the kept positions
+    else:
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         targets = batch["labels"][:, 1:]
         seg_at = (lambda seg: seg[:, 1:])

@@ -12,7 +12,6 @@ from posttrain.config import RunConfig
 from posttrain.data.collate import model_attention_mask
 from posttrain.engine.trainer import TrainData
 from posttrain.losses.sft import IGNORE_INDEX, next_token_targets, target_nll, token_nll
-from posttrain.models.adapters.state import get_state
 from posttrain.stages.common import RunResult, run_training
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -29,9 +28,7 @@ class LMStage:
         if inputs.get("attention_mask") is not None and inputs["attention_mask"].dim() == 4:
             # packed rows: eager attention would add a bool mask as 1.0 instead of masking
             inputs["attention_mask"] = model_attention_mask(inputs["attention_mask"], model)
-        st = get_state(model)
-        if (st is not None and st.kind == "prompt") or not _takes_logits_to_keep(model):
-            # prompt tuning prepends virtual tokens, which would shift the kept positions
+        if not _takes_logits_to_keep(model):
             out = model(**inputs, use_cache=False)
             return token_nll(out.logits, batch["labels"])[0], {}
         # the output head runs only where a loss falls (not on prompt or padding tokens)

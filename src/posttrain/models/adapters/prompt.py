@@ -15,7 +15,8 @@ directly is unstable, so the paper reparameterises them through an MLP
 Both work as forward hooks on the HF model, so `model(...)` and `model.generate`
 keep their usual signature: the virtual positions are added to the attention mask
 and position ids, labels get -100 there, and prompt tuning's logits come back for
-the real tokens only. Packed batches (4-D masks) are refused: a prompt per packed
+the real tokens only (a `logits_to_keep` tensor of positions is shifted past the virtual tokens, so
+the output head still runs only where the loss needs it). Packed batches (4-D masks) are refused: a prompt per packed
 example would need a mask this module does not build.
 """
 
@@ -223,7 +224,12 @@ def _make_pre_hook(kind: str, cache_key: str):
             labels = kwargs.get("labels")
             if labels is not None:
                 kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
-            st.trim = length
+            keep = kwargs.get("logits_to_keep")
+            if torch.is_tensor(keep):  # positions of the real tokens: shift them past the virtual ones
+                kwargs["logits_to_keep"] = keep + n
+                st.trim = None
+            else:  # an int keeps the last positions, which are real tokens; trim the rest away
+                st.trim = length
         else:
             if pos is not None:
                 kwargs["position_ids"] = pos + n
