@@ -1,7 +1,7 @@
 """`posttrain demo`: the post-training stack on the bundled base model, offline, on a CPU.
 
 The demo is a pipeline recipe shipped in the package (`gym/recipes/demo.yaml`; print it with
-`posttrain demo --print-recipe`). It runs the stages named in `--stages` (default: base, sft)
+`posttrain demo --print-recipe`). It runs the stages named in `--stages` (default: every row)
 through `posttrain.pipeline`, measures each on the same held-out gym split (task accuracy) and
 the same regression set (general skills the base already has), prints the before/after table and
 writes `summary.json` and `report.html`. A row is a recipe stage plus its measurements.
@@ -36,7 +36,8 @@ def all_stages(path: Path = RECIPE) -> tuple[str, ...]:
 
 
 ALL_STAGES = all_stages()
-# every row by default: about 4 min on 2 cores (docs/gym.md); --stages base,sft is the 1-2 min version
+# every row by default: about 4 min on 2 cores for base..ppo, ~10 more for the reasoning chain (reasoning,
+# grpo; docs/pipeline.md); --stages base,sft is the 1-2 min version
 DEFAULT_STAGES = ALL_STAGES
 
 
