@@ -15,9 +15,10 @@ directly is unstable, so the paper reparameterises them through an MLP
 Both work as forward hooks on the HF model, so `model(...)` and `model.generate`
 keep their usual signature: the virtual positions are added to the attention mask
 and position ids, labels get -100 there, and prompt tuning's logits come back for
-the real tokens only (a `logits_to_keep` tensor of positions is shifted past the virtual tokens, so
-the output head still runs only where the loss needs it). Packed batches (4-D masks) are refused: a prompt per packed
-example would need a mask this module does not build.
+the real tokens only (a `logits_to_keep` tensor of positions is shifted past the
+virtual tokens, so the output head still runs only where the loss needs it).
+Packed batches (4-D masks) are refused: a prompt per packed example would need a
+mask this module does not build.
 """
 
 from __future__ import annotations
