@@ -33,6 +33,63 @@ def _task_yaml(name, data, body):
         """) + textwrap.dedent(body)
 
 
+BOOT = ("import site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'lm_eval'; "
+        "from lm_eval.__main__ import cli_evaluate; cli_evaluate()")
+ENV = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _hooked_site(tmp_path):
+    """A private site dir holding the hook, as `python -m posttrain.eval.harness install` writes it."""
+    from posttrain.eval.lm_eval_hook import write_pth
+
+    site = tmp_path / "site"
+    site.mkdir()
+    pth = write_pth(site)
+    assert pth.read_text().startswith("import posttrain.eval.lm_eval_hook")
+    return site
+
+
+def _mc_task(tasks):
+    tasks.mkdir(exist_ok=True)
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC))
+    (tasks / "pt_mc.yaml").write_text(_task_yaml("pt_mc", tasks / "mc.jsonl", """\
+        output_type: multiple_choice
+        doc_to_text: "{{prompt}}"
+        doc_to_choice: "{{choices}}"
+        doc_to_target: "{{label}}"
+        target_delimiter: ""
+        metric_list: [{metric: acc}, {metric: acc_norm}]
+        """))
+
+
+def test_builtin_lm_eval_models_still_work_with_the_hook_installed(tiny, tmp_path):
+    """The hook must not shadow lm-eval's own models: `--model hf` runs and scores like posttrain."""
+    d, model, tok = tiny
+    _mc_task(tmp_path / "tasks")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", BOOT, str(_hooked_site(tmp_path)), "--model", "hf", "--model_args",
+                           f"pretrained={d},dtype=float32", "--device", "cpu", "--tasks", "pt_mc",
+                           "--include_path", str(tmp_path / "tasks"), "--output_path", str(out), "--batch_size", "4"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    ours = run_task(make_task({"name": "mc", "kind": "multiple_choice"}, [dict(r) for r in MC]), model, tok)
+    assert results["pt_mc"]["acc,none"] == pytest.approx(ours["metrics"]["acc"]["value"])
+    assert results["pt_mc"]["acc_norm,none"] == pytest.approx(ours["metrics"]["acc_norm"]["value"])
+
+
+def test_harness_import_keeps_builtin_models_and_registers_posttrain_lazily():
+    """Importing the adapter (what `python -m posttrain.eval.harness run` does) leaves every built-in name."""
+    code = ("import posttrain.eval.harness; from lm_eval.api.registry import get_model, model_registry; "
+            "print(get_model('hf').__name__, get_model('posttrain').__module__, len(model_registry))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf, module, n = proc.stdout.split()
+    from lm_eval.models import MODEL_MAPPING
+
+    assert (hf, module, int(n)) == ("HFLM", "posttrain.eval.harness", len(MODEL_MAPPING) + 1)
+
+
 def test_lm_eval_cli_runs_posttrain_models_and_matches_posttrain_eval(tiny, tmp_path):
     d, model, tok = tiny
     tasks = tmp_path / "tasks"
@@ -60,21 +117,11 @@ def test_lm_eval_cli_runs_posttrain_models_and_matches_posttrain_eval(tiny, tmp_
         generation_kwargs: {until: ["\\n"], max_gen_toks: 5, do_sample: false}
         metric_list: [{metric: exact_match}]
         """))
-    # the import hook, installed as `python -m posttrain.eval.harness install` would, into a private site dir
-    site = tmp_path / "site"
-    site.mkdir()
-    from posttrain.eval.lm_eval_hook import write_pth
-
-    pth = write_pth(site)
-    assert pth.read_text().startswith("import posttrain.eval.lm_eval_hook")
     out = tmp_path / "out"
-    boot = ("import site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'lm_eval'; "
-            "from lm_eval.__main__ import cli_evaluate; cli_evaluate()")
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", boot, str(site), "--model", "posttrain", "--model_args",
-                           f"model={d}", "--tasks", "pt_mc", "pt_ppl", "pt_gen", "--include_path", str(tasks),
-                           "--output_path", str(out), "--log_samples", "--batch_size", "4"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", BOOT, str(_hooked_site(tmp_path)), "--model", "posttrain",
+                           "--model_args", f"model={d}", "--tasks", "pt_mc", "pt_ppl", "pt_gen", "--include_path",
+                           str(tasks), "--output_path", str(out), "--log_samples", "--batch_size", "4"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
 

@@ -7,9 +7,10 @@
 (posttrain.eval.lm), so `lm_eval` numbers and `posttrain eval` numbers come from the same
 functions. lm-eval (0.4.x) finds models only through its registry, which has no plugin entry
 points; `install` writes a `.pth` file into site-packages that adds a tiny import hook
-(`posttrain.eval.lm_eval_hook`) registering the name `posttrain` lazily the moment lm-eval's
-registry is imported. Without the hook, `python -m posttrain.eval.harness run <lm_eval args>`
-registers the model and runs lm-eval's own CLI.
+(`posttrain.eval.lm_eval_hook`) registering the name `posttrain` lazily right after lm-eval has
+registered its own models, so `--model hf` and every other built-in model keep working. Without
+the hook, `python -m posttrain.eval.harness run <lm_eval args>` registers the model and runs
+lm-eval's own CLI.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401  -- lm-eval's built-in models first; see lm_eval_hook for why
 from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
 
 from posttrain.eval import lm as L
+from posttrain.eval import lm_eval_hook
 
 
-@register_model("posttrain")
 class PosttrainLM(LM):
     """`model_args`: model=DIR (required), adapter=DIR, dtype=fp32|bf16|fp16, device=auto|cpu|cuda,
     batch_size=N, trust_remote_code=false."""
@@ -84,6 +85,12 @@ class PosttrainLM(LM):
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return self.tokenizer.chat_template if chat_template else None
+
+
+# Registered by its import path, as the hook does, never as a class object: run as
+# `python -m posttrain.eval.harness` this module is `__main__`, and lm-eval's registry refuses a
+# second, different object under the same name.
+lm_eval_hook.register()
 
 
 def main(argv: list[str]) -> int:

@@ -1,8 +1,16 @@
 """Import hook that registers `posttrain` in lm-evaluation-harness's model registry.
 
 Installed by `python -m posttrain.eval.harness install` as a one-line `.pth` file. It adds a
-meta-path finder that does nothing until `lm_eval.api.registry` is imported; then, right after
-that module executes, it registers the lazy target "posttrain.eval.harness:PosttrainLM".
+meta-path finder that does nothing until `lm_eval.models` is imported; then, right after that
+module has registered lm-eval's own models, it adds the lazy target
+"posttrain.eval.harness:PosttrainLM" under the name `posttrain`.
+
+Why `lm_eval.models` and not `lm_eval.api.registry`: lm-eval 0.4's `get_model` imports
+`lm_eval.models` (which registers every built-in model) only while the registry is empty. A
+hook that registered `posttrain` as soon as the registry existed left it non-empty, so
+`lm_eval --model hf` failed with "no model for this name found". Registering after
+`lm_eval.models` leaves lm-eval's own start-up exactly as it is without the hook.
+
 Nothing heavy is imported at start-up, and processes that never use lm-eval pay one cheap
 finder lookup per import.
 """
@@ -14,12 +22,13 @@ import importlib.machinery
 import sys
 from pathlib import Path
 
-TARGET_MODULE = "lm_eval.api.registry"
+TARGET_MODULE = "lm_eval.models"  # runs after lm-eval registered its built-in models
 MODEL = ("posttrain", "posttrain.eval.harness:PosttrainLM")
 
 
-def register(registry_module) -> None:
-    reg = registry_module.model_registry
+def register() -> None:
+    """Add `posttrain` to lm-eval's model registry, lazily (nothing of posttrain is imported)."""
+    reg = sys.modules["lm_eval.api.registry"].model_registry  # lm_eval.models imported it
     name, target = MODEL
     if name not in reg:
         reg.register(name, target=target)
@@ -34,7 +43,7 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self.inner.exec_module(module)
-        register(module)
+        register()
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -48,9 +57,9 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Add the finder once; if lm-eval's registry is already imported, register right away."""
+    """Add the finder once; if lm-eval's models are already registered, register right away."""
     if TARGET_MODULE in sys.modules:
-        register(sys.modules[TARGET_MODULE])
+        register()
         return
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
