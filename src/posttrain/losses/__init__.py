@@ -2,7 +2,8 @@
 
 - ``sft``: next-token NLL and per-sequence log-probs.
 - ``preference``: DPO (sigmoid, ipo, hinge, robust), KTO, ORPO, SimPO, reward model.
-- ``rl``: GAE, PPO policy/value losses, GRPO advantages and loss, KL estimators.
+- ``rl``: GAE, PPO policy/value losses, GRPO advantages and loss, KL estimators; RLOO, REINFORCE++,
+  GSPO and CISPO.
 """
 
 from posttrain.losses.preference import (
@@ -18,19 +19,27 @@ from posttrain.losses.preference import (
     simpo_loss,
 )
 from posttrain.losses.rl import (
+    ADVANTAGE_ESTIMATORS,
     GRPO_ADVANTAGE_SCALES,
     GRPO_AGGREGATIONS,
     KL_ESTIMATORS,
+    POLICY_LOSSES,
+    cispo_loss,
     entropy_from_logits,
     explained_variance,
     gae,
     grpo_advantages,
+    group_advantages,
     grpo_loss,
+    gspo_loss,
     kl_penalty,
     masked_mean,
     masked_var,
+    policy_loss,
     ppo_policy_loss,
     ppo_value_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
     token_rewards,
     whiten,
     zero_variance_groups,
@@ -71,4 +80,12 @@ __all__ = [
     "grpo_advantages",
     "zero_variance_groups",
     "grpo_loss",
+    "ADVANTAGE_ESTIMATORS",
+    "rloo_advantages",
+    "reinforce_pp_advantages",
+    "group_advantages",
+    "POLICY_LOSSES",
+    "gspo_loss",
+    "cispo_loss",
+    "policy_loss",
 ]
