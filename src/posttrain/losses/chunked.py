@@ -1,0 +1,210 @@
+"""Log-probs, NLL and entropy of a linear output head, a chunk of rows at a time.
+
+With a 128k-152k-row vocabulary the logits, not the model body, decide peak memory: 4k loss
+tokens × 151,936 rows is 2.5 GB per fp32 copy, and the plain path holds several (the logits, their
+fp32 cast, the log-softmax, its gradient). Here the head runs over `chunk_size` rows at a time, in
+the forward and again in the backward (the chunk's logits are recomputed there, not stored), so
+at most one chunk of [chunk_size, V] logits and a few same-sized temporaries are alive at once.
+The idea is Liger-Kernel's fused linear cross-entropy and Wijmans et al. 2024 ("Cut Your Losses
+in Large-Vocabulary Language Models"), written in plain PyTorch.
+
+For hidden states h [N, d] at the loss positions, the head W [V, d] (bias b [V], optional), the
+final-logit softcap c (Gemma-2; none: identity) and the temperature τ:
+
+    s = h Wᵀ + b                              raw logits, [N, V]
+    z = softcap_c(s) / τ,   softcap_c(s) = c · tanh(s / c)
+    log p_i = z_{i, y_i} − logsumexp_j z_{i, j}
+    H_i     = logsumexp_j z_{i, j} − Σ_j p_{i, j} z_{i, j}          (entropy)
+
+Backward, per chunk, from the upstream gradients g (of log p) and e (of H):
+
+    ∂/∂z_{ij} = g_i (1[j = y_i] − p_ij) − e_i p_ij (log p_ij + H_i)
+    ∂/∂s      = ∂/∂z / τ · (1 − tanh²(s / c))
+    ∂/∂h = (∂/∂s) W,   ∂/∂W = (∂/∂s)ᵀ h,   ∂/∂b = Σ_i ∂/∂s_i
+
+Rows whose target is IGNORE_INDEX get log p = 0 and no gradient. Under autocast the matmuls run
+in the autocast dtype (as the plain `F.linear` would) and the softmax in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+IGNORE_INDEX = -100
+
+# fp32 elements per [chunk, V] buffer: 2^23 is 32 MiB, 55 rows of a 151,936-row head. Measured on
+# 2 CPU cores (docs/benchmarks.md, "chunked logits"): from 2^22 to 2^25 the time is within 5 %.
+CHUNK_ELEMENTS = 2 ** 23
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk so that one [rows, V] fp32 buffer holds about CHUNK_ELEMENTS numbers."""
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+def _raw_logits(h, weight, bias, dtype):
+    # weight and bias arrive already in `dtype`: cast once per call, not once per chunk
+    s = h.to(dtype) @ weight.t()
+    if bias is not None:
+        s = s + bias
+    return s.float()
+
+
+def _capped(s, temperature, softcap):
+    """z and tanh(s / c) (None without a softcap)."""
+    t = None
+    if softcap is not None:
+        t = torch.tanh(s / softcap)
+        s = t * softcap
+    return (s / temperature if temperature != 1.0 else s), t
+
+
+def _chunk_forward(h, weight, bias, targets, temperature: float, softcap: Optional[float], with_entropy: bool,
+                   dtype: torch.dtype):
+    z, _ = _capped(_raw_logits(h, weight, bias, dtype), temperature, softcap)
+    lse = torch.logsumexp(z, -1)
+    valid = targets != IGNORE_INDEX
+    safe = targets.masked_fill(~valid, 0)
+    logp = torch.where(valid, z.gather(-1, safe[:, None])[:, 0] - lse, torch.zeros_like(lse))
+    if not with_entropy:
+        return logp, None
+    ent = lse - (torch.softmax(z, -1) * z).sum(-1)
+    return logp, ent
+
+
+def _chunk_backward(h, weight, bias, targets, g_logp, g_ent, temperature: float, softcap: Optional[float],
+                    dtype: torch.dtype):
+    """∂/∂s [rows, V] of one chunk (fp32), from the equations in the module docstring."""
+    z, t = _capped(_raw_logits(h, weight, bias, dtype), temperature, softcap)
+    logp_all = z - torch.logsumexp(z, -1, keepdim=True)
+    p = logp_all.exp()
+    valid = targets != IGNORE_INDEX
+    g = torch.where(valid, g_logp, torch.zeros_like(g_logp))
+    dz = p * (-g[:, None])
+    dz.scatter_add_(-1, targets.masked_fill(~valid, 0)[:, None], g[:, None])
+    if g_ent is not None:
+        ent = -(p * logp_all).sum(-1, keepdim=True)
+        dz -= g_ent[:, None] * p * (logp_all + ent)
+    if temperature != 1.0:
+        dz /= temperature
+    if t is not None:
+        dz *= 1 - t * t
+    return dz
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """(log p [N], H [N] or an empty tensor) of the head; recomputes each chunk's logits in backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_size, temperature, softcap, with_entropy, dtype, fwd, bwd):
+        n = h.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=h.device)
+        ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=h.device)
+        with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+            w, b = weight.to(dtype), (None if bias is None else bias.to(dtype))
+            for a in range(0, n, chunk_size):
+                lp, e = fwd(h[a:a + chunk_size], w, b, targets[a:a + chunk_size], temperature, softcap,
+                            with_entropy, dtype)
+                logp[a:a + chunk_size] = lp
+                if with_entropy:
+                    ent[a:a + chunk_size] = e
+        ctx.save_for_backward(h, weight, bias, targets)
+        ctx.conf = (chunk_size, temperature, softcap, with_entropy, dtype, bwd)
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, weight, bias, targets = ctx.saved_tensors
+        chunk_size, temperature, softcap, with_entropy, dtype, bwd = ctx.conf
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if g_logp is None and g_ent is None:
+            return (None,) * 11
+        n = h.shape[0]
+        if g_logp is None:
+            g_logp = torch.zeros(n, dtype=torch.float32, device=h.device)
+        dh = torch.empty(h.shape, dtype=dtype, device=h.device) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        db = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
+        with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+            w, b = weight.to(dtype), (None if bias is None else bias.to(dtype))
+            for a in range(0, n, chunk_size):
+                hc = h[a:a + chunk_size]
+                ds = bwd(hc, w, b, targets[a:a + chunk_size], g_logp[a:a + chunk_size].float(),
+                         None if g_ent is None else g_ent[a:a + chunk_size].float(), temperature, softcap, dtype)
+                if need_b:
+                    db += ds.sum(0)
+                ds = ds.to(dtype)
+                if need_h:
+                    dh[a:a + chunk_size] = ds @ w
+                if need_w:
+                    if dtype == torch.float32:
+                        dw.addmm_(ds.t(), hc.float())
+                    else:
+                        dw += (ds.t() @ hc.to(dtype)).float()
+        return (dh.to(h.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None,
+                db.to(bias.dtype) if need_b else None) + (None,) * 8
+
+
+_COMPILED = {}
+
+
+def _compiled(name: str):
+    # torch.compile is deferred: importing inductor costs seconds and the eager path is the default
+    if name not in _COMPILED:
+        fn = {"forward": _chunk_forward, "backward": _chunk_backward}[name]
+        _COMPILED[name] = torch.compile(fn, dynamic=True)
+    return _COMPILED[name]
+
+
+def chunked_logps(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                  bias: Optional[torch.Tensor] = None, temperature: float = 1.0, softcap: Optional[float] = None,
+                  with_entropy: bool = False, chunk_size: Optional[int] = None, compile: bool = False):
+    """Per-row log-probs of `targets` under the head (and the per-row entropy), chunk by chunk.
+
+    Args:
+        h: [N, d] hidden states at the loss positions (any float dtype; autocast is honoured).
+        weight: [V, d] the output head. bias: [V] or None.
+        targets: [N] long, IGNORE_INDEX (-100) where no loss falls (log p = 0 there, no gradient).
+        temperature: τ > 0; the logits are divided by it (after the softcap).
+        softcap: c of Gemma-2's final_logit_softcapping, or None.
+        with_entropy: also return H [N] (differentiable).
+        chunk_size: rows per chunk; default `default_chunk_size(V)`.
+        compile: run each chunk's math through `torch.compile` (see docs/benchmarks.md for which is
+            faster where; eager is the default).
+    Returns:
+        logps [N] fp32, and entropy [N] fp32 or None.
+    """
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"chunked_logps: h must be [N, d] and weight [V, d], got {tuple(h.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.shape != h.shape[:1]:
+        raise ValueError(f"chunked_logps: targets must be [N] = [{h.shape[0]}], got {tuple(targets.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"chunked_logps: temperature must be > 0, got {temperature}")
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunked_logps: chunk_size must be >= 1, got {chunk_size}")
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(h.dtype,
+                                                                                                    weight.dtype)
+    fwd, bwd = (_compiled("forward"), _compiled("backward")) if compile else (_chunk_forward, _chunk_backward)
+    logp, ent = _ChunkedHead.apply(h, weight, bias, targets, int(chunk_size), float(temperature),
+                                   None if softcap is None else float(softcap), with_entropy, dtype, fwd, bwd)
+    return logp, (ent if with_entropy else None)
+
+
+def chunked_nll(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, **kw) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """Summed NLL over the rows whose target is not IGNORE_INDEX, and their count.
+
+    L_sum = − Σ_{i : y_i ≠ −100} log p_i        (log p_i as in `chunked_logps`; same keywords)
+
+    The same numbers as `posttrain.losses.sft.target_nll` on the materialised logits.
+    """
+    logp, _ = chunked_logps(h, weight, targets, **kw)
+    return -logp.sum(), (targets != IGNORE_INDEX).sum()
