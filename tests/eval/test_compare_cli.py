@@ -141,6 +141,16 @@ def test_cli_exit_codes(tiny, other_tiny, suite, tmp_path, capsys):
                  "--limit", "4", "--out", str(tmp_path)]) == 1
     assert "regression beyond max_drop=0.02: suite.score" in capsys.readouterr().err
     assert json.loads((tmp_path / "results.json").read_text())["tuned"]["settings"]["limit"] == 4
+    # with --significance, only drops past the limit that are also significant fail the gate
+    rows = json.loads((tmp_path / "results.json").read_text())["comparison"]["rows"]
+    code = main(["--model", str(other_tiny), "--suite", str(suite), "--baseline", str(d), "--fail-on-regression",
+                 "--limit", "4", "--significance", "0.05", "--out", str(tmp_path / "sig")])
+    doc = json.loads((tmp_path / "sig" / "results.json").read_text())["comparison"]
+    assert doc["significance"] == 0.05 and [r["delta"] for r in doc["rows"]] == [r["delta"] for r in rows]
+    want = [f"{r['task']}.{r['metric']}" for r in rows if r["regression"] and -r["delta"] > 1.6449 * r["stderr"]
+            and r["higher_is_better"]]
+    assert [f"{r['task']}.{r['metric']}" for r in doc["regressions"]] == want and code == (1 if want else 0)
+    assert "regression beyond max_drop=0.02 (significant at alpha=0.05): suite.score" in capsys.readouterr().err
     # without the gate the same regression is reported but does not fail
     assert main(["--model", str(other_tiny), "--suite", str(suite), "--baseline", str(d), "--limit", "2"]) == 0
     assert main(["--model", str(d), "--suite", "regresion"]) == 2

@@ -3,7 +3,8 @@
     posttrain eval --model runs/sft --suite regression --baseline base/ --fail-on-regression
 
 Exit codes: 0 done (and, with --fail-on-regression, no regression); 1 a regression beyond
---max-drop with --fail-on-regression; 2 bad arguments or a task/model that cannot be loaded.
+--max-drop (and, with --significance ALPHA, significant at that level) with --fail-on-regression;
+2 bad arguments or a task/model that cannot be loaded.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 when any metric regresses by more than --max-drop (a CI gate)")
     p.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP,
                    help="regression threshold: points on 0-1 rates, relative on perplexity "
-                   f"(default {DEFAULT_MAX_DROP})")
+                   f"(default {DEFAULT_MAX_DROP}); a drop equal to it passes")
+    p.add_argument("--significance", type=float, metavar="ALPHA",
+                   help="also require the drop to be significant: drop > z(1-ALPHA) * SE of the delta, one-sided "
+                   "(e.g. 0.05: z = 1.645); default: every drop past --max-drop fails")
     p.add_argument("--limit", type=int, help="use only the first N rows of each task")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--fail-on-regression needs --baseline (or --baseline-adapter) to compare against")
     if a.max_drop < 0:
         p.error(f"--max-drop must be >= 0, got {a.max_drop}")
+    if a.significance is not None and not 0 < a.significance < 0.5:
+        p.error(f"--significance must be in (0, 0.5), got {a.significance}")
     if a.limit is not None and a.limit <= 0:
         p.error(f"--limit must be > 0, got {a.limit}")
     from posttrain.eval.runner import evaluate
@@ -53,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = evaluate(a.model, adapter=a.adapter, suite=a.suite, baseline=a.baseline,
                        baseline_adapter=a.baseline_adapter, out=a.out, limit=a.limit, batch_size=a.batch_size,
-                       seed=a.seed, max_drop=a.max_drop, device=a.device, dtype=a.dtype)
+                       seed=a.seed, max_drop=a.max_drop, significance=a.significance,
+                       device=a.device, dtype=a.dtype)
     except (TaskError, ModelLoadError, FileNotFoundError) as e:
         print(f"posttrain eval: error: {e}", file=sys.stderr)
         return 2
@@ -61,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results: {a.out}/results.json; report: {a.out}/report.html")
     if a.fail_on_regression and not res["passed"]:
         names = ", ".join(f"{r['task']}.{r['metric']}" for r in res["comparison"]["regressions"])
-        print(f"posttrain eval: regression beyond max_drop={a.max_drop}: {names}", file=sys.stderr)
+        sig = f" (significant at alpha={a.significance})" if a.significance is not None else ""
+        print(f"posttrain eval: regression beyond max_drop={a.max_drop}{sig}: {names}", file=sys.stderr)
         return 1
     return 0
 

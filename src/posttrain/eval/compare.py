@@ -2,13 +2,20 @@
 
 A metric regresses when it moves the wrong way by more than `max_drop`: in absolute points on
 0-1 rates (max_drop 0.02 = 2 points of accuracy), and relative to the base value for unbounded
-metrics such as perplexity (0.02 = 2% worse). The SE of a delta is paired over items when both
-runs scored the same items (see stats.diff_se), which is the case for identical settings.
+metrics such as perplexity (0.02 = 2% worse). A drop equal to the limit is not beyond it, even
+when floating point says 0.98 - 0.96 = 0.020000000000000018 (`beyond`).
+
+With `significance=alpha` a drop past the limit must also be significant: a one-sided z-test,
+drop > z(1 - alpha) * se, so a 5.6-point drop with an SE of 9.7 points passes at alpha 0.05
+(z = 1.645). The SE of a delta is paired over items when both runs scored the same items (see
+stats.diff_se), which is the case for identical settings; an SE of 0 makes any drop significant.
 """
 
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
+from typing import Optional
 
 from posttrain.eval import stats
 from posttrain.eval.kinds import LOWER_IS_BETTER, UNBOUNDED
@@ -16,21 +23,51 @@ from posttrain.eval.kinds import LOWER_IS_BETTER, UNBOUNDED
 DEFAULT_MAX_DROP = 0.02
 
 
-def _row(task: str, metric: str, b: dict, t: dict, b_items, t_items, max_drop: float) -> dict:
+def beyond(drop: float, limit: float) -> bool:
+    """drop > limit, where a drop equal to the limit up to rounding (rel. 1e-9) is not beyond it."""
+    return drop > limit and not math.isclose(drop, limit, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def z_for(significance: Optional[float]) -> Optional[float]:
+    """The one-sided critical value z(1 - alpha); None when no significance is required."""
+    if significance is None:
+        return None
+    if not 0.0 < significance < 0.5:
+        raise ValueError(f"significance must be in (0, 0.5), got {significance}")
+    return NormalDist().inv_cdf(1.0 - significance)
+
+
+def is_regression(worse: float, worse_se: float, max_drop: float, z: Optional[float] = None) -> bool:
+    """The gate: the tuned model is worse by more than `max_drop` and, when z is given, by more than z SEs.
+
+    `worse` > 0 means worse, in the same units as `max_drop` (points, or relative for unbounded
+    metrics); `worse_se` is its standard error in those units.
+    """
+    return beyond(worse, max_drop) and (z is None or worse > z * worse_se)
+
+
+def _row(task: str, metric: str, b: dict, t: dict, b_items, t_items, max_drop: float, z: Optional[float]) -> dict:
     delta = t["value"] - b["value"]
     se, paired = stats.diff_se(b_items, t_items, b.get("stderr", 0.0), t.get("stderr", 0.0))
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-    worse = -sign * delta  # > 0 means the tuned model is worse
+    worse, worse_se = -sign * delta, se  # worse > 0 means the tuned model is worse
     if metric in UNBOUNDED:
-        worse = worse / abs(b["value"]) if b["value"] else math.inf * (worse > 0)
+        scale = abs(b["value"])
+        worse, worse_se = (worse / scale, se / scale) if scale else (math.inf * (worse > 0), se)
     return {"task": task, "metric": metric, "base": b["value"], "base_stderr": b.get("stderr"),
             "tuned": t["value"], "tuned_stderr": t.get("stderr"), "delta": delta, "stderr": se, "paired": paired,
-            "higher_is_better": sign > 0, "regression": worse > max_drop,
+            "higher_is_better": sign > 0, "regression": is_regression(worse, worse_se, max_drop, z),
             "significant": se > 0 and abs(delta) > 1.96 * se}
 
 
-def compare(base: dict, tuned: dict, *, max_drop: float = DEFAULT_MAX_DROP) -> dict:
-    """Compare two `run_suite` results of the same suite; returns rows, the score row and the regressions."""
+def compare(base: dict, tuned: dict, *, max_drop: float = DEFAULT_MAX_DROP,
+            significance: Optional[float] = None) -> dict:
+    """Compare two `run_suite` results of the same suite; returns rows, the score row and the regressions.
+
+    `significance` (alpha, e.g. 0.05): flag a drop past `max_drop` only when it is also significant
+    at that level (one-sided z-test on the SE of the delta); None flags every drop past the limit.
+    """
+    z = z_for(significance)
     if set(base["tasks"]) != set(tuned["tasks"]):
         raise ValueError(f"the two results cover different tasks: {sorted(base['tasks'])} vs {sorted(tuned['tasks'])}")
     rows = []
@@ -42,7 +79,7 @@ def compare(base: dict, tuned: dict, *, max_drop: float = DEFAULT_MAX_DROP) -> d
             if metric not in tt["metrics"]:
                 continue
             row = _row(name, metric, bm, tt["metrics"][metric], bt["items"].get(metric), tt["items"].get(metric),
-                       max_drop)
+                       max_drop, z)
             rows.append(row)
             if metric == bt["primary"] and bt["in_score"]:
                 score_var += row["stderr"] ** 2
@@ -54,12 +91,12 @@ def compare(base: dict, tuned: dict, *, max_drop: float = DEFAULT_MAX_DROP) -> d
         se = math.sqrt(score_var) / max(1, scored)
         score = {"task": "suite", "metric": "score", "base": b["value"], "base_stderr": b["stderr"],
                  "tuned": t["value"], "tuned_stderr": t["stderr"], "delta": delta, "stderr": se, "paired": True,
-                 "higher_is_better": True, "regression": -delta > max_drop,
+                 "higher_is_better": True, "regression": is_regression(-delta, se, max_drop, z),
                  "significant": se > 0 and abs(delta) > 1.96 * se}
         rows.insert(0, score)
     regressions = [r for r in rows if r["regression"]]
-    return {"max_drop": max_drop, "rows": rows, "score": score, "regressions": regressions,
-            "passed": not regressions}
+    return {"max_drop": max_drop, "significance": significance, "rows": rows, "score": score,
+            "regressions": regressions, "passed": not regressions}
 
 
 def _pm(v, se) -> str:
@@ -80,7 +117,9 @@ def format_comparison(cmp: dict) -> str:
     out = ["  ".join(str(c).ljust(w) for c, w in zip(x, widths)).rstrip() for x in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     n = len(cmp["regressions"])
-    out.append(f"\n{n} regression(s) beyond max_drop={cmp['max_drop']} (0-1 rates: absolute points; "
+    alpha = cmp.get("significance")
+    sig = f", significant at alpha={alpha} (one-sided)" if alpha is not None else ""
+    out.append(f"\n{n} regression(s) beyond max_drop={cmp['max_drop']}{sig} (0-1 rates: absolute points; "
                "perplexity-like: relative); * = |delta| > 1.96 se")
     return "\n".join(out)
 

@@ -74,16 +74,18 @@ def summary_rows(res: dict) -> dict:
 def evaluate(model, *, adapter=None, suite="regression", baseline=None, baseline_adapter=None,
              out: Optional[Union[str, Path]] = None, tokenizer=None, baseline_tokenizer=None,
              limit: Optional[int] = None, batch_size: int = 32, seed: int = 0,
-             max_drop: float = cmp_mod.DEFAULT_MAX_DROP, device: str = "auto", dtype: str = "fp32",
-             verbose: bool = True) -> dict:
+             max_drop: float = cmp_mod.DEFAULT_MAX_DROP, significance: Optional[float] = None,
+             device: str = "auto", dtype: str = "fp32", verbose: bool = True) -> dict:
     """Evaluate `model` (a directory or run directory, or an in-memory model with `tokenizer`) on `suite`.
 
     With `baseline` (or `baseline_adapter` alone, meaning the same base model with another adapter),
-    the baseline runs first with identical settings and the comparison is added. With `out`,
+    the baseline runs first with identical settings and the comparison is added (`max_drop` and
+    `significance` as in `compare.compare`). With `out`,
     `results.json`, per-task `samples-<label>.jsonl` and `report.html` are written there.
 
     Returns {"tuned": results, "base": results | None, "comparison": {...} | None, "passed": bool}.
     """
+    cmp_mod.z_for(significance)  # a bad alpha fails before any model is loaded
     s = load_suite(suite, limit=limit)
     kw = dict(batch_size=batch_size, seed=seed, limit=limit)
     results: dict = {"tuned": None, "base": None, "comparison": None, "passed": True}
@@ -103,7 +105,7 @@ def evaluate(model, *, adapter=None, suite="regression", baseline=None, baseline
     if verbose:
         print(("tuned: " if results["base"] else "") + cmp_mod.format_results(res), flush=True)
     if results["base"] is not None:
-        c = cmp_mod.compare(results["base"], res, max_drop=max_drop)
+        c = cmp_mod.compare(results["base"], res, max_drop=max_drop, significance=significance)
         results["comparison"] = c
         results["passed"] = c["passed"]
         if verbose:
