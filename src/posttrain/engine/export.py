@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 
-def export_checkpoint(ckpt_dir, out_dir) -> Path:
+def export_checkpoint(ckpt_dir, out_dir, *, trust_checkpoint: bool = False) -> Path:
     from posttrain.config import load_config
     from posttrain.engine.checkpoint import STATE, load_weights
     from posttrain.engine.run import _atomic_dir, _commit
@@ -29,7 +29,7 @@ def export_checkpoint(ckpt_dir, out_dir) -> Path:
     stage = tree.get("stage", "sft")
     cfg = load_config(stage, base=tree, overrides=["train.device=cpu", "train.gradient_checkpointing=false"])
     model, tok = load_for_training(cfg, "cpu")
-    load_weights(ckpt, model)
+    load_weights(ckpt, model, trust=trust_checkpoint)  # no code from the checkpoint runs unless trusted
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_dir(out)
