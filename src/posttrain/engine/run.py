@@ -14,11 +14,13 @@ import platform
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
 from posttrain.config import RunConfig, dump_config
 from posttrain.engine.dist import barrier, full_state_dict, is_main, unwrap
@@ -27,34 +29,78 @@ MANIFEST = "manifest.json"
 
 
 class RunDirError(RuntimeError):
-    pass
+    """An output directory posttrain may not use; the message says what is there and what to do."""
+
+
+# What a stage writes into output_dir before it claims it (safety: its generated data; dpo: its
+# self-rejected pairs). Until those stages claim first, a directory holding only these is still fresh.
+PRE_CLAIM = ("safety_data", "self_rejected.jsonl")
 
 
 def read_manifest(out: Path) -> Optional[dict]:
+    """The run's manifest; None when there is none, `{"status": "corrupt"}` when it cannot be read."""
     p = Path(out) / MANIFEST
-    if not p.exists():
+    if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return {"status": "corrupt"}
+    return m if isinstance(m, dict) and isinstance(m.get("status"), str) else {"status": "corrupt"}
+
+
+def _is_our_config(out: Path) -> bool:
+    """config.yaml as `claim` writes it: a resolved config naming its stage and output_dir."""
+    try:
+        tree = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(tree, dict) and isinstance(tree.get("stage"), str) and "output_dir" in tree \
+        and isinstance(tree.get("train"), dict)
+
+
+def _listing(out: Path, names: list[str]) -> str:
+    shown = [n + "/" if (out / n).is_dir() else n for n in sorted(names)[:5]]
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return ", ".join(shown) + more
 
 
 def claim(cfg: RunConfig, resume: bool) -> Path:
-    """Check that `output_dir` may be used, without ever clobbering finished work."""
+    """Check that `output_dir` may be used, without ever clobbering finished work or files we did not write.
+
+    A directory is used only when it is new, empty, or provably one of our runs (its manifest, or
+    its config.yaml as written here) that has not completed.
+    """
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"output_dir {out} is a file, not a directory; choose another output_dir "
+                          "(nothing was changed)")
     m = read_manifest(out)
-    has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    if m is not None and m["status"] == "corrupt":
+        raise RunDirError(f"{out / MANIFEST} is empty or corrupt, so posttrain cannot tell whether this run completed; "
+                          "nothing was changed. If the run did not finish, delete that file and pass --resume; "
+                          "otherwise choose another output_dir")
     if m and m.get("status") == "completed":
         raise RunDirError(f"{out} already holds a completed run; choose another output_dir (nothing was changed)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in PRE_CLAIM) if out.is_dir() else []
+    if foreign and m is None and not _is_our_config(out):
+        raise RunDirError(f"output_dir {out} is not empty and is not a posttrain run (no manifest.json or config.yaml "
+                          f"written by posttrain); it holds {_listing(out, foreign)}. posttrain never writes over "
+                          "files it did not create: choose a new output_dir, or move those files away "
+                          "(nothing was changed)")
+    has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     if has_ckpt and not resume:
         raise RunDirError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it, "
                           "or choose another output_dir (nothing was changed)")
     if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        if m is not None:
-            (out / MANIFEST).unlink()  # a failed run being resumed is not complete either
-        (out / "config.yaml").write_text(dump_config(cfg))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            if m is not None:
+                (out / MANIFEST).unlink()  # a failed run being resumed is not complete either
+            (out / "config.yaml").write_text(dump_config(cfg))
+        except OSError as e:
+            raise RunDirError(f"cannot write to output_dir {out}: {e.strerror} ({e.filename}); choose a writable "
+                              "output_dir") from None
     barrier()
     return out
 
@@ -85,7 +131,7 @@ def publish_model(model, tokenizer, out: Path, *, adapter: bool, sharded: bool =
     else:
         model.save_pretrained(str(tmp), safe_serialization=True, state_dict=full)
     tokenizer.save_pretrained(str(tmp))
-    _commit(tmp, final)
+    _commit(tmp, final, replace=True)  # inside a claimed run: an existing model/ is this run's own
     barrier()
     return name
 
@@ -98,8 +144,16 @@ def _atomic_dir(final: Path) -> Path:
     return tmp
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    """Publish `tmp` as `final` with a rename, after making its bytes durable."""
+def _commit(tmp: Path, final: Path, *, replace: bool = False) -> None:
+    """Publish `tmp` as `final` with a rename, after making its bytes durable.
+
+    An existing `final` is replaced only with `replace=True` (a folder of a run we claimed); otherwise
+    it may be someone else's, so `tmp` is removed and a `RunDirError` raised.
+    """
+    if final.exists() and not replace:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(f"{final} already exists; posttrain does not replace what it did not write: choose "
+                          "another output path, or move it away (nothing was changed)")
     for f in tmp.iterdir():
         if f.is_file():
             with open(f, "rb") as fh:
@@ -170,5 +224,13 @@ def write_manifest(out: Path, *, status: str, cfg: RunConfig, data_hashes: dict,
     if error:
         m["error"] = error
     tmp = Path(out) / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(m, indent=1, default=str))
-    tmp.rename(Path(out) / MANIFEST)
+    try:
+        tmp.write_text(json.dumps(m, indent=1, default=str))
+        tmp.rename(Path(out) / MANIFEST)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if status == "failed":
+            # the caller is already raising the run's own error; this one must not replace it
+            print(f"posttrain: could not write {Path(out) / MANIFEST} ({e.strerror})", file=sys.stderr)
+            return
+        raise RunDirError(f"could not write {Path(out) / MANIFEST}: {e.strerror}; the run is not signed off") from None
