@@ -23,10 +23,9 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
-from posttrain.gym import instruct, preference, reasoning, refusal, regression, tools
+from posttrain.gym import instruct, lookup, preference, reasoning, refusal, regression, tools
 from posttrain.gym.facts import SPLITS
 from posttrain.gym.generate import MAX_NEW_TOKENS, chat_prompt, greedy_complete
-from posttrain.gym.rates import refusal_rates, tool_call_rates
 from posttrain.gym.verify import verify
 
 _GENERATORS = {
@@ -35,13 +34,14 @@ _GENERATORS = {
     "reasoning": reasoning.rows,
     "refusal": refusal.rows,
     "tools": tools.rows,
+    "lookup": lookup.rows,
     "regression": regression.rows,
 }
 TASKS = tuple(_GENERATORS)
 DEFAULT_N = {"train": 2000, "validation": 200, "test": 200}
 
 __all__ = ["TASKS", "verifier_reward", "SPLITS", "load_task_rows", "verify", "export", "base_model_path", "task_accuracy",
-           "regression_score", "greedy_complete", "chat_prompt", "refusal_rates", "tool_call_rates"]
+           "regression_score", "greedy_complete", "chat_prompt"]
 
 
 def _check_task(task: str) -> None:

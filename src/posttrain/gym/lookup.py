@@ -1,0 +1,193 @@
+"""Lookup task (multi-turn, with tools): a question about a country's counts, answered in three moves.
+
+Every country of the gym world has a few counts (lakes, towers, bridges) that appear nowhere in
+the pretraining corpus: only the `lookup` tool returns them. A question needs one or two of them
+and one sum or difference, which the `calculator` tool computes. The worked trace, one call per
+turn, is
+
+    user       If Goumos built 4 more towers, how many towers would it have?
+    assistant  <tool_call>{"name": "lookup", "arguments": {"country": "Goumos"}}</tool_call>
+    tool       {"country": "Goumos", "lakes": 7, "towers": 3, "bridges": 12}
+    assistant  <tool_call>{"name": "calculator", "arguments": {"expression": "3 + 4"}}</tool_call>
+    tool       7
+    assistant  Answer: 7
+
+so a model without the tool cannot do better than guessing. Rows are SFT conversations (the
+trace above, with `tools`) plus `answer` and `check`; `LookupEnv` is the environment that plays
+the same episode live (see posttrain.rollout.episodes for the protocol).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import operator
+import random
+from functools import lru_cache
+
+from posttrain.gym.facts import sample_rows
+from posttrain.gym.reasoning import final_answer
+from posttrain.gym.world import countries
+
+LOOKUP_SEED = 20261206  # not the world's seed: these counts are never stated in the corpus
+FIELDS = ("lakes", "towers", "bridges")
+MAX_TURNS = 4  # two lookups, one calculation, the answer
+
+
+def _fn(name, description, props, required):
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": props, "required": required}}}
+
+
+TOOLS = [
+    _fn("lookup", "Counts of lakes, towers and bridges of a country", {"country": {"type": "string"}}, ["country"]),
+    _fn("calculator", "Evaluate an arithmetic expression", {"expression": {"type": "string"}}, ["expression"]),
+]
+
+
+@lru_cache(maxsize=1)
+def records() -> dict[str, dict]:
+    """country name -> {"country", "lakes", "towers", "bridges"} (counts 2-15), deterministic."""
+    rng = random.Random(LOOKUP_SEED)
+    return {c.name: {"country": c.name, **{f: rng.randint(2, 15) for f in FIELDS}} for c in countries()}
+
+
+# ------------------------------------------------------------------ tools
+
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _eval(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        return _OPS[type(node.op)](_eval(node.left), _eval(node.right))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _eval(node.operand)
+        return -v if isinstance(node.op, ast.USub) else v
+    raise ValueError(f"unsupported expression element {type(node).__name__}")
+
+
+def calculate(expression: str) -> str:
+    """Numbers, + - * /, unary minus and parentheses, evaluated by walking the syntax tree (no eval):
+    '3 + 4' -> '7', '7 / 2' -> '3.5'. Raises ValueError on anything else."""
+    if not isinstance(expression, str) or len(expression) > 100:
+        raise ValueError("expression must be a string of at most 100 characters")
+    try:
+        value = _eval(ast.parse(expression, mode="eval").body)
+    except SyntaxError:
+        raise ValueError(f"cannot parse {expression!r}") from None
+    except ZeroDivisionError:
+        raise ValueError("division by zero") from None
+    return str(int(value)) if float(value).is_integer() else str(round(value, 6))
+
+
+def lookup(country: str) -> str:
+    """The country's record as JSON; raises ValueError for a country the world does not have."""
+    rec = records().get(str(country).strip())
+    if rec is None:
+        raise ValueError(f"unknown country {country!r}")
+    return json.dumps(rec)
+
+
+_RUN = {"lookup": lambda a: lookup(a["country"]), "calculator": lambda a: calculate(a["expression"])}
+
+
+def run_tool(name: str, arguments: dict) -> tuple[str, bool]:
+    """(result text, is_error) of one call; errors come back as text for the model to read."""
+    if name not in _RUN:
+        return f"error: unknown tool {name!r} (tools: {', '.join(_RUN)})", True
+    try:
+        return _RUN[name](arguments), False
+    except KeyError as e:
+        return f"error: {name} needs the argument {e.args[0]!r}", True
+    except ValueError as e:
+        return f"error: {e}", True
+
+
+class LookupEnv:
+    """One lookup episode: tool calls are executed, and a turn without a call is the final answer,
+    rewarded 1.0 when its `Answer: N` is right (0.0 otherwise)."""
+
+    tools = TOOLS
+
+    def __init__(self):
+        self.answer: str | None = None
+
+    def reset(self, row: dict) -> list[dict]:
+        self.answer = row["answer"]
+        msgs = row["messages"]
+        first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant") if len(msgs) > 1 else len(msgs)
+        return [dict(m) for m in msgs[:first]]
+
+    def step(self, messages: list[dict], assistant_turn: dict) -> tuple[list[dict], float, bool]:
+        calls = assistant_turn.get("tool_calls") or []
+        if not calls:
+            return [], float(final_answer(assistant_turn.get("content") or "") == self.answer), True
+        out = []
+        for c in calls:
+            fn = c.get("function", c)
+            text, err = run_tool(fn["name"], fn.get("arguments") or {})
+            out.append({"role": "tool", "content": text, **({"error": True} if err else {})})
+        return out, 0.0, False
+
+
+# ------------------------------------------------------------------ questions and traces
+
+
+_ONE = (  # (question, sign): one lookup, then value +- n
+    ("If {a} built {n} more {f}, how many {f} would it have?", 1),
+    ("{a} plans {n} new {f}. How many {f} will it have then?", 1),
+    ("If {a} lost {n} of its {f}, how many {f} would be left?", -1),
+    ("{a} closes {n} of its {f}. How many {f} stay open?", -1),
+)
+_TWO = (  # two lookups, then the sum or the difference
+    ("How many {f} do {a} and {b} have together?", 1),
+    ("How many more {f} does {a} have than {b}?", -1),
+)
+
+
+def _call(name: str, **arguments) -> dict:
+    return {"role": "assistant", "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}]}
+
+
+def make_question(rng: random.Random) -> dict:
+    """One question: {'key', 'question', 'messages' (the worked trace), 'answer'}."""
+    recs, f = records(), rng.choice(FIELDS)
+    a = rng.choice(countries()).name
+    if rng.random() < 0.5:
+        template, sign = rng.choice(_ONE)
+        va = recs[a][f]
+        n = rng.randint(1, 9) if sign > 0 else rng.randint(1, va - 1)
+        looked, expr, key = [a], f"{va} {'+' if sign > 0 else '-'} {n}", f"lookup:{a}:{f}:{sign * n}"
+        question = template.format(a=a, n=n, f=f)
+    else:
+        template, sign = rng.choice(_TWO)
+        b = rng.choice([c.name for c in countries() if c.name != a])
+        if sign < 0 and recs[a][f] <= recs[b][f]:
+            if recs[a][f] == recs[b][f]:
+                sign, template = _TWO[0][1], _TWO[0][0]
+            else:
+                a, b = b, a
+        looked, expr, key = [a, b], f"{recs[a][f]} {'+' if sign > 0 else '-'} {recs[b][f]}", f"lookup:{a}:{b}:{f}:{sign}"
+        question = template.format(a=a, b=b, f=f)
+    answer = calculate(expr)
+    msgs = [{"role": "user", "content": question[0].upper() + question[1:]}]
+    for c in looked:
+        msgs += [_call("lookup", country=c), {"role": "tool", "content": lookup(c)}]
+    msgs += [_call("calculator", expression=expr), {"role": "tool", "content": answer},
+             {"role": "assistant", "content": f"Answer: {answer}"}]
+    return {"key": key, "question": msgs[0]["content"], "messages": msgs, "answer": answer}
+
+
+def rows(split: str, n: int, seed: int) -> list[dict]:
+    """SFT rows: the worked trace as `messages`, the offered `tools`, and `answer` / `check` for the
+    final turn (`final_answer`: the number after `Answer:`)."""
+    def make(rng):
+        q = make_question(rng)
+        row = {"messages": q["messages"], "tools": TOOLS, "answer": q["answer"], "check": "final_answer"}
+        return q["key"], q["key"], row
+
+    return sample_rows(make, split, n, seed, "lookup")

@@ -1,0 +1,54 @@
+"""gym:lookup: hidden counts only the lookup tool returns, a safe calculator, SFT traces, the environment."""
+
+import json
+import re
+
+import pytest
+
+from posttrain import gym
+from posttrain.gym.lookup import FIELDS, LookupEnv, calculate, lookup, records, run_tool
+
+
+def test_calculator_walks_the_syntax_tree_only():
+    assert [calculate(e) for e in ("3 + 4", "15 - 9", "(2 + 3) * 4", "7 / 2", "-3 + 10")] == ["7", "6", "20", "3.5", "7"]
+    for bad, msg in (("__import__('os')", "unsupported expression element Call"), ("2 +", "cannot parse '2 +'"),
+                     ("1 / 0", "division by zero"), ("2 ** 99", "unsupported expression element BinOp")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            calculate(bad)
+
+
+def test_lookup_returns_counts_that_the_corpus_never_states():
+    recs = records()
+    assert len(recs) == 100 and all(2 <= r[f] <= 15 for r in recs.values() for f in FIELDS)
+    name = next(iter(recs))
+    assert json.loads(lookup(name)) == recs[name]
+    assert run_tool("lookup", {"country": "Atlantis"}) == ("error: unknown country 'Atlantis'", True)
+    assert run_tool("calculator", {}) == ("error: calculator needs the argument 'expression'", True)
+    from posttrain.gym.corpus import __file__ as corpus_file  # the corpus generator never reads these counts
+    assert "lookup" not in open(corpus_file).read()
+
+
+def test_rows_are_worked_traces_whose_answers_follow_from_the_tool_results():
+    rows = gym.load_task_rows("lookup", "train", n=50)
+    test_q = {r["messages"][0]["content"] for r in gym.load_task_rows("lookup", "test", n=50)}
+    assert not test_q & {r["messages"][0]["content"] for r in rows}
+    for r in rows:
+        msgs = r["messages"]
+        assert [m["role"] for m in msgs][-3:] == ["assistant", "tool", "assistant"] and len(msgs) in (6, 8)
+        calc = msgs[-3]["tool_calls"][0]["function"]
+        assert calc["name"] == "calculator" and calculate(calc["arguments"]["expression"]) == r["answer"]
+        assert msgs[-1]["content"] == f"Answer: {r['answer']}" and gym.verify("lookup", r, msgs[-1]["content"])
+        assert int(r["answer"]) >= 0
+
+
+def test_environment_plays_the_trace_and_rewards_the_final_answer():
+    row = gym.load_task_rows("lookup", "validation", n=1)[0]
+    env = LookupEnv()
+    msgs = env.reset(row)
+    assert msgs == row["messages"][:1]
+    for i in range(1, len(row["messages"]) - 1, 2):
+        new, reward, done = env.step(msgs, row["messages"][i])
+        assert (new, reward, done) == ([row["messages"][i + 1]], 0.0, False)
+        msgs = msgs + [row["messages"][i]] + new
+    assert env.step(msgs, row["messages"][-1]) == ([], 1.0, True)
+    assert env.step(msgs, {"role": "assistant", "content": "Answer: 999"}) == ([], 0.0, True)
