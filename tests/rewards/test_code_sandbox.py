@@ -137,7 +137,7 @@ def test_fork_bomb_is_bounded_and_fully_reaped(namespaces):
     finally:
         done.set()
         sampler.join()
-    assert 2 <= peak[0] <= limits.max_processes + 2  # + the namespace's and the sweep's helpers
+    assert 2 <= peak[0] <= limits.max_processes + 3  # + the reaper, bwrap's monitor, the sweep's helper
     assert sandbox_processes() == 0
 
 
@@ -163,7 +163,8 @@ def test_files_outside_the_sandbox_survive(namespaces):
                   f"            lambda: os.remove({canary!r}), lambda: os.chmod({canary!r}, 0o777),\n"
                   f"            lambda: shutil.rmtree({outside!r})):\n"
                   "    try:\n        act()\n    except OSError:\n        pass")
-        assert score(attack, [f"import os\nassert not os.path.exists({canary!r})"], namespaces=namespaces) == 0.0
+        # under bwrap the canary is not even visible; either way it must come out untouched
+        run_python(attack, limits=FAST, namespaces=namespaces)
         with open(canary) as f:
             assert f.read() == "alive"
         assert stat.S_IMODE(os.stat(canary).st_mode) == 0o644
@@ -224,7 +225,8 @@ def test_network_connection_is_refused(program, namespaces, block_sockets, neede
     finally:
         stop()
     assert received == [] and res.returncode == 1
-    assert ("PermissionError" in res.stderr) or ("Network is unreachable" in res.stderr) or ("101" in res.stderr)
+    # bwrap's network namespace has its own loopback, where nothing listens
+    assert any(err in res.stderr for err in ("PermissionError", "Connection refused", "111"))
 
 
 def test_audit_hook_alone_is_bypassed_by_ctypes():

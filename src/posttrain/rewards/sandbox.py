@@ -1,29 +1,34 @@
-"""Run untrusted Python in a separate, limited process.
+"""Run untrusted Python in a bubblewrap sandbox with no way out.
 
-Layers, outermost first (``isolation_report()`` says which ones work on this machine):
+The sandbox is bubblewrap (``bwrap``, Debian package ``bubblewrap``), the tool Flatpak uses, not
+namespace code of our own. Layers, outermost first (``isolation_report()`` lists them):
 
-1. **Process**: a new session (process group) killed as a whole on timeout; stdin is /dev/null;
-   the environment is rebuilt from scratch (PATH, HOME, LANG only), so no secrets are inherited;
-   the working directory is a fresh temporary directory, deleted afterwards; stdout/stderr are
-   write-only descriptors of parent-owned files (the program cannot read back its output), kept
-   up to ``max_output_bytes``.
-2. **rlimits**, set before the program runs: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_NPROC
-   (fork bombs), RLIMIT_FSIZE (file size, output included), RLIMIT_NOFILE, RLIMIT_CORE=0.
-3. **Unprivileged uid** (when the parent is root): the child runs as a uid of its own, unused by
-   anything else, so it cannot write or delete files it does not own, cannot signal the parent,
-   cannot read other processes' environments, and RLIMIT_NPROC (ignored for root) counts only
-   this run's processes. After the run every process of that uid is killed, which also catches
-   children that left the process group with setsid().
-4. **Namespaces** via util-linux ``unshare`` (when permitted): a network namespace with no
-   interface up (any connection fails, loopback included), a PID namespace whose init is the
-   sandbox (killing it kills every process inside; the parent's PID is not visible), and a
-   mount namespace with a private /proc. Non-root parents use a user namespace to get these.
-5. **Python audit hook** refusing to create sockets: defense in depth only, since ctypes or an
-   ``exec`` of another binary bypasses it. Where layer 4 is unavailable, this is the only
-   network barrier and it should not be trusted against a determined adversary.
+1. **Process**: a new session killed as a whole on timeout; stdin is /dev/null; the environment
+   is rebuilt from scratch (PATH, HOME, LANG only); stdout/stderr are write-only descriptors of
+   parent-owned files (the program cannot read back its output), kept up to ``max_output_bytes``.
+2. **Unprivileged uid** (when the parent is root): bwrap itself runs as a uid of its own, unused
+   by anything else, so the program owns no file of the host, cannot signal the parent, and
+   RLIMIT_NPROC counts only this run's processes. Every process of that uid is killed afterwards.
+3. **bwrap namespaces**: user (mapped to that uid only; nested user namespaces disabled), network
+   (no interface up: no TCP, UDP or abstract Unix socket reaches the host), PID (the program is
+   PID 1: when it ends every process inside dies), IPC (SysV objects die with the run), UTS,
+   cgroup, and mount: the root is an empty read-only tmpfs holding only ``/usr`` (and the
+   interpreter's prefix) read-only, a private ``/proc``, a minimal ``/dev``, and one private tmpfs
+   of ``tmpfs_mb`` at ``/tmp`` (``/dev/shm`` points into it) with the work folder ``/tmp/work``.
+   Nothing of the host's projects, homes, ``/etc`` or socket files is visible. The work folder's
+   files are copied in by bwrap from memory file descriptors: the parent writes nothing on disk.
+4. **seccomp** (x86-64 and arm64): SysV shm/semaphore/message queue creation (memory outside any
+   rlimit), ``unshare``/``setns``, the mount API, keyrings, ``bpf``, ``perf_event_open``,
+   ``userfaultfd`` and io_uring fail with EPERM; non-native ABIs are killed.
+5. **rlimits** set before the program runs: RLIMIT_CPU, RLIMIT_AS = ``memory_mb - tmpfs_mb`` (so
+   address space plus the tmpfs stay within ``memory_mb``), RLIMIT_NPROC, RLIMIT_FSIZE,
+   RLIMIT_NOFILE, RLIMIT_CORE=0, and ``no_new_privs``.
+6. **Python audit hook** refusing sockets: defense in depth only (ctypes bypasses it).
 
-What is not covered: disk filling through many files (only each file's size is limited), CPU
-time of the machine during the timeout, and kernel exploits. Use a VM or gVisor for those.
+``namespaces="off"`` skips layers 3 and 4 (for machines where bwrap cannot run): the program
+then sees the host's filesystem and network, and must be trusted not to try. Never chosen
+automatically. What no layer covers (kernel exploits, kernel memory such as inodes during the
+timeout, CPU contention) is listed in docs/security.md.
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ import itertools
 import json
 import math
 import os
+import platform
+import select
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -47,11 +55,22 @@ _UID_BASE = 1_900_000_000  # far above system and container uid ranges
 _uid_counter = itertools.count()
 _uid_lock = threading.Lock()
 
-# Runs first inside the sandbox, before the untrusted program. Passed with -c so that an
-# interpreter started as the unprivileged uid needs no readable file of ours. It forks: the
-# parent stays as a reaper (PID 1 of the namespace, which in-namespace signals cannot kill) and
-# reports the program's exit status on a pipe, because unshare 2.38 turns a child's death by
-# signal into a plain exit status 1; the child sets the limits and runs the program.
+WORK_DIR = "/tmp/work"  # the program's cwd and HOME inside bwrap, on the private tmpfs
+
+_INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install "
+                 "bubblewrap), or pass namespaces='off' to accept a weaker sandbox that shares the host's "
+                 "filesystem and network (see docs/security.md)")
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot be set up on this machine; the message says why and what to do."""
+
+
+# Runs first inside the sandbox, before the untrusted program. Passed with -c, so the sandbox
+# needs no file of ours. It forks: the parent stays as a reaper (PID 1 of the namespace, which
+# in-namespace signals cannot kill) and reports the program's exit status on a pipe, because a
+# death by signal would otherwise reach us as a plain exit status; the child sets the limits and
+# runs the program.
 _BOOT = r"""
 import ctypes, json, os, resource, runpy, sys, traceback
 cfg = json.loads(sys.argv[1])
@@ -64,6 +83,7 @@ if child:
             os.write(status_fd, str(os.waitstatus_to_exitcode(status)).encode())
             os._exit(0)
 os.close(status_fd)
+os.closerange(3, 1 << 16)  # bwrap leaves the descriptors of the files it copied in open
 # no_new_privs: setuid binaries (su, mount...) cannot give privileges back
 ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)
 for name, value in cfg["rlimits"].items():
@@ -92,11 +112,17 @@ class SandboxLimits:
 
     timeout_s: float = 5.0          # wall clock; the whole process group is killed after it
     cpu_s: int | None = None        # RLIMIT_CPU; default ceil(timeout_s) + 1
-    memory_mb: int = 512            # RLIMIT_AS (address space, so a little above resident memory)
+    memory_mb: int = 512            # address space (RLIMIT_AS) + the private tmpfs, together
     max_processes: int = 16         # RLIMIT_NPROC: processes of the sandbox uid (threads count)
     max_file_mb: int = 16           # RLIMIT_FSIZE: the largest file it may write, stdout included
     max_open_files: int = 64        # RLIMIT_NOFILE
     max_output_bytes: int = 1 << 20  # captured stdout/stderr kept by the parent
+    tmpfs_mb: int = 64              # the private /tmp (work folder and /dev/shm included), out of memory_mb
+
+    def __post_init__(self):
+        if self.tmpfs_mb < 1 or self.memory_mb - self.tmpfs_mb < 64:
+            raise ValueError(f"SandboxLimits: memory_mb ({self.memory_mb}) must exceed tmpfs_mb ({self.tmpfs_mb}) "
+                             "by at least 64 (the interpreter's address space), and tmpfs_mb must be at least 1")
 
 
 @dataclass
@@ -109,12 +135,89 @@ class SandboxResult:
     layers: tuple[str, ...]  # the isolation layers this run used
 
 
-def _unshare_prefix(root: bool) -> list[str] | None:
-    exe = shutil.which("unshare")
-    if exe is None:
+# seccomp: syscalls that fail with EPERM. SysV IPC objects hold memory that no rlimit counts
+# (the "3 x 200 MB of shm under a 512 MB limit" escape); the rest is kernel attack surface a test
+# program never needs. Numbers from asm/unistd_64.h and asm-generic/unistd.h.
+_DENIED = ("shmget", "semget", "msgget", "unshare", "setns", "mount", "umount2", "pivot_root", "open_tree",
+           "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "keyctl", "add_key",
+           "request_key", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter",
+           "io_uring_register")
+_SYSCALLS = {
+    # machine: (AUDIT_ARCH, first number of a foreign ABI sharing the arch (x32), numbers)
+    "x86_64": (0xC000003E, 0x40000000, dict(zip(_DENIED, (
+        29, 64, 68, 272, 308, 165, 166, 155, 428, 429, 430, 431, 432, 433, 442, 250, 248, 249, 321, 298, 323,
+        425, 426, 427)))),
+    "aarch64": (0xC00000B7, None, dict(zip(_DENIED, (
+        194, 190, 186, 97, 268, 40, 39, 41, 428, 429, 430, 431, 432, 433, 442, 219, 217, 218, 280, 241, 282,
+        425, 426, 427)))),
+}
+
+
+def _seccomp_program(machine: str) -> bytes | None:
+    """A classic-BPF seccomp filter (struct sock_filter[]) for bwrap --seccomp, or None if unknown arch."""
+    if machine not in _SYSCALLS:
         return None
-    user = [] if root else ["--user", "--map-root-user"]
-    return [exe, *user, "--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"]
+    arch, foreign, numbers = _SYSCALLS[machine]
+    LD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    ALLOW, KILL, EPERM = 0x7FFF0000, 0x80000000, 0x00050000 | 1
+    checks = ([(JGE, foreign)] if foreign is not None else []) + [(JEQ, n) for n in numbers.values()]
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, KILL), (LD, 0, 0, 0)]  # arch, then syscall nr
+    deny = len(prog) + len(checks) + 1  # index of the "ret EPERM" instruction, after "ret ALLOW"
+    for op, k in checks:
+        prog.append((op, deny - (len(prog) + 1), 0, k))
+    prog += [(RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+
+
+def _check_files(files: dict[str, str]) -> None:
+    """``files=`` keys must stay inside the work folder."""
+    for name, text in files.items():
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise TypeError(f"run_python: files maps relative paths to text, got {name!r}: {type(text).__name__}")
+        parts = name.split("/")
+        if name.startswith("/") or "\0" in name or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"run_python: files key {name!r} is not a relative path inside the work folder; "
+                             "use a name like 'data/input.txt' (no leading '/', no '.' or '..' parts)")
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter(python: str) -> tuple[str, str]:
+    """(the real interpreter binary, its prefix): a virtualenv's python is replaced by its base."""
+    out = subprocess.run([python, "-I", "-c", "import os, sys; print(os.path.realpath(sys._base_executable));"
+                          "print(os.path.realpath(sys.base_prefix))"],
+                         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    if out.returncode != 0:
+        raise OSError(f"{python} does not run: {out.stderr.strip()[-300:]}")
+    exe, prefix = out.stdout.split("\n")[:2]
+    return exe, prefix
+
+
+def _root_view(prefix: str) -> list[str]:
+    """bwrap arguments for the read-only filesystem: /usr, the /bin, /lib... of a merged-/usr
+    system (as symlinks) or split one (read-only), and the interpreter's prefix when elsewhere."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(d):
+            args += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            args += ["--ro-bind", d, d]
+    if prefix != "/usr" and not prefix.startswith("/usr/"):
+        args += ["--ro-bind", prefix, prefix]
+    return args
+
+
+def _bwrap_argv(prefix: str, limits: SandboxLimits, file_fds: dict[str, int], seccomp_fd: int | None) -> list[str]:
+    argv = [shutil.which("bwrap"), "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--as-pid-1", *_root_view(prefix), "--proc", "/proc", "--tmpfs", "/dev"]
+    for dev in ("null", "zero", "full", "random", "urandom"):
+        argv += ["--dev-bind", f"/dev/{dev}", f"/dev/{dev}"]
+    argv += ["--symlink", "/proc/self/fd", "/dev/fd", "--symlink", "/tmp", "/dev/shm",
+             "--size", str(limits.tmpfs_mb << 20), "--perms", "1777", "--tmpfs", "/tmp", "--dir", WORK_DIR]
+    for name, fd in file_fds.items():
+        argv += ["--file", str(fd), f"{WORK_DIR}/{name}"]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
+    return argv + ["--chdir", WORK_DIR, "--remount-ro", "/dev", "--remount-ro", "/", "--"]
 
 
 def _new_uid() -> int:
@@ -124,8 +227,9 @@ def _new_uid() -> int:
 
 @dataclass(frozen=True)
 class _Plan:
-    python: str
-    namespaces: bool
+    python: str   # the real interpreter binary
+    prefix: str   # its installation prefix, bound read-only inside bwrap
+    bwrap: bool
     drop_uid: bool
 
     @property
@@ -133,24 +237,19 @@ class _Plan:
         out = ["process-group", "clean-env", "tmp-cwd", "rlimits"]
         if self.drop_uid:
             out.append("unprivileged-uid")
-        if self.namespaces:
-            out += ["net-namespace", "pid-namespace", "mount-namespace"]
+        if self.bwrap:
+            out += ["bwrap", "user-namespace", "no-nested-userns", "net-namespace", "pid-namespace",
+                    "ipc-namespace", "mount-namespace", "read-only-root", "private-tmpfs"]
+            if platform.machine() in _SYSCALLS:
+                out.append("seccomp")
         return tuple(out)
 
 
-def _command(plan: _Plan, uid: int | None, cfg: dict) -> tuple[list[str], dict]:
-    """argv and extra Popen arguments for one run."""
-    tail = [plan.python, "-I", "-c", _BOOT, json.dumps(cfg)]
-    popen: dict = {}
-    if plan.namespaces:
-        prefix = _unshare_prefix(os.geteuid() == 0)
-        if plan.drop_uid:
-            # namespaces need root; the uid is dropped inside them, just before Python starts
-            prefix = prefix + [shutil.which("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs"]
-        return prefix + tail, popen
-    if plan.drop_uid:
-        popen = {"user": uid, "group": uid, "extra_groups": []}
-    return tail, popen
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, 0)  # no MFD_CLOEXEC: bwrap reads it
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def _live_processes(uid: int) -> int:
@@ -174,66 +273,72 @@ def _kill_uid(uid: int, attempts: int = 50) -> None:
     """SIGKILL every process of ``uid``: kill(-1) from that uid reaches exactly those.
 
     Repeated until none is left, because a process forking while the signal sweeps the process
-    list can leave a new child behind.
+    list can leave a new child behind. With bwrap the PID namespace already took them all.
     """
     kill = shutil.which("kill")
-    if kill is None:  # without it only the process group and the PID namespace clean up
-        return
     for _ in range(attempts):
+        if _live_processes(uid) == 0 or kill is None:
+            return
         subprocess.run([kill, "-KILL", "-1"], user=uid, group=uid, extra_groups=[],
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, env={}, timeout=10, check=False)
-        if _live_processes(uid) == 0:
-            return
 
 
 def _run(plan: _Plan, program: str, files: dict[str, str], limits: SandboxLimits, block_sockets: bool,
          ) -> SandboxResult:
     root = os.geteuid() == 0
     uid = _new_uid() if plan.drop_uid else None
-    workdir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+    files = {**files, "main.py": program}
+    fds: list[int] = []
+    hostdir = None
     try:
-        for name, text in {**files, "main.py": program}.items():
-            path = os.path.join(workdir, name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
-        if uid is not None:
-            for dirpath, _, names in os.walk(workdir):
-                for p in [dirpath, *(os.path.join(dirpath, n) for n in names)]:
-                    os.chown(p, uid, uid)
-        nproc = limits.max_processes + 1  # the reaper that waits for the program counts too
+        if plan.bwrap:
+            workdir = WORK_DIR
+            file_fds = {name: _memfd(name, text.encode()) for name, text in files.items()}
+            fds += file_fds.values()
+            seccomp = _seccomp_program(platform.machine())
+            seccomp_fd = _memfd("seccomp", seccomp) if seccomp is not None else None
+            if seccomp_fd is not None:
+                fds.append(seccomp_fd)
+            wrapper = _bwrap_argv(plan.prefix, limits, file_fds, seccomp_fd)
+        else:
+            workdir = hostdir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+            _write_tree(hostdir, files, uid)
+            wrapper = []
+        nproc = limits.max_processes + (2 if plan.bwrap else 1)  # + the reaper (+ bwrap's monitor)
         if not root:  # RLIMIT_NPROC counts every process of our own uid, not only the sandbox's
             nproc += _live_processes(os.getuid())
         cpu = limits.cpu_s if limits.cpu_s is not None else math.ceil(limits.timeout_s) + 1
-        mem, fsize = limits.memory_mb << 20, limits.max_file_mb << 20
-        cfg = {"program": "main.py", "block_sockets": block_sockets, "rlimits": {
+        mem, fsize = (limits.memory_mb - limits.tmpfs_mb) << 20, limits.max_file_mb << 20
+        status_r, status_w = os.pipe()
+        fds += [status_r, status_w]
+        cfg = {"program": "main.py", "block_sockets": block_sockets, "status_fd": status_w, "rlimits": {
             "RLIMIT_CPU": [cpu, cpu + 1], "RLIMIT_AS": [mem, mem], "RLIMIT_NPROC": [nproc, nproc],
             "RLIMIT_FSIZE": [fsize, fsize], "RLIMIT_NOFILE": [limits.max_open_files] * 2,
             "RLIMIT_CORE": [0, 0]}}
-        status_r, status_w = os.pipe()
-        cfg["status_fd"] = status_w
-        argv, popen = _command(plan, uid, cfg)
+        argv = wrapper + [plan.python, "-I", "-c", _BOOT, json.dumps(cfg)]
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1"}
+        popen = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
         out_r, out_w = _output_file()
         err_r, err_w = _output_file()
+        fds += [out_w, err_w]
         start = time.monotonic()
         try:
-            proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out_w,
-                                    stderr=err_w, start_new_session=True, pass_fds=(status_w,), **popen)
+            proc = subprocess.Popen(argv, cwd=hostdir or "/", env=env, stdin=subprocess.DEVNULL, stdout=out_w,
+                                    stderr=err_w, start_new_session=True, pass_fds=[f for f in fds if f != status_r],
+                                    **popen)
         except BaseException:
-            for fd in (status_r, out_r, err_r):
-                os.close(fd)
+            os.close(out_r)
+            os.close(err_r)
             raise
         finally:
-            for fd in (status_w, out_w, err_w):
-                os.close(fd)
-        timed_out = False
+            for fd in fds:
+                if fd != status_r:
+                    os.close(fd)
+            fds = [status_r]
         try:
-            proc.wait(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+            timed_out = not _wait(proc, limits.timeout_s)
         finally:
             _killpg(proc.pid)
             proc.wait()
@@ -241,12 +346,46 @@ def _run(plan: _Plan, program: str, files: dict[str, str], limits: SandboxLimits
                 _kill_uid(uid)
         duration = time.monotonic() - start
         status = _read(status_r, 32)
+        fds = []
         stdout, stderr = (_read(fd, limits.max_output_bytes) for fd in (out_r, err_r))
         returncode = None if timed_out else int(status) if status.lstrip("-").isdigit() else proc.returncode
         return SandboxResult(returncode, stdout, stderr, timed_out, duration,
                              plan.layers + (("socket-audit-hook",) if block_sockets else ()))
     finally:
-        shutil.rmtree(workdir, onerror=_force_remove)
+        for fd in fds:
+            os.close(fd)
+        if hostdir is not None:
+            shutil.rmtree(hostdir, onerror=_force_remove)
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for ``proc``; False on timeout. A pidfd wakes us the moment it
+    exits, where ``Popen.wait(timeout)`` polls with sleeps of up to 50 ms (a third of a run)."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # Python < 3.9 or Linux < 5.3
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def _write_tree(workdir: str, files: dict[str, str], uid: int | None) -> None:
+    """The work folder on the host, for namespaces='off' (keys already checked by _check_files)."""
+    for name, text in files.items():
+        path = os.path.join(workdir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    if uid is not None:
+        for dirpath, _, names in os.walk(workdir):
+            for p in [dirpath, *(os.path.join(dirpath, n) for n in names)]:
+                os.chown(p, uid, uid)
 
 
 def _killpg(pgid: int) -> None:
@@ -302,28 +441,38 @@ def _force_remove(func, path, _exc_info):
 
 @functools.lru_cache(maxsize=None)
 def _plan(python: str | None, namespaces: str, drop_uid: str) -> _Plan:
-    """The strongest configuration that actually runs here, found by trying them (cached)."""
+    """The configuration to use, checked by running it once (cached).
+
+    With bwrap ("auto"/"on"), the interpreter is the first of ``sys.executable`` (its base, for a
+    virtualenv) and ``/usr/bin/python3`` that runs inside; a prefix the sandbox uid cannot read
+    (a pyenv under /root) is skipped. Nothing weaker is ever chosen silently.
+    """
     root = os.geteuid() == 0
+    use_bwrap = namespaces != "off"
+    drop = {"auto": root, "on": True, "off": False}[drop_uid]
+    if drop and not root:
+        raise SandboxUnavailable("run_python: drop_uid='on' needs a root parent (it runs the sandbox as a fresh uid)")
+    if use_bwrap and shutil.which("bwrap") is None:
+        raise SandboxUnavailable(f"the code sandbox needs bubblewrap (bwrap), which is not on PATH: {_INSTALL_HINT}")
     pythons = [python] if python else list(dict.fromkeys(
         p for p in (sys.executable, "/usr/bin/python3", shutil.which("python3")) if p))
-    ns_options = {"auto": [True, False], "on": [True], "off": [False]}[namespaces]
-    uid_options = {"auto": [True, False] if root else [False], "on": [True], "off": [False]}[drop_uid]
-    if _unshare_prefix(root) is None or (root and shutil.which("setpriv") is None):
-        ns_options = [o for o in ns_options if not o] or ns_options
     tried = []
-    for drop in uid_options:  # an unprivileged uid matters more than namespaces, so it wins ties
-        for ns in ns_options:
-            for py in pythons:
-                plan = _Plan(py, ns, drop)
-                try:
-                    res = _run(plan, "print('sandbox-ok')", {}, SandboxLimits(timeout_s=20), False)
-                except (OSError, subprocess.SubprocessError) as e:
-                    tried.append(f"{plan}: {e}")
-                    continue
-                if res.stdout.strip() == "sandbox-ok":
-                    return plan
-                tried.append(f"{plan}: rc={res.returncode} {res.stderr.strip()[-200:]}")
-    raise RuntimeError("no sandbox configuration works on this machine; tried:\n" + "\n".join(tried))
+    for py in pythons:
+        try:
+            exe, prefix = _interpreter(py)
+            plan = _Plan(exe, prefix, use_bwrap, drop)
+            res = _run(plan, "print('sandbox-ok')", {}, SandboxLimits(timeout_s=20), False)
+        except (OSError, subprocess.SubprocessError) as e:
+            tried.append(f"{py}: {e}")
+            continue
+        if res.stdout.strip() == "sandbox-ok":
+            return plan
+        tried.append(f"{py}: exit status {res.returncode}: {res.stderr.strip()[-300:]}")
+    hint = ("bwrap needs unprivileged user namespaces (sysctl user.max_user_namespaces > 0 and, on Debian "
+            "kernels, kernel.unprivileged_userns_clone=1; in Docker, a seccomp profile allowing unshare). "
+            f"Otherwise {_INSTALL_HINT.split(', or ', 1)[1]}") if use_bwrap else "check the interpreter"
+    raise SandboxUnavailable("the code sandbox cannot be set up on this machine; tried:\n  " + "\n  ".join(tried)
+                             + f"\n{hint}")
 
 
 def isolation_report(python: str | None = None) -> dict:
@@ -337,12 +486,15 @@ def run_python(program: str, *, files: dict[str, str] | None = None, limits: San
                block_sockets: bool = True) -> SandboxResult:
     """Run the Python source ``program`` in the sandbox and return its exit status and output.
 
-    ``files``: extra files (relative path -> text) written next to it. ``python``: the interpreter;
-    by default the first of ``sys.executable``, ``/usr/bin/python3`` that the sandbox uid can run
-    (a virtualenv under /root is unreadable to it). ``namespaces`` / ``drop_uid``: ``"auto"`` (use
-    when they work), ``"on"`` (require), ``"off"`` (skip: for tests of the other layers).
+    ``files``: extra files (relative path inside the work folder -> text) written next to it.
+    ``python``: the interpreter (default: ``sys.executable``'s base, else ``/usr/bin/python3``).
+    ``namespaces``: ``"auto"`` or ``"on"`` (bwrap, required: ``SandboxUnavailable`` says how to
+    get it), or ``"off"`` (no bwrap: a weaker sandbox that sees the host; see docs/security.md).
+    ``drop_uid``: run as a fresh uid, ``"auto"`` (when root), ``"on"`` (require) or ``"off"``.
     """
     if namespaces not in ("auto", "on", "off") or drop_uid not in ("auto", "on", "off"):
         raise ValueError(f"run_python: namespaces and drop_uid take auto/on/off, got {namespaces!r}, {drop_uid!r}")
+    files = dict(files or {})
+    _check_files(files)
     plan = _plan(python, namespaces, drop_uid)
-    return _run(plan, program, files or {}, limits or SandboxLimits(), block_sockets)
+    return _run(plan, program, files, limits or SandboxLimits(), block_sockets)
