@@ -108,11 +108,12 @@ def test_bad_rows_name_origin_and_field(row, message):
 def test_sharegpt_converted_to_conversational():
     row = {"system": "Be brief.", "conversations": [
         {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
-        {"from": "function_call", "value": "{}"}, {"from": "observation", "value": "ok"}]}
+        {"from": "function_call", "value": "{}"}, {"from": "observation", "value": "ok"}, {"from": "gpt", "value": "Done."}]}
     e = ex(row)
     assert e.kind == "conversational"
     assert [(m["role"], m["content"]) for m in e.messages] == [
-        ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("assistant", "{}"), ("tool", "ok")]
+        ("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("assistant", "{}"), ("tool", "ok"),
+        ("assistant", "Done.")]
 
 
 def test_formats_detected_and_normalized():

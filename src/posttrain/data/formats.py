@@ -13,6 +13,13 @@ conversational     ``messages``: a list of {role, content}; roles system/user/as
 
 Every error is a `DataError` whose message starts with the row's origin and names the field:
 ``train.jsonl line 17: messages[2].role must be one of system/user/assistant/tool, got 'bot'``.
+
+A conversation's turns must also make sense as a whole; these rows are rejected, not skipped,
+because each one points at a conversion bug that would otherwise train silently on the wrong thing:
+
+- a system message anywhere but first (``messages[3] is a system message after the conversation started``);
+- a tool message that answers no tool call (``messages[1] is a tool result with no tool call before it``);
+- a conversation that ends on a user or tool turn (nothing after it is trained on).
 """
 
 from __future__ import annotations
@@ -81,6 +88,13 @@ def to_example(record: Record, fmt: str = "auto") -> Example:
         raise DataError(f"{where}: missing field 'messages' (conversational data)")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: messages has no assistant turn, so there is nothing to train on")
+    field = "messages" if "messages" in data else "conversations"
+    shift = len(messages) - len(data[field])  # ShareGPT's `system` field becomes a first message
+    _check_turns(messages, field, where, sharegpt=field == "conversations", shift=shift)
+    last = messages[-1]["role"]
+    if last != "assistant":
+        raise DataError(f"{where}: {field} ends on a {last} turn ({field}[{len(messages) - 1 - shift}]), which nothing "
+                        "after it is trained on: end the conversation with the assistant's answer, or drop that turn")
     return Example("conversational", where, messages=messages, tools=tools)
 
 
@@ -131,6 +145,8 @@ def _prompt_completion(data: dict, where: str) -> Example:
     completion = _messages(c, "completion", where)
     if not any(m["role"] == "assistant" for m in completion):
         raise DataError(f"{where}: completion has no assistant message, so there is nothing to train on")
+    _check_turns(prompt, "prompt", where)
+    _check_turns(completion, "completion", where, after=prompt)
     return Example("prompt_completion", where, prompt=prompt, completion=completion,
                    tools=_tools(data.get("tools"), where))
 
@@ -162,6 +178,29 @@ def _messages(msgs: Any, field: str, where: str) -> list[dict]:
             msg["content"] = _nonempty_str(m, "content", where, f"{at}.")
         out.append(msg)
     return out
+
+
+def _check_turns(msgs: list[dict], field: str, where: str, *, after: Optional[list[dict]] = None,
+                 sharegpt: bool = False, shift: int = 0) -> None:
+    """Reject a system message after the first turn and a tool message that answers no call.
+
+    `after` holds the turns before these (a completion's prompt). ShareGPT writes the call as the
+    text of a `function_call` turn, so there any assistant turn may precede a tool result. The first
+    `shift` messages were not in `field` (ShareGPT's `system`), so indices in messages skip them.
+    """
+    before = list(after or [])
+    for i, m in enumerate(msgs):
+        at, role = f"{field}[{i - shift}]", m["role"]
+        if role == "system" and any(b["role"] != "system" for b in before):
+            raise DataError(f"{where}: {at} is a system message after the conversation started; a system message "
+                            "may only come first (move it to the start, or merge it into the first one)")
+        if role == "tool":
+            prev = next((b for b in reversed(before) if b["role"] != "tool"), None)
+            calls = prev is not None and prev["role"] == "assistant" and (sharegpt or bool(prev.get("tool_calls")))
+            if not calls:
+                raise DataError(f"{where}: {at} is a tool result with no tool call before it (a tool message must "
+                                "follow an assistant message with tool_calls)")
+        before.append(m)
 
 
 def _tool_calls(calls: Any, at: str, where: str) -> list[dict]:
