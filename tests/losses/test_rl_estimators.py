@@ -79,8 +79,8 @@ def test_gspo_sequence_ratio_inside_the_clip_range():
     loss, m = gspo_loss(logps, old, adv, mask, eps_low=0.3, eps_high=0.3)
     s0, s1 = math.exp(0.2), math.exp(-0.2)
     assert loss.item() == pytest.approx(-(s0 * 1 - s1 * 1) / 2, abs=1e-12)
-    assert m["clip_frac"].item() == 0.0
-    assert m["seq_ratio"].item() == pytest.approx((s0 + s1) / 2, abs=1e-12)
+    assert m["clip_frac"] == 0.0
+    assert m["seq_ratio"] == pytest.approx((s0 + s1) / 2, abs=1e-12)
     loss.backward()
     # d/dlogp_t of -s_i A_i / B = -A_i s_i / (B |y_i|); padding gets 0
     expected = [[-s0 / 4, -s0 / 4], [s1 / 2, 0.0]]
@@ -92,7 +92,7 @@ def test_gspo_clips_whole_sequences_at_the_paper_range():
     loss, m = gspo_loss(logps, old, adv, mask)  # eps 3e-4 / 4e-4
     # row 0: min(1.2214, 1.0004) * 1; row 1: min(-0.8187, -0.9997) -> both clipped, no gradient
     assert loss.item() == pytest.approx(-(1.0004 - 0.9997) / 2, abs=1e-12)
-    assert m["clip_frac"].item() == 1.0
+    assert m["clip_frac"] == 1.0
     loss.backward()
     assert logps.grad.abs().sum().item() == 0.0
 
@@ -112,7 +112,7 @@ def test_gspo_kl_term_is_the_mean_of_sequence_token_means():
     ref = torch.tensor([[-1.5, -1.0]], dtype=F64)
     loss, m = gspo_loss(logps, None, torch.tensor([0.0], dtype=F64), torch.ones(1, 2), ref_logps=ref, beta=0.5)
     k3 = [math.exp(u) - u - 1 for u in (-0.5, 1.0)]  # u = ref - logp
-    assert m["kl"].item() == pytest.approx(sum(k3) / 2, abs=1e-12)
+    assert m["kl"] == pytest.approx(sum(k3) / 2, abs=1e-12)
     assert loss.item() == pytest.approx(0.5 * sum(k3) / 2, abs=1e-12)
 
 
@@ -124,8 +124,8 @@ def test_cispo_weights_are_clipped_and_detached():
     loss, m = cispo_loss(logps, old, adv, torch.ones(1, 2), eps_high=0.2)
     w = [1.2, math.exp(-1.5)]
     assert loss.item() == pytest.approx((-w[0] * 2 * -1.0 - w[1] * 2 * -2.0) / 2, abs=1e-12)
-    assert m["clip_frac"].item() == 0.5
-    assert m["is_weight"].item() == pytest.approx(sum(w) / 2, abs=1e-12)
+    assert m["clip_frac"] == 0.5
+    assert m["is_weight"] == pytest.approx(sum(w) / 2, abs=1e-12)
     loss.backward()
     # the weight is a constant: the gradient is -w A / N per token, even for the clipped token
     torch.testing.assert_close(logps.grad, torch.tensor([[-w[0] * 2 / 2, -w[1] * 2 / 2]], dtype=F64))

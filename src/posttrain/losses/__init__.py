@@ -4,8 +4,10 @@
 - ``preference``: DPO (sigmoid, ipo, hinge, robust), KTO, ORPO, SimPO, reward model.
 - ``rl``: GAE, PPO policy/value losses, GRPO advantages and loss, KL estimators; RLOO, REINFORCE++,
   GSPO and CISPO.
+- ``distill``: per-token reverse KL, forward KL and generalised JSD between student and teacher.
 """
 
+from posttrain.losses.distill import DIVERGENCES, distill_loss, token_divergence
 from posttrain.losses.preference import (
     DPO_LOSS_TYPES,
     chosen_nll,
@@ -88,4 +90,8 @@ __all__ = [
     "gspo_loss",
     "cispo_loss",
     "policy_loss",
+    # distillation
+    "DIVERGENCES",
+    "token_divergence",
+    "distill_loss",
 ]

@@ -425,7 +425,7 @@ def grpo_loss(
 
 # ------------------------------------------------------------------ newer estimators (issue #21)
 #
-# These return ``(loss, metrics)``: a scalar loss and a dict of detached scalar tensors.
+# These return ``(loss, metrics)``: a scalar loss and a dict of floats.
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -561,7 +561,7 @@ def gspo_loss(
         eps_low, eps_high: clip range of s_i.
     Returns:
         loss: scalar. metrics: ``clip_frac`` (fraction of sequences whose clipped term is active),
-        ``seq_ratio`` (mean s_i) and, with beta > 0, ``kl``; all detached.
+        ``seq_ratio`` (mean s_i) and, with beta > 0, ``kl``; floats.
     """
     m, logps, old_logps, advantages = _policy_inputs("gspo_loss", logps, old_logps, advantages, mask, ref_logps, beta)
     if advantages.shape != mask.shape[:1]:
@@ -573,12 +573,11 @@ def gspo_loss(
     unclipped = seq_ratio * advantages
     clipped = torch.clamp(seq_ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
     loss = -torch.minimum(unclipped, clipped).mean()
-    metrics = {"clip_frac": (clipped < unclipped).to(logps.dtype).mean().detach(),
-               "seq_ratio": seq_ratio.mean().detach()}
+    metrics = {"clip_frac": float((clipped < unclipped).to(logps.dtype).mean()), "seq_ratio": float(seq_ratio.mean())}
     if beta != 0.0:
         kl = masked_mean(kl_penalty(logps, _zero_pad(ref_logps.detach(), m), estimator="k3"), m, dim=1).mean()
         loss = loss + beta * kl
-        metrics["kl"] = kl.detach()
+        metrics["kl"] = float(kl)
     return loss, metrics
 
 
@@ -616,7 +615,7 @@ def cispo_loss(
     Returns:
         loss: scalar (its value is -mean(w A log pi), its gradient -w A grad log pi).
         metrics: ``clip_frac`` (fraction of tokens whose weight was clipped), ``is_weight`` (mean w)
-        and, with beta > 0, ``kl``; all detached.
+        and, with beta > 0, ``kl``; floats.
     """
     if aggregation not in _AGGREGATIONS:
         raise ValueError(f"cispo_loss: unknown aggregation {aggregation!r}; valid: {', '.join(GRPO_AGGREGATIONS)}")
@@ -629,12 +628,12 @@ def cispo_loss(
     ratio = torch.exp(logps.detach() - old_logps)
     weight = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -weight * advantages * logps
-    metrics = {"clip_frac": masked_mean((weight != ratio).to(logps.dtype), m).detach(),
-               "is_weight": masked_mean(weight, m).detach()}
+    metrics = {"clip_frac": float(masked_mean((weight != ratio).to(logps.dtype), m)),
+               "is_weight": float(masked_mean(weight, m))}
     if beta != 0.0:
         kl = kl_penalty(logps, _zero_pad(ref_logps.detach(), m), estimator="k3")
         per_token = per_token + beta * kl
-        metrics["kl"] = masked_mean(kl, m).detach()
+        metrics["kl"] = float(masked_mean(kl, m))
     max_len = mask.shape[1] if max_completion_length is None else max_completion_length
     if aggregation == "dr_grpo" and max_len < mask.shape[1]:
         raise ValueError(
@@ -663,3 +662,24 @@ def policy_loss(name: str, logps, old_logps, advantages, mask, **kw) -> tuple[to
     if name not in _POLICY_LOSSES:
         raise ValueError(f"policy_loss: unknown loss {name!r}; valid: {', '.join(POLICY_LOSSES)}")
     return _POLICY_LOSSES[name](logps, old_logps, advantages, mask, **kw)
+
+
+def ppo_advantages(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor, *, kl_coef: float, kl_estimator: str = "k1", gamma: float = 1.0,
+                   lam: float = 0.95, whiten_advantages: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO-RLHF's advantages (Ziegler et al. 2019; Ouyang et al. 2022): the per-token KL to the
+    reference is a penalty on every token and the sequence's score lands on its last token
+    (``token_rewards``); GAE(gamma, lambda) against the values gives advantages and returns.
+
+        kl_t = estimator(log pi_t - log pi_ref_t);   r_t = -kl_coef kl_t + [t = last] score
+        (A, R) = gae(r, V);   A <- whiten(A) when asked
+
+    Args: scores [B]; logps, ref_logps, values, mask [B, T]. Returns (advantages, returns, kl), each [B, T]
+    and zero outside the mask.
+    """
+    m = _check_mask("ppo_advantages", mask, logps=logps, ref_logps=ref_logps, values=values)
+    kl = _zero_pad(kl_penalty(logps, ref_logps, estimator=kl_estimator), m)
+    adv, returns = gae(token_rewards(scores, kl, m, kl_coef=kl_coef), values, m, gamma=gamma, lam=lam)
+    if whiten_advantages:
+        adv = whiten(adv, m)
+    return adv, returns, kl
