@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.posttrain-installed
 
-.PHONY: setup demo test test-grpo-gym test-slow bench browser clean
+.PHONY: setup demo test test-grpo-gym test-slow test-sandbox bench browser bubblewrap clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,21 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not found: the browser test will be skipped (install Debian's chromium)"; fi; }
 
-# the default suite; gym acceptance runs (minutes each, marked slow) are `make test-slow`
-test: setup browser
-	$(THREADS) $(BIN)/python -m pytest -q -m "not slow"
+# the code sandbox is bubblewrap (Debian's bubblewrap); the code reward tests and the hostile corpus need it
+bubblewrap:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else echo "bwrap not found: the code sandbox tests will be skipped (install Debian's bubblewrap)"; fi; }
+
+# the default suite; gym acceptance runs (minutes each, marked slow) are `make test-slow`,
+# the sandbox's hostile corpus (marked sandbox) is `make test-sandbox`
+test: setup browser bubblewrap
+	$(THREADS) $(BIN)/python -m pytest -q -m "not slow and not sandbox"
+
+# issue 16: >= 25 hostile programs against the code sandbox (~30 s); fails instead of skipping without bwrap
+test-sandbox: setup bubblewrap
+	$(THREADS) POSTTRAIN_REQUIRE_SANDBOX=1 $(BIN)/python -m pytest -q -m sandbox tests/rewards
 
 # issue 6's GRPO gym target through the demo's reasoning chain (~12 min, marked slow); CI runs it after `test`
 test-grpo-gym: setup

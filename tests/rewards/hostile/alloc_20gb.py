@@ -1,0 +1,3 @@
+"""Allocate 20 GB at once."""
+x = bytearray(20 << 30)
+print("allocated")

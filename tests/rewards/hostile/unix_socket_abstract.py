@@ -1,0 +1,12 @@
+"""Connect to an abstract-namespace Unix socket (no file: only the network namespace separates it)."""
+import ctypes
+import json
+
+p = json.load(open("params.json"))
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.socket(1, 1, 0)  # AF_UNIX, SOCK_STREAM
+addr = (1).to_bytes(2, "little") + b"\0" + p["name"].encode()
+rc = libc.connect(fd, addr, len(addr))
+err = ctypes.get_errno()
+sent = libc.write(fd, b"leak", 4) if rc == 0 else -1
+print(json.dumps({"connect": rc, "errno": err, "sent": sent}))
