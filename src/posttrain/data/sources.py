@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,29 +77,69 @@ def _read_file(path: Path, label: str) -> list[Record]:
     reader = _READERS.get(suffix)
     if reader is None:
         raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(SUFFIXES)}")
-    return reader(path, label)
+    try:
+        records = reader(path, label)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror})") from None
+    if not records:
+        raise DataError(f"{label}: no rows (the file is empty)")
+    return records
+
+
+# byte-order marks of the encodings people save text in by mistake (Windows editors, PowerShell)
+_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+         b"\xfe\xff": "UTF-16"}
+
+
+def read_text(path: Path, label: Optional[str] = None) -> str:
+    """A text file's content as UTF-8 (a UTF-8 byte-order mark is dropped).
+
+    Any other encoding is a `DataError` naming the file, and for a bad byte its line and column,
+    instead of a `UnicodeDecodeError` that names neither.
+    """
+    label = label or str(path)
+    data = Path(path).read_bytes()
+    for bom, enc in _BOMS.items():
+        if data.startswith(bom):
+            raise DataError(f"{label}: the file is {enc}-encoded; save it as UTF-8 "
+                            f"(for example: iconv -f {enc} -t UTF-8 {path} > fixed{path.suffix})")
+    nul = data.find(b"\0")
+    if nul >= 0:  # valid UTF-8, but no text data set holds one: binary data, or UTF-16 without a mark
+        line, col = _line_col(data, nul)
+        raise DataError(f"{label} line {line}: a NUL byte at column {col}: binary data, or a UTF-16 file without a "
+                        "byte-order mark; save the file as UTF-8 text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = data.startswith(b"\xef\xbb\xbf") * 3 + e.start
+        line, col = _line_col(data, start)
+        raise DataError(f"{label} line {line}: not valid UTF-8 (byte 0x{data[start]:02x} at column {col}); save "
+                        "the file as UTF-8, or remove the binary data") from None
+
+
+def _line_col(data: bytes, offset: int) -> tuple[int, int]:
+    return data.count(b"\n", 0, offset) + 1, offset - (data.rfind(b"\n", 0, offset) + 1) + 1
 
 
 def _read_jsonl(path: Path, label: str) -> list[Record]:
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{label} line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            out.append(Record(row, where))
+    for lineno, line in enumerate(read_text(path, label).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{label} line {lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        out.append(Record(row, where))
     return out
 
 
 def _read_json(path: Path, label: str) -> list[Record]:
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(read_text(path, label))
     except json.JSONDecodeError as e:
         raise DataError(f"{label} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     # a top-level list of rows, or {"data": [...]} as many published data sets ship
@@ -111,8 +152,8 @@ def _read_json(path: Path, label: str) -> list[Record]:
 
 def _read_csv(path: Path, label: str) -> list[Record]:
     out = []
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(read_text(path, label), newline=""))
+    try:
         for row in reader:
             where = f"{label} line {reader.line_num}"
             if None in row:
@@ -131,15 +172,21 @@ def _read_csv(path: Path, label: str) -> list[Record]:
                 if col not in ("prompt", "completion") or is_messages:
                     row[col] = value
             out.append(Record(dict(row), where))
+    except csv.Error as e:
+        raise DataError(f"{label} line {reader.line_num}: malformed CSV ({e})") from None
     return out
 
 
 def _read_parquet(path: Path, label: str) -> list[Record]:
     try:
         import pyarrow.parquet as pq
+        from pyarrow import ArrowException
     except ImportError:
         raise DataError(f"{label}: reading .parquet needs pyarrow (pip install 'posttrain[data]')") from None
-    rows = pq.read_table(path).to_pylist()
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except ArrowException as e:
+        raise DataError(f"{label}: not a readable parquet file ({e}); re-export it, or convert it to JSONL") from None
     return _read_rows(rows, label)
 
 

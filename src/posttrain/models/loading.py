@@ -15,7 +15,7 @@ import torch
 
 
 class ModelLoadError(RuntimeError):
-    pass
+    """A model that cannot be loaded; the message names the directory or file and what to do."""
 
 
 _DTYPES = {
@@ -50,7 +50,7 @@ def resolve_model_dir(name: Union[str, Path]) -> Path:
     if p.is_dir() and not (p / "config.json").exists():
         manifest = p / "manifest.json"
         if manifest.exists():
-            m = json.loads(manifest.read_text())
+            m = _read_json(manifest, "the run's manifest")
             if m.get("status") != "completed":
                 raise ModelLoadError(f"{p} is a posttrain run that did not complete (status: {m.get('status')}); "
                                      "resume it with --resume, or load one of its checkpoints")
@@ -60,9 +60,46 @@ def resolve_model_dir(name: Union[str, Path]) -> Path:
     return p
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`, or a `ModelLoadError` naming the file (truncated downloads are common)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        at = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise ModelLoadError(f"{path}: {what} is damaged or truncated (not valid JSON{at}); download or save it "
+                             "again") from None
+    if not isinstance(doc, dict):
+        raise ModelLoadError(f"{path}: {what} must be a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise `ModelLoadError` naming `path` if a safetensors file is truncated or its header is damaged.
+
+    Reads the header only (8-byte length, then JSON with each tensor's byte range), so a file cut
+    short by an interrupted copy is caught before the loader reports it without the path.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = f.read(n) if 0 < n <= size - 8 else b""
+    try:
+        meta = json.loads(header)
+        end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise ModelLoadError(f"{path}: not a readable safetensors file (damaged or truncated header, "
+                             f"{size} bytes); download or save the model again") from None
+    if 8 + n + end > size:
+        raise ModelLoadError(f"{path}: truncated ({size} bytes, its header describes {8 + n + end}); download or "
+                             "save the model again")
+
+
 def _check_weights(path: Path, allow_pickle: bool) -> None:
     if not path.is_dir():
         return
+    for f in sorted(path.glob("*.safetensors")):
+        check_safetensors(f)
     has_safe = any(path.glob("*.safetensors"))
     has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
     if not has_safe and has_pickle and not allow_pickle:
@@ -77,7 +114,18 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
 def load_tokenizer(name: Union[str, Path], *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+    if Path(name).is_dir():
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(name) / f).is_file():
+                _read_json(Path(name) / f, "a tokenizer file")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if Path(name).exists():
+            raise ModelLoadError(f"could not load the tokenizer from {name}: {e}") from None
+        raise ModelLoadError(_unreachable(str(name))) from None
+    except ValueError as e:  # a damaged tokenizer file (JSONDecodeError is one)
+        raise ModelLoadError(f"could not load the tokenizer from {name}: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None:
         # a pad token is needed for batching; the EOS token is the usual stand-in and never trained as padding
         tok.pad_token = tok.eos_token
@@ -119,13 +167,22 @@ def load(
                     gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation)
     local = src.exists()
     if local:
+        if not src.is_dir():
+            raise ModelLoadError(f"model {src} is a file; give the model's directory (config.json + *.safetensors)")
         if not (src / "config.json").exists():
             raise ModelLoadError(f"{src} is not a Hugging Face model directory (no config.json)")
+        _read_json(src / "config.json", "the model config")
         _check_weights(src, allow_pickle)
     elif str(model).startswith((".", "/", "~")):
-        raise ModelLoadError(f"model directory not found: {model}")
+        raise ModelLoadError(f"model directory not found: {model}; give a directory with config.json and "
+                             "*.safetensors (or a finished posttrain run)")
     name = str(src) if local else str(model)
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if local:
+            raise ModelLoadError(f"could not load model '{model}': {e}") from None
+        raise ModelLoadError(_unreachable(str(model))) from None
     kind = _model_kind(config)
     kwargs = dict(
         dtype=resolve_dtype(dtype),
@@ -162,14 +219,20 @@ def load(
     return m, tok
 
 
+def _unreachable(name: str) -> str:
+    return (f"model '{name}' is not a local directory, and the hub could not be reached or has no such model "
+            f"(offline?). Download it first (huggingface-cli download {name} --local-dir DIR) and pass model=DIR, "
+            "or give a local directory with config.json and *.safetensors")
+
+
 def _adapter_base(adapter_dir: Path) -> str:
     """The base model an adapter was trained on: the run's manifest, else the adapter's own config."""
     manifest = adapter_dir.parent / "manifest.json"
     if manifest.exists():
-        base = json.loads(manifest.read_text()).get("base_model")
+        base = _read_json(manifest, "the run's manifest").get("base_model")
         if base:
             return base
-    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = _read_json(adapter_dir / "adapter_config.json", "the adapter config").get("base_model_name_or_path")
     if not base:
         raise ModelLoadError(f"{adapter_dir} is an adapter without a recorded base model; pass model=BASE, adapter=DIR")
     return base
