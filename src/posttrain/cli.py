@@ -37,6 +37,8 @@ def _train_parser(stage: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"posttrain {stage}", description=f"Run the `{stage}` stage.")
     p.add_argument("--config", "-c", help="YAML config file")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="let --resume load a checkpoint whose files could run code (docs/security.md, Checkpoints)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
     return p
 
@@ -50,7 +52,9 @@ def cmd_train(stage: str, argv: list[str]) -> int:
     from posttrain.engine.dist import is_main, shutdown
 
     try:
-        res = stages.get(stage).run(cfg, resume=args.resume)
+        # passed only when given: a stage takes it once its engine hands it to load_checkpoint
+        trust = {"trust_checkpoint": True} if args.trust_checkpoint else {}
+        res = stages.get(stage).run(cfg, resume=args.resume, **trust)
         main = is_main()  # asked before the process group is gone, when every rank is "rank 0"
     finally:
         shutdown()
@@ -148,8 +152,10 @@ def cmd_export(argv: list[str]) -> int:
                                 description="Write a training checkpoint as an HF model (or PEFT adapter).")
     p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N")
     p.add_argument("--out", required=True)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint whose files could run code (docs/security.md, Checkpoints)")
     a = p.parse_args(argv)
-    print(f"posttrain: wrote {export_checkpoint(a.checkpoint, a.out)}")
+    print(f"posttrain: wrote {export_checkpoint(a.checkpoint, a.out, trust_checkpoint=a.trust_checkpoint)}")
     return 0
 
 
@@ -206,11 +212,12 @@ COMMANDS = {
 
 def _errors():
     from posttrain.config import ConfigError
+    from posttrain.engine.checkpoint import CheckpointError
     from posttrain.engine.run import RunDirError
     from posttrain.engine.trainer import TrainingError
     from posttrain.models.loading import ModelLoadError
 
-    errs = [ConfigError, RunDirError, TrainingError, ModelLoadError, UsageError, FileNotFoundError]
+    errs = [ConfigError, RunDirError, TrainingError, ModelLoadError, CheckpointError, UsageError, FileNotFoundError]
     try:
         from posttrain.pipeline import PipelineError
 
@@ -228,6 +235,8 @@ def _errors():
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # a global flag: our errors then show their traceback too
+    argv = [a for a in argv if a != "--debug"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -251,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"posttrain: error: unknown command '{cmd}'{hint}", file=sys.stderr)
         return 2
     except _errors() as e:
+        if debug:
+            raise
         print(f"posttrain: error: {e}", file=sys.stderr)
         return 2
 
