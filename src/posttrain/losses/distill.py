@@ -112,4 +112,4 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
     m = mask.bool()
     total = torch.where(m, d, torch.zeros_like(d)).sum()
     n = m.sum()
-    return total, {"divergence": float(total / n.clamp(min=1)), "tokens": int(n)}
+    return total, {"divergence": float(total.detach() / n.clamp(min=1)), "tokens": int(n)}

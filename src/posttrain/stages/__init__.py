@@ -10,6 +10,7 @@ STAGES = {
     "reward": "posttrain.stages.reward",
     "ppo": "posttrain.stages.ppo",
     "grpo": "posttrain.stages.grpo",
+    "distill": "posttrain.stages.distill",
     "safety": "posttrain.stages.safety",
 }
 
