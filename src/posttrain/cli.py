@@ -1,5 +1,8 @@
 """`posttrain <command>`: parse arguments, load the config, dispatch.
 
+`posttrain --help` lists the commands (stage summaries come from the stage modules' docstrings);
+`posttrain STAGE --help` lists every config key (posttrain.config_doc reads the schemas).
+
     posttrain sft --config run.yaml train.lr=1e-4
     posttrain sft model=DIR data.train=chats.jsonl output_dir=runs/a
     posttrain cpt model=DIR data.train=corpus.jsonl
@@ -11,7 +14,7 @@
     posttrain export RUN_DIR/checkpoints/step-N --out DIR   # checkpoint -> HF model / PEFT adapter
     posttrain launch --nproc N sft ...                      # torchrun, one process per GPU
     posttrain adapters show A
-    posttrain config STAGE          # print the defaults of a stage's config
+    posttrain config STAGE [--doc]  # print the defaults of a stage's config (--doc: commented)
     posttrain pipeline recipe.yaml [STAGE.key=value ...] [--only a,b] [--dry-run]
     posttrain cai critique|compare --model M --prompts P --constitution C --out F
 """
@@ -33,8 +36,17 @@ class UsageError(Exception):
     pass
 
 
-def _train_parser(stage: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"posttrain {stage}", description=f"Run the `{stage}` stage.")
+def _train_parser(stage: str, argv: list[str] = ()) -> argparse.ArgumentParser:
+    epilog = None
+    if "-h" in argv or "--help" in argv:  # the key list needs the stage's schema: built only when asked
+        from posttrain.config_doc import format_help
+        from posttrain.stages import schema
+
+        epilog = "config keys (KEY=VALUE on the command line, nested in --config YAML):\n\n" + \
+            format_help(schema(stage))
+    p = argparse.ArgumentParser(prog=f"posttrain {stage}", description=f"Run the `{stage}` stage: "
+                                f"{stage_summary(stage)}", epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", help="YAML config file")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -47,8 +59,12 @@ def cmd_train(stage: str, argv: list[str]) -> int:
     from posttrain import stages
     from posttrain.config import load_config
 
-    args = _train_parser(stage).parse_args(argv)
+    args = _train_parser(stage, argv).parse_args(argv)
     cfg = load_config(stage, args.config, args.overrides)
+    if not cfg.model:
+        raise UsageError(f"no model given: add model=DIR (a local Hugging Face directory, a finished run or a hub "
+                         f"name), e.g. `posttrain {stage} model=$(python -c 'import posttrain.gym as g; "
+                         f"print(g.base_model_path())') ...`; `posttrain {stage} --help` lists every key")
     from posttrain.engine.dist import is_main, shutdown
 
     try:
@@ -91,9 +107,16 @@ def cmd_config(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="posttrain config", description="Print a stage's resolved config.")
     p.add_argument("stage", choices=list(_train_stages()))
     p.add_argument("--config", "-c")
+    p.add_argument("--doc", action="store_true", help="as YAML with each key's type and description as a comment")
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
-    print(dump_config(load_config(a.stage, a.config, a.overrides)), end="")
+    a = p.parse_intermixed_args(argv)  # --doc may come after the overrides or between them
+    cfg = load_config(a.stage, a.config, a.overrides)
+    if a.doc:
+        from posttrain.config_doc import format_yaml_doc
+
+        print(format_yaml_doc(cfg), end="")
+        return 0
+    print(dump_config(cfg), end="")
     return 0
 
 
@@ -210,6 +233,54 @@ COMMANDS = {
 }
 
 
+# one line each for `posttrain --help` (else the command function's docstring); the stages' lines
+# come from their module docstrings
+SUMMARIES = {
+    "pipeline": "run a recipe: stages in order with lineage, skip/resume and one report",
+    "eval": "evaluate a model on a suite, optionally against a baseline (a CI regression gate)",
+    "demo": "post-train the bundled base model offline and print a before/after table",
+    "config": "print a stage's resolved config (--doc: with each key's type and description)",
+    "merge": "merge an adapter into its base model",
+    "export": "write a checkpoint as an HF model or PEFT adapter",
+    "adapters": "inspect an adapter (adapters show DIR)",
+    "report": "rebuild the HTML report of one or more runs",
+    "gym": "export gym tasks (verifiable data in the standard formats)",
+    "launch": "run a stage under torchrun, one process per GPU",
+    "cai": "constitutional AI data: critique-and-revision rows, RLAIF pairs",
+    "plan": "estimate a run before it starts",
+}
+
+
+def stage_summary(stage: str) -> str:
+    """The first sentence of the stage module's docstring, read without importing the module (no torch)."""
+    import ast
+    import importlib.util
+    import re
+
+    from posttrain.stages import STAGES
+
+    spec = importlib.util.find_spec(STAGES[stage])
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
+    para = " ".join(doc.split("\n\n")[0].split())
+    para = para.split(": ", 1)[1] if para.startswith("Stage `") and ": " in para else para
+    return re.split(r"(?<!\bal)\.\s+(?=[A-Z])", para)[0].rstrip(".")  # the first sentence; "et al. 2024" is not an end
+
+
+def format_commands(width: int = 100) -> str:
+    """`posttrain --help`: every command with one line."""
+    import textwrap
+
+    def block(names, line):
+        return [f"  {n:<10}" + textwrap.shorten(line(n), width - 12, placeholder=" ...") for n in names]
+
+    head = ["posttrain: post-training for causal language models", "",
+            "usage: posttrain COMMAND [ARGS]    (posttrain COMMAND --help: its options; a stage's: every key)",
+            "", "training stages (posttrain STAGE [--config FILE] [--resume] [KEY=VALUE ...]):"]
+    return "\n".join(head + block(_train_stages(), stage_summary) + ["", "other commands:"] +
+                     block(COMMANDS, lambda n: SUMMARIES.get(n) or (COMMANDS[n].__doc__ or "-").strip()) +
+                     ["", "docs: README.md and docs/*.md; -V/--version prints the version"])
+
+
 def _errors():
     from posttrain.config import ConfigError
     from posttrain.engine.checkpoint import CheckpointError
@@ -239,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print("\ncommands: " + ", ".join(list(_train_stages()) + list(COMMANDS)))
+        print(format_commands())
         return 0
     if argv[0] in ("-V", "--version"):
         import posttrain
