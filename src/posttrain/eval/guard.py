@@ -10,13 +10,29 @@ first score the guard sees. When the score falls more than `max_drop` (0-1 scale
 reference, the guard restores the weights of the last evaluation that was within the limit
 (kept in memory: the trainable parameters only, so a LoRA run keeps a few MB) and returns the
 reason, which stops the engine.
+
+The default guard, on in every stage (`eval.guard: on`), needs no task at all:
+
+    guards = default_guard(cfg, tokenizer, model)   # .evaluators/.guard (regression suite), .drift
+
+`DriftGuard` measures drift from the starting model (KL per token on its own continuations of
+the bundled general prompts) and the general-text perplexity change (`eval/drift.py`), on a
+budget: a check runs as soon as the time spent on checks, this one included, stays within
+`budget` (10%) of the training time so far, so the interval follows the measured cost of a check
+and the measured step time, and a stage with slow steps (RL) checks more often in steps. Past a
+limit it restores the trainable weights of the last check within the limits (the starting weights
+if none) and stops the run with a one-line reason.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+from posttrain.eval import drift as drift_mod
 
 from posttrain.eval.runner import run_suite
 from posttrain.eval.suites import load_suite
@@ -110,3 +126,184 @@ def from_config(cfg, tokenizer, *, model=None, baseline: Optional[float] = None)
     evaluator, guard = regression_guard(tokenizer, e.regression_suite, e.regression_every, e.regression_max_drop,
                                         baseline, model=model)
     return [evaluator], (guard if e.regression_max_drop else None)
+
+
+# ---------------------------------------------------------------- the default-on drift guard
+
+# Default limits, chosen from the gym calibration (docs/eval.md, "Calibration"): see the reasons there.
+DEFAULT_MAX_DRIFT_KL = 0.5
+DEFAULT_MAX_PPL_CHANGE = 0.25
+DEFAULT_BUDGET = 0.10
+DEFAULT_PROMPTS = 64
+
+
+def within_budget(spent_s: float, check_s: float, train_s: float, budget: float) -> bool:
+    """Whether one more check of `check_s` seconds keeps all checks within `budget` of the wall time:
+    (spent + check) <= budget * (train + spent + check). With steps of `t` seconds this runs a check
+    every ceil(check_s * (1 - budget) / (budget * t)) steps or so: 9 steps of 1 s for a 1-s check at 10%."""
+    return spent_s + check_s <= budget * (train_s + spent_s + check_s)
+
+
+def _restore(model, state: dict) -> None:
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for n, v in state.items():
+            params[n].copy_(v.to(params[n].device))
+
+
+class DriftGuard:
+    """Drift and general-text perplexity checks on a time budget, with stop and roll-back past a limit.
+
+    The engine calls, after every optimizer step, `due(step, total_steps)`; when it is true,
+    `metrics = guard(model, step)` (model in eval mode) and `reason = guard.check(metrics)`,
+    which is None or the one-line stop reason (the weights are already rolled back then).
+
+    max_drift_kl: limit on `drift_kl` (nats per token, KL(start ‖ now)); None: only logged.
+    max_ppl_change: limit on `general_ppl_change` (relative, 0.25 = 25% higher perplexity); None: only logged.
+    budget: the share of training wall time the checks may take (0.10); the last step is always checked,
+        so that the model a run publishes was checked.
+    rollback: keep (on the CPU) the trainable weights of the last check within the limits and restore
+        them when a limit is crossed; with False the run only stops.
+    """
+
+    def __init__(self, model, tokenizer, *, text_source=None, max_drift_kl: Optional[float] = DEFAULT_MAX_DRIFT_KL,
+                 max_ppl_change: Optional[float] = DEFAULT_MAX_PPL_CHANGE, budget: float = DEFAULT_BUDGET,
+                 n_prompts: Optional[int] = DEFAULT_PROMPTS, max_new_tokens: int = 32, n_text: int = 64,
+                 batch_size: int = 16, rollback: bool = True, clock: Callable[[], float] = time.perf_counter):
+        for name, v in (("max_drift_kl", max_drift_kl), ("max_ppl_change", max_ppl_change)):
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be > 0 (or None to only log), got {v}")
+        if not 0 < budget < 1:
+            raise ValueError(f"budget must be in (0, 1) (a share of the training time), got {budget}")
+        self.max_drift_kl, self.max_ppl_change, self.budget = max_drift_kl, max_ppl_change, budget
+        self.rollback, self.batch_size, self.clock = rollback, batch_size, clock
+        self.pad_id = drift_mod._pad_id(tokenizer)
+        t0 = clock()
+        self.drift_ref = drift_mod.build_drift_reference(model, tokenizer, n_prompts=n_prompts,
+                                                         max_new_tokens=max_new_tokens, batch_size=batch_size)
+        self.text_ref = drift_mod.text_reference(model, tokenizer, text_source, n=n_text, batch_size=batch_size)
+        self.setup_s = clock() - t0
+        self.model = model
+        self.good = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad} \
+            if rollback else None
+        self.good_step = 0
+        self.history: list[dict] = []
+        # the starting model's check: its cost sets the cadence (and its drift is 0 unless the
+        # model already differs from its base, e.g. a run that continues an adapter)
+        t1 = clock()
+        self.start = self._measure(model)
+        self.check_s = clock() - t1
+        self.spent_s = self.check_s
+        self.train_s = 0.0
+        self._last = clock()
+
+    def _measure(self, model) -> dict:
+        was = model.training
+        model.eval()
+        try:
+            d = drift_mod.drift(model, self.drift_ref, batch_size=self.batch_size, pad_id=self.pad_id)
+            p = drift_mod.perplexity_change(model, self.text_ref, batch_size=self.batch_size, pad_id=self.pad_id)
+        finally:
+            model.train(was)
+        return {"drift_kl": d["drift_kl"], "drift_kl_stderr": d["drift_kl_stderr"], **p}
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Whether a check runs after `step`: the time since the last call counts as training time,
+        and a check is due when the checks' total would stay within `budget` of all the time spent."""
+        now = self.clock()
+        self.train_s += now - self._last
+        self._last = now
+        return step >= total_steps or within_budget(self.spent_s, self.check_s, self.train_s, self.budget)
+
+    def __call__(self, model, step: int) -> dict:
+        t0 = self.clock()
+        m = self._measure(model)
+        self.check_s = self.clock() - t0
+        self.spent_s += self.check_s
+        self._last = self.clock()  # the check's own time is not training time
+        self.model = model
+        m["guard_time_share"] = self.spent_s / max(self.train_s + self.spent_s, 1e-9)
+        if self._reason(m) is None:
+            self.good_step = step
+            if self.rollback:
+                self.good = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+        self.history.append({"step": step, **m})
+        return m
+
+    def _reason(self, m: dict) -> Optional[str]:
+        # limits apply to the change since the start: a run that continues an adapter starts with
+        # some drift from the base already, and only what this run adds is held against it
+        over = []
+        kl = m.get("drift_kl", 0.0) - self.start["drift_kl"]
+        ppl = m.get("general_ppl_change", 0.0) - self.start["general_ppl_change"]
+        if self.max_drift_kl is not None and kl > self.max_drift_kl:
+            over.append(f"drift from the base {m['drift_kl']:.3f} nats/token > limit {self.max_drift_kl}")
+        if self.max_ppl_change is not None and ppl > self.max_ppl_change:
+            over.append(f"general-text perplexity {m['general_ppl_change']:+.1%} vs the base > limit "
+                        f"+{self.max_ppl_change:.0%}")
+        return "; ".join(over) or None
+
+    def check(self, metrics: dict) -> Optional[str]:
+        """The stop reason when a limit is crossed (after rolling back), else None."""
+        over = self._reason(metrics)
+        if over is None:
+            return None
+        reason = f"forgetting guard: {over}"
+        if self.rollback and self.good is not None:
+            _restore(self.model, self.good)
+            reason += f"; weights rolled back to step {self.good_step}"
+        return reason + " (eval.guard: off disables it)"
+
+    def summary(self) -> dict:
+        """For the run's result: limits, checks, time share, and the last check's numbers."""
+        last = self.history[-1] if self.history else self.start
+        return {"max_drift_kl": self.max_drift_kl, "max_ppl_change": self.max_ppl_change, "checks": len(self.history),
+                "check_s": round(self.check_s, 3), "setup_s": round(self.setup_s, 3),
+                "time_share": round(self.spent_s / max(self.train_s + self.spent_s, 1e-9), 4),
+                "drift_kl": last["drift_kl"], "general_ppl_change": last["general_ppl_change"],
+                "text_source": self.text_ref.source}
+
+
+def guard_settings(cfg) -> dict:
+    """The `eval.guard*` settings of a RunConfig, with their defaults while config.py does not declare them."""
+    e = cfg.eval
+    on = getattr(e, "guard", "on")
+    if on not in ("on", "off", True, False):
+        raise ValueError(f"eval.guard must be 'on' or 'off', got {on!r}")
+    return {"on": on in ("on", True),
+            "max_drift_kl": getattr(e, "guard_max_drift_kl", DEFAULT_MAX_DRIFT_KL),
+            "max_ppl_change": getattr(e, "guard_max_ppl_change", DEFAULT_MAX_PPL_CHANGE),
+            "budget": getattr(e, "guard_budget", DEFAULT_BUDGET),
+            "n_prompts": getattr(e, "guard_prompts", DEFAULT_PROMPTS),
+            "rollback": getattr(e, "guard_rollback", True)}
+
+
+@dataclass
+class Guards:
+    """What `default_guard` builds for a run.
+
+    evaluators, guard: the regression suite's (`from_config`), run at engine evaluations.
+    drift: the default-on `DriftGuard`, checked after optimizer steps (`due`, `__call__`, `check`).
+    """
+
+    evaluators: list = field(default_factory=list)
+    guard: Optional[Callable[[dict], Optional[str]]] = None
+    drift: Optional[DriftGuard] = None
+
+
+def default_guard(cfg, tokenizer, model) -> Guards:
+    """The guards every training stage runs: the regression suite when `eval.regression_every` is set,
+    and the drift guard unless `eval.guard: off`.
+
+    The drift guard's text sample is `data.mix.data` when the run mixes general data in, else the
+    bundled paragraphs. Call it with the model about to be trained (adapter attached, before any step).
+    """
+    evaluators, guard = from_config(cfg, tokenizer, model=model)
+    s = guard_settings(cfg)
+    if not s["on"]:
+        return Guards(evaluators, guard, None)
+    mix = getattr(cfg.data, "mix", None)
+    g = DriftGuard(model, tokenizer, text_source=mix.data if mix is not None else None,
+                   max_drift_kl=s["max_drift_kl"], max_ppl_change=s["max_ppl_change"], budget=s["budget"],
+                   n_prompts=s["n_prompts"], rollback=s["rollback"])
+    return Guards(evaluators, guard, g)

@@ -1,0 +1,121 @@
+"""The default-on drift guard: its time budget, its stop and roll-back on a run that forgets, and its settings."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from posttrain.eval.guard import DEFAULT_MAX_DRIFT_KL, DriftGuard, default_guard, guard_settings, within_budget
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+
+
+def test_budget_keeps_checks_within_ten_percent():
+    # 300 steps of 0.5 s, a check of 1 s measured once at the start (it counts too)
+    spent, train, checks, steps_at = 1.0, 0.0, 0, []
+    for step in range(1, 301):
+        train += 0.5
+        if within_budget(spent, 1.0, train, 0.10):
+            spent += 1.0
+            checks += 1
+            steps_at.append(step)
+    assert spent / (spent + train) <= 0.10
+    gaps = {b - a for a, b in zip(steps_at, steps_at[1:])}
+    assert gaps == {18}  # ceil(1.0 * 0.9 / (0.1 * 0.5)) = 18 steps between checks
+    assert checks == 15 and steps_at[0] == 36  # the start-up check is paid for first
+
+
+def _narrow_steps(model, tok, lr):
+    """A narrow task at a high learning rate: the model forgets fast."""
+    rows = [tok(f"<|im_start|>user\nSay it {i}<|im_end|>\n<|im_start|>assistant\nyes yes yes yes<|im_end|>")["input_ids"]
+            for i in range(8)]
+    width = min(len(r) for r in rows)
+    batch = torch.tensor([r[:width] for r in rows])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def step():
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def test_guard_stops_a_forgetting_run_and_rolls_back(tiny_models):
+    from posttrain.models.loading import load
+
+    model, tok = load(tiny_models("qwen2"), device="cpu")
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = DriftGuard(model, tok, n_prompts=12, max_new_tokens=6, n_text=8, max_drift_kl=0.3, max_ppl_change=None,
+                   budget=0.99)
+    assert g.start["drift_kl"] == 0.0 and g.start["general_ppl_change"] == 0.0 and g.good_step == 0
+    step_fn, reason, total = _narrow_steps(model, tok, lr=0.5), None, 20
+    for step in range(1, total + 1):
+        step_fn()
+        if g.due(step, total):
+            m = g(model, step)
+            reason = g.check(m)
+            if reason:
+                break
+    assert reason is not None and step < total, g.history
+    assert reason.startswith(f"forgetting guard: drift from the base {g.history[-1]['drift_kl']:.3f} nats/token > "
+                             "limit 0.3; weights rolled back to step ")
+    assert reason.endswith(" (eval.guard: off disables it)")
+    good = [h for h in g.history if h["step"] == g.good_step]
+    # the weights now are those of the last check within the limit: measuring again gives its numbers
+    again = g._measure(model)
+    if good:
+        assert abs(again["drift_kl"] - good[0]["drift_kl"]) < 1e-6 and good[0]["drift_kl"] <= 0.3
+    else:  # no check was within the limit: back to the starting weights
+        assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+        assert again["drift_kl"] == 0.0
+
+
+def test_no_rollback_only_stops(tiny_models):
+    from posttrain.models.loading import load
+
+    model, tok = load(tiny_models("qwen2"), device="cpu")
+    g = DriftGuard(model, tok, n_prompts=8, max_new_tokens=4, n_text=4, max_drift_kl=0.01, max_ppl_change=None,
+                   budget=0.5, rollback=False)
+    step_fn = _narrow_steps(model, tok, lr=0.5)
+    for _ in range(3):
+        step_fn()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reason = g.check(g(model, 1))
+    assert reason and "rolled back" not in reason
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_guard_limits_are_checked(tiny_models):
+    with pytest.raises(ValueError, match=r"max_drift_kl must be > 0 \(or None to only log\), got 0"):
+        DriftGuard(None, None, max_drift_kl=0)
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\)"):
+        DriftGuard(None, None, budget=1.5)
+
+
+def test_settings_default_on_and_off():
+    from posttrain.config import load_config
+
+    s = guard_settings(load_config("sft"))
+    assert s["on"] is True and s["max_drift_kl"] == DEFAULT_MAX_DRIFT_KL and s["budget"] == 0.10
+    off = SimpleNamespace(eval=SimpleNamespace(guard="off"), data=SimpleNamespace(mix=None))
+    assert guard_settings(off)["on"] is False
+    with pytest.raises(ValueError, match="eval.guard must be 'on' or 'off', got 'maybe'"):
+        guard_settings(SimpleNamespace(eval=SimpleNamespace(guard="maybe")))
+
+
+def test_default_guard_uses_the_mix_data(tiny_models, tmp_path):
+    from posttrain.config import load_config
+    from posttrain.models.loading import load
+
+    model, tok = load(tiny_models("qwen2"), device="cpu")
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"text": f"General text number {i}."}) + "\n" for i in range(6)))
+    cfg = load_config("sft", overrides=[f"data.mix.data={general}"])
+    guards = default_guard(cfg, tok, model)
+    assert guards.evaluators == [] and guards.guard is None
+    assert guards.drift.text_ref.source == str(general) and len(guards.drift.text_ref.rows) == 6
+    assert guards.drift.summary()["checks"] == 0 and guards.drift.summary()["drift_kl"] == 0.0
