@@ -152,3 +152,21 @@ def test_a_cut_turn_ends_the_episode_and_a_missing_argument_is_invalid(tok):
     assert eps.rewards.tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match=r"params.n must be 1 \(use group_size for several episodes per row\), got 2"):
         run_episodes(eng, rows, LookupEnv, SamplingParams(n=2), parse_calls=parse)
+
+
+def test_the_documented_python_environment_runs_model_code_in_the_sandbox(tok):
+    """docs/rl.md's example environment, exactly as printed, played by the scripted model."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "rl.md").read_text()
+    section = doc[doc.index("## Multi-turn episodes"):]
+    ns = {}
+    exec(compile(re.findall(r"```python\n(.*?)```", section, flags=re.S)[1], "docs/rl.md PythonEnv", "exec"), ns)
+    q = "What is 6 * 7?"
+    script = ['<tool_call>{"name": "python", "arguments": {"code": "print(6 * 7)"}}</tool_call>', "Answer: 42"]
+    eng = RolloutEngine(None, tok, backend=ScriptedBackend(tok, {q: script}))
+    eps = run_episodes(eng, [{"question": q, "answer": "42"}], ns["PythonEnv"], SamplingParams(max_new_tokens=64),
+                       parse_calls=parse, max_turns=3)
+    assert eps.messages[0][2] == {"role": "tool", "content": "42\n", "error": False}
+    assert eps.rewards.tolist() == [1.0] and eps.num_turns == [2]
