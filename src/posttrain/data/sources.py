@@ -38,7 +38,14 @@ def read_records(source: Any, *, name: Optional[str] = None, split: str = "train
     `source` is a path (.jsonl, .json, .parquet, .csv), ``gym:TASK`` / ``gym:TASK:SPLIT``,
     a list of dicts, or a `datasets.Dataset`. `name` labels in-memory sources in error
     messages (default ``row N``). `split` is the gym split used when the source names none.
+    ``hf:ORG/NAME[:SPLIT][@CONFIG]``, `save_to_disk` folders, ``.arrow`` files and every
+    `datasets` object are read by `posttrain.data.hub` (`split` picks a DatasetDict's split).
     """
+    # imported on use: hub builds on this module (Record, DataError), and most runs read plain files
+    from posttrain.data import hub
+
+    if hub.is_hub_source(source):
+        return hub.read_hub(source, split=split, name=name)
     if isinstance(source, (str, Path)):
         text = str(source)
         if text.startswith(GYM_PREFIX):
@@ -82,7 +89,7 @@ def _read_file(path: Path, label: str) -> list[Record]:
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror})") from None
     if not records:
-        raise DataError(f"{label}: no rows (the file is empty)")
+        raise DataError(f"{label}: the file holds no rows")
     return records
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import yaml
+
+from posttrain.data.sources import DataError, read_records
 
 KINDS = ("multiple_choice", "generate", "perplexity", "ifeval", "refusal", "tool_call")
 
@@ -34,7 +35,7 @@ _KEYS = {"name", "kind", "data", "format", "description", "limit", "primary", "i
 SCORERS = ("exact", "regex", "verifier")
 
 
-class TaskError(ValueError):
+class TaskError(DataError):
     """A task file or row that cannot be used; the message names the file (and line) and the key."""
 
 
@@ -86,23 +87,17 @@ def resolve_callable(name: str, where: str) -> Callable:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """A task's rows, read by the data reader (`posttrain.data.sources`): the same errors, naming file and line.
+
+    Each row gets `_origin` (``capitals.jsonl line 3``: the file's name, as results show it).
+    """
     if not path.is_file():
         raise TaskError(f"task data not found: {path}")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{path.name} line {i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise TaskError(f"{path.name} line {i}: each line must be a JSON object, got {type(row).__name__}")
-        row.setdefault("_origin", f"{path.name} line {i}")
-        rows.append(row)
-    if not rows:
-        raise TaskError(f"{path}: no rows")
-    return rows
+    try:
+        records = read_records(path)
+    except DataError as e:
+        raise TaskError(str(e)) from None
+    return [{**r.data, "_origin": r.data.get("_origin", path.name + r.origin[len(str(path)):])} for r in records]
 
 
 def _has_prompt(row: dict) -> bool:
