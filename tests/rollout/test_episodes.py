@@ -9,15 +9,13 @@ from posttrain.data.formats import to_example
 from posttrain.data.render import tokenize_example
 from posttrain.data.sources import Record
 from posttrain.gym.lookup import LookupEnv
-from posttrain.rewards import parse_tool_calls
 from posttrain.rollout import GeneratedIds, RolloutEngine, SamplingParams
-from posttrain.rollout.episodes import environment_text, run_episodes
+from posttrain.rollout.episodes import documented_calls, environment_text, run_episodes
 
 LOGP = -0.25  # every scripted token's log-prob
 
 
-def parse(text):
-    return [c.to_dict() for c in parse_tool_calls(text)]
+parse = documented_calls
 
 
 class ScriptedBackend:
@@ -167,6 +165,6 @@ def test_the_documented_python_environment_runs_model_code_in_the_sandbox(tok):
     script = ['<tool_call>{"name": "python", "arguments": {"code": "print(6 * 7)"}}</tool_call>', "Answer: 42"]
     eng = RolloutEngine(None, tok, backend=ScriptedBackend(tok, {q: script}))
     eps = run_episodes(eng, [{"question": q, "answer": "42"}], ns["PythonEnv"], SamplingParams(max_new_tokens=64),
-                       parse_calls=parse, max_turns=3)
+                       max_turns=3)  # the documented parser by default
     assert eps.messages[0][2] == {"role": "tool", "content": "42\n", "error": False}
     assert eps.rewards.tolist() == [1.0] and eps.num_turns == [2]

@@ -36,15 +36,20 @@ import torch
 
 from posttrain.data.render import end_of_turn_marker
 from posttrain.data.tools import prepare, render_prompt
+from posttrain.rewards.tools import parse_tool_calls
 from posttrain.rollout.engine import RolloutEngine
 from posttrain.rollout.sampling import SamplingParams
 
 _CALL_BLOCK = re.compile(r"<tool_call>.*?(?:</tool_call>|\Z)", re.DOTALL)
 
-# parse_calls(text) -> [{"name": str, "arguments": dict}], raising ValueError on malformed call text.
-# The stage passes the documented parser (posttrain.rewards.parse_tool_calls, docs/tools.md); it is
-# an argument because rollout sits beside rewards, not above it.
+# parse_calls(text) -> [{"name": str, "arguments": dict}], raising ValueError on malformed call text
 ParseCalls = Callable[[str], list[dict]]
+
+
+def documented_calls(text: str) -> list[dict]:
+    """The calls in `text` read by the documented parser (`posttrain.rewards.parse_tool_calls`,
+    docs/tools.md: `<tool_call>` blocks or bare JSON); ToolCallParseError (a ValueError) when malformed."""
+    return [c.to_dict() for c in parse_tool_calls(text)]
 
 
 class Environment(Protocol):
@@ -173,7 +178,8 @@ def _assistant_turn(text: str, parse_calls: ParseCalls, table: dict) -> tuple[di
 
 
 def run_episodes(engine: RolloutEngine, rows: Sequence[dict], make_env: Callable[[], Environment],
-                 params: SamplingParams, *, parse_calls: ParseCalls, group_size: int = 1, max_turns: int = 4,
+                 params: SamplingParams, *, parse_calls: ParseCalls = documented_calls, group_size: int = 1,
+                 max_turns: int = 4,
                  max_length: Optional[int] = None) -> Episodes:
     """Play ``group_size`` episodes per row (episode i * group_size + j is sample j of row i).
 
