@@ -279,3 +279,31 @@ def test_killing_the_parent_fails(namespaces):
         bystander.wait()
     # and the trainer's sandbox still works afterwards
     assert score("def add(a, b):\n    return a + b", namespaces=namespaces) == 1.0
+
+
+def test_missing_bwrap_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no bwrap on it
+    _plan.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailable) as e:
+            run_python("print(1)")
+    finally:
+        _plan.cache_clear()
+    assert str(e.value).startswith("the code sandbox needs bubblewrap (bwrap), which is not on PATH: install "
+                                   "bubblewrap (Debian/Ubuntu: apt-get install bubblewrap;")
+    assert "namespaces='off'" in str(e.value)
+
+
+def test_limits_keep_room_for_the_interpreter():
+    with pytest.raises(ValueError) as e:
+        SandboxLimits(memory_mb=100, tmpfs_mb=64)
+    assert str(e.value) == ("SandboxLimits: memory_mb (100) must exceed tmpfs_mb (64) by at least 64 "
+                            "(the interpreter's address space), and tmpfs_mb must be at least 1")
+
+
+def test_tmpfs_counts_against_memory():
+    """/tmp and /dev/shm are one tmpfs of tmpfs_mb; the address space gets the rest of memory_mb."""
+    probe = ("import resource, os\nprint(resource.getrlimit(resource.RLIMIT_AS)[0] >> 20, "
+             "os.statvfs('/tmp').f_blocks * os.statvfs('/tmp').f_frsize >> 20, os.path.realpath('/dev/shm'))")
+    res = run_python(probe, limits=SandboxLimits(memory_mb=300, tmpfs_mb=40))
+    assert res.stdout.split() == ["260", "40", "/tmp"]

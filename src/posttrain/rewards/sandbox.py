@@ -72,7 +72,7 @@ class SandboxUnavailable(RuntimeError):
 # death by signal would otherwise reach us as a plain exit status; the child sets the limits and
 # runs the program.
 _BOOT = r"""
-import ctypes, json, os, resource, runpy, sys, traceback
+import json, os, resource, runpy, sys, traceback
 cfg = json.loads(sys.argv[1])
 status_fd = cfg["status_fd"]
 child = os.fork()
@@ -84,8 +84,10 @@ if child:
             os._exit(0)
 os.close(status_fd)
 os.closerange(3, 1 << 16)  # bwrap leaves the descriptors of the files it copied in open
-# no_new_privs: setuid binaries (su, mount...) cannot give privileges back
-ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)
+if cfg["no_new_privs"]:  # bwrap sets it itself; importing ctypes costs a few ms a run
+    # no_new_privs: setuid binaries (su, mount...) cannot give privileges back
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)
 for name, value in cfg["rlimits"].items():
     resource.setrlimit(getattr(resource, name), (value[0], value[1]))
 os.umask(0o077)
@@ -312,7 +314,8 @@ def _run(plan: _Plan, program: str, files: dict[str, str], limits: SandboxLimits
         mem, fsize = (limits.memory_mb - limits.tmpfs_mb) << 20, limits.max_file_mb << 20
         status_r, status_w = os.pipe()
         fds += [status_r, status_w]
-        cfg = {"program": "main.py", "block_sockets": block_sockets, "status_fd": status_w, "rlimits": {
+        cfg = {"program": "main.py", "block_sockets": block_sockets, "status_fd": status_w,
+               "no_new_privs": not plan.bwrap, "rlimits": {
             "RLIMIT_CPU": [cpu, cpu + 1], "RLIMIT_AS": [mem, mem], "RLIMIT_NPROC": [nproc, nproc],
             "RLIMIT_FSIZE": [fsize, fsize], "RLIMIT_NOFILE": [limits.max_open_files] * 2,
             "RLIMIT_CORE": [0, 0]}}
