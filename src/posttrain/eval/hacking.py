@@ -1,0 +1,264 @@
+"""Reward-hacking detectors for RL (GRPO, PPO): pure functions over per-step metric histories,
+and `HackingMonitor`, which runs them as a run goes and warns, logs and (optionally) stops.
+
+Reward hacking is the policy finding what the reward pays for instead of what it was meant to
+pay for (Skalse et al. 2022, "Defining and Characterizing Reward Hacking"; Gao et al. 2023,
+"Scaling Laws for Reward Model Overoptimization"). Each detector watches one symptom:
+
+| detector | fires when | default limit |
+|---|---|---|
+| `reward_vs_verifier` | the training reward rises while a held-out verifier score (or the regression score) falls | rise ≥ 0.1 and fall ≥ 0.05 |
+| `length_drift` | the mean completion length moves from its start by more than a factor | × 2 (or ÷ 2) |
+| `component_divergence` | one reward component rises while another falls (format gaming) | ±0.1 each |
+| `diversity_collapse` | distinct bigrams fall below a share of their start value, or too many identical completions or zero-variance groups | < 0.5 × start; > 0.5; > 0.8 |
+| `kl_bound` | KL to the reference passes a bound | 0.5 nats/token (window mean) |
+
+A change is always "the mean of the last `window` values minus the mean of the first `window`"
+(start vs now, each averaged to ride over per-step noise), and a detector needs 2·window values
+before it can fire. `diversity(completions, group_size, rewards)` turns one rollout into the
+per-step diversity metrics.
+
+    mon = HackingMonitor(stop_on=("kl_bound",))
+    for step ...:
+        metrics = {"reward": ..., "completion_length": ..., "kl": ..., "reward/format": ..., "reward/answer": ...,
+                   **diversity(completions, group_size, rewards)}
+        reason = mon.update(step, metrics)       # None, or the stop reason
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from statistics import fmean
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Finding:
+    """One detector firing: its name, the measured value, the limit it crossed, and a one-line message."""
+
+    detector: str
+    value: float
+    limit: float
+    message: str
+
+
+def _change(history: Sequence[float], window: int) -> Optional[tuple[float, float]]:
+    """(start mean, recent mean) over `window` values each; None until there are 2·window values."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    h = [float(x) for x in history if x is not None]
+    if len(h) < 2 * window:
+        return None
+    return fmean(h[:window]), fmean(h[-window:])
+
+
+def reward_vs_verifier(reward: Sequence[float], verifier: Sequence[float], *, window: int = 5,
+                       min_rise: float = 0.1, min_fall: float = 0.05) -> Optional[Finding]:
+    """The training reward rose by >= min_rise while the verifier score fell by >= min_fall.
+
+    `verifier` is a held-out score on its own cadence (a list as long as the number of times it
+    was measured), e.g. task accuracy on held-out prompts or the regression score.
+    """
+    r, v = _change(reward, window), _change(verifier, window)
+    if r is None or v is None:
+        return None
+    rise, fall = r[1] - r[0], v[0] - v[1]
+    if rise >= min_rise and fall >= min_fall:
+        return Finding("reward_vs_verifier", fall, min_fall,
+                       f"reward rose {r[0]:.3f} -> {r[1]:.3f} while the held-out verifier fell {v[0]:.3f} -> {v[1]:.3f}")
+    return None
+
+
+def length_drift(lengths: Sequence[float], *, window: int = 5, max_factor: float = 2.0) -> Optional[Finding]:
+    """The mean completion length grew or shrank by more than `max_factor` from its start."""
+    if max_factor <= 1:
+        raise ValueError(f"max_factor must be > 1, got {max_factor}")
+    c = _change(lengths, window)
+    if c is None or c[0] <= 0:
+        return None
+    factor = c[1] / c[0]
+    if factor > max_factor or factor < 1 / max_factor:
+        return Finding("length_drift", factor, max_factor,
+                       f"mean completion length went {c[0]:.1f} -> {c[1]:.1f} tokens (x{factor:.2f}; limit x{max_factor} "
+                       f"either way)")
+    return None
+
+
+def component_divergence(components: dict[str, Sequence[float]], *, window: int = 5,
+                         min_change: float = 0.1) -> Optional[Finding]:
+    """One reward component rose by >= min_change while another fell by >= min_change (format gaming:
+    the format reward climbs as the answer reward drops). Reports the largest such pair."""
+    changes = {}
+    for name, h in components.items():
+        c = _change(h, window)
+        if c is not None:
+            changes[name] = c[1] - c[0]
+    if not changes:
+        return None
+    up = max(changes, key=changes.get)
+    down = min(changes, key=changes.get)
+    if changes[up] >= min_change and -changes[down] >= min_change:
+        return Finding("component_divergence", -changes[down], min_change,
+                       f"reward component '{up}' rose {changes[up]:+.3f} while '{down}' fell {changes[down]:+.3f}")
+    return None
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct n-grams over all n-grams of the texts' whitespace tokens (Li et al. 2016); 1.0 when none."""
+    total, seen = 0, set()
+    for t in texts:
+        w = t.split()
+        grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 1.0
+
+
+def diversity(completions: Sequence[str], group_size: int, rewards: Optional[Sequence[float]] = None) -> dict:
+    """Per-rollout diversity: {"distinct_2", "identical_share", "zero_var_groups"}.
+
+    completions: prompt-major, `group_size` completions per prompt (GRPO's G; PPO: 1).
+    identical_share: completions that repeat another of their group, over all completions.
+    zero_var_groups: groups whose rewards are all equal (they carry no GRPO advantage), over groups.
+    """
+    if group_size < 1 or len(completions) % group_size:
+        raise ValueError(f"{len(completions)} completions do not split into groups of {group_size}")
+    groups = [completions[i:i + group_size] for i in range(0, len(completions), group_size)]
+    repeats = sum(len(g) - len(set(g)) for g in groups)
+    out = {"distinct_2": distinct_n(completions, 2), "identical_share": repeats / max(len(completions), 1)}
+    if rewards is not None:
+        if len(rewards) != len(completions):
+            raise ValueError(f"{len(rewards)} rewards for {len(completions)} completions")
+        rg = [rewards[i:i + group_size] for i in range(0, len(rewards), group_size)]
+        out["zero_var_groups"] = sum(max(g) - min(g) <= 1e-9 for g in rg) / len(rg) if group_size > 1 else 0.0
+    return out
+
+
+def diversity_collapse(distinct: Sequence[float], identical: Sequence[float] = (), zero_var: Sequence[float] = (), *,
+                       window: int = 5, min_distinct_ratio: float = 0.5, max_identical: float = 0.5,
+                       max_zero_var: float = 0.8) -> Optional[Finding]:
+    """Distinct bigrams fell below `min_distinct_ratio` of their start, or the recent share of identical
+    completions or of zero-variance groups passed its limit."""
+    c = _change(distinct, window)
+    if c is not None and c[0] > 0 and c[1] / c[0] < min_distinct_ratio:
+        return Finding("diversity_collapse", c[1] / c[0], min_distinct_ratio,
+                       f"distinct bigrams fell {c[0]:.3f} -> {c[1]:.3f} (below {min_distinct_ratio:.0%} of the start)")
+    for name, h, limit in (("identical completions", identical, max_identical),
+                           ("zero-variance groups", zero_var, max_zero_var)):
+        c = _change(h, window)
+        if c is not None and c[1] > limit:
+            return Finding("diversity_collapse", c[1], limit,
+                           f"{name} rose {c[0]:.0%} -> {c[1]:.0%} of the rollout (limit {limit:.0%})")
+    return None
+
+
+def kl_bound(kl: Sequence[float], *, window: int = 5, max_kl: float = 0.5) -> Optional[Finding]:
+    """The mean KL to the reference over the last `window` steps passed `max_kl` (nats per token)."""
+    h = [float(x) for x in kl if x is not None]
+    if len(h) < window:
+        return None
+    recent = fmean(h[-window:])
+    if recent > max_kl:
+        return Finding("kl_bound", recent, max_kl,
+                       f"KL to the reference {recent:.3f} nats/token (mean of the last {window} steps) > bound {max_kl}")
+    return None
+
+
+DETECTORS = ("reward_vs_verifier", "length_drift", "component_divergence", "diversity_collapse", "kl_bound")
+
+
+@dataclass
+class HackingMonitor:
+    """Runs every detector on the run's metric history at each `update`; warns once per detector.
+
+    Metric names read from each step's dict (missing ones are skipped; those detectors stay quiet):
+    `reward`, `verifier` (when measured that step), `completion_length`, `kl`, `reward/<component>`
+    (two or more for component_divergence), `distinct_2`, `identical_share`, `zero_var_groups`.
+
+    stop_on: detectors whose firing stops the run (`update` returns the reason); the others warn.
+    model + rollback: keep (on the CPU) the trainable weights of the last step at which no detector
+        had fired, every `snapshot_every` steps, and restore them when the run is stopped.
+    warn: where warnings go (default: print to stderr).
+    """
+
+    window: int = 5
+    min_rise: float = 0.1
+    min_fall: float = 0.05
+    max_length_factor: float = 2.0
+    min_component_change: float = 0.1
+    min_distinct_ratio: float = 0.5
+    max_identical: float = 0.5
+    max_zero_var: float = 0.8
+    max_kl: float = 0.5
+    stop_on: tuple[str, ...] = ()
+    model: object = None
+    rollback: bool = True
+    snapshot_every: int = 10
+    warn: Optional[Callable[[str], None]] = None
+    history: dict = field(default_factory=dict)
+    fired: dict = field(default_factory=dict)  # detector -> (step, Finding), the first firing
+
+    def __post_init__(self):
+        unknown = [d for d in self.stop_on if d not in DETECTORS]
+        if unknown:
+            raise ValueError(f"unknown detector(s) in stop_on: {unknown}; choose from {list(DETECTORS)}")
+        self._good, self._good_step = None, None
+        if self.model is not None and self.rollback:
+            self._snapshot(0)
+
+    def _snapshot(self, step: int) -> None:
+        self._good = {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+        self._good_step = step
+
+    def findings(self) -> list[Finding]:
+        """Every detector's finding on the history so far (None-free)."""
+        h, w = self.history, self.window
+        comps = {k[len("reward/"):]: v for k, v in h.items() if k.startswith("reward/")}
+        out = [
+            reward_vs_verifier(h.get("reward", []), h.get("verifier", []), window=w, min_rise=self.min_rise,
+                               min_fall=self.min_fall),
+            length_drift(h.get("completion_length", []), window=w, max_factor=self.max_length_factor),
+            component_divergence(comps, window=w, min_change=self.min_component_change) if len(comps) > 1 else None,
+            diversity_collapse(h.get("distinct_2", []), h.get("identical_share", []), h.get("zero_var_groups", []),
+                               window=w, min_distinct_ratio=self.min_distinct_ratio, max_identical=self.max_identical,
+                               max_zero_var=self.max_zero_var),
+            kl_bound(h.get("kl", []), window=w, max_kl=self.max_kl),
+        ]
+        return [f for f in out if f is not None]
+
+    def update(self, step: int, metrics: dict) -> Optional[str]:
+        """Record one step's metrics, run the detectors, warn on new firings; the stop reason or None."""
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.history.setdefault(k, []).append(float(v))
+        found = self.findings()
+        stop = []
+        for f in found:
+            if f.detector not in self.fired:
+                self.fired[f.detector] = (step, f)
+                (self.warn or _stderr)(f"posttrain: reward hacking? step {step}: {f.message}")
+            if f.detector in self.stop_on:
+                stop.append(f)
+        if not found and self.model is not None and self.rollback and step % self.snapshot_every == 0:
+            self._snapshot(step)
+        if not stop:
+            return None
+        reason = "reward-hacking guard: " + "; ".join(f.message for f in stop)
+        if self._good is not None:
+            with torch.no_grad():
+                params = dict(self.model.named_parameters())
+                for n, v in self._good.items():
+                    params[n].copy_(v.to(params[n].device))
+            reason += f"; weights rolled back to step {self._good_step}"
+        return reason
+
+    def metrics(self) -> dict:
+        """`hack/<detector>`: 1.0 for each detector that has fired, 0.0 otherwise (to log per step)."""
+        return {f"hack/{d}": float(d in self.fired) for d in DETECTORS}
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,108 @@
+"""Reward-hacking detectors on synthetic metric streams: each fires on its symptom and stays quiet on a clean run."""
+
+import random
+
+import pytest
+import torch
+
+from posttrain.eval import hacking as H
+
+
+def _noisy(start, end, n=30, sd=0.02, seed=0):
+    rng = random.Random(seed)
+    return [start + (end - start) * i / (n - 1) + rng.gauss(0, sd) for i in range(n)]
+
+
+def test_reward_vs_verifier():
+    hacked = H.reward_vs_verifier(_noisy(0.2, 0.9), _noisy(0.6, 0.3, n=10, seed=1), window=3)
+    assert hacked.detector == "reward_vs_verifier" and hacked.value == pytest.approx(0.3, abs=0.05)
+    assert hacked.message.startswith("reward rose 0.2")
+    assert H.reward_vs_verifier(_noisy(0.2, 0.9), _noisy(0.6, 0.7, n=10, seed=1), window=3) is None  # both rise
+    assert H.reward_vs_verifier(_noisy(0.5, 0.5), _noisy(0.6, 0.3, n=10), window=3) is None  # flat reward
+    assert H.reward_vs_verifier([0.1, 0.9], [0.9, 0.1], window=3) is None  # too few values to judge
+
+
+def test_length_drift_both_ways():
+    assert H.length_drift(_noisy(40, 130, sd=2)).value == pytest.approx(2.7, abs=0.1)  # window means: 46 -> 124
+    assert H.length_drift(_noisy(40, 12, sd=1)).message == ("mean completion length went 37.7 -> 14.0 "
+                                                                   "tokens (x0.37; limit x2.0 either way)")
+    assert H.length_drift(_noisy(40, 70, sd=2)) is None
+    with pytest.raises(ValueError, match="max_factor must be > 1, got 1"):
+        H.length_drift([1.0] * 10, max_factor=1)
+
+
+def test_component_divergence_is_format_gaming():
+    f = H.component_divergence({"format": _noisy(0.1, 0.95), "answer": _noisy(0.4, 0.1, seed=2)})
+    assert f.message.startswith("reward component 'format' rose +0.") and "'answer' fell -0." in f.message
+    assert H.component_divergence({"format": _noisy(0.1, 0.95), "answer": _noisy(0.4, 0.6, seed=2)}) is None
+
+
+def test_diversity_metrics_and_collapse():
+    d = H.diversity(["a b c", "a b c", "x y z", "p q r"], group_size=2, rewards=[1, 1, 0, 1])
+    assert d == {"distinct_2": 6 / 8, "identical_share": 0.25, "zero_var_groups": 0.5}
+    with pytest.raises(ValueError, match="5 completions do not split into groups of 2"):
+        H.diversity(["a"] * 5, 2)
+    assert H.distinct_n([]) == 1.0
+    collapsed = H.diversity_collapse(_noisy(0.8, 0.2))
+    assert collapsed.value == pytest.approx(0.32, abs=0.01)  # window means 0.79 -> 0.25
+    assert H.diversity_collapse(_noisy(0.8, 0.7), _noisy(0.0, 0.7)).message.startswith("identical completions rose")
+    assert H.diversity_collapse(_noisy(0.8, 0.7), _noisy(0.0, 0.1), _noisy(0.3, 0.95)).message.startswith(
+        "zero-variance groups rose")
+    assert H.diversity_collapse(_noisy(0.8, 0.7), _noisy(0.0, 0.1), _noisy(0.3, 0.4)) is None
+
+
+def test_kl_bound():
+    assert H.kl_bound(_noisy(0.01, 0.9)).value > 0.5
+    assert H.kl_bound(_noisy(0.01, 0.3)) is None
+    assert H.kl_bound([2.0] * 3) is None  # fewer than `window` steps
+
+
+def _clean_run(n=40, seed=0):
+    """A clean GRPO-like run: reward and verifier rise together, length and diversity steady, KL small."""
+    rng = random.Random(seed)
+    steps = []
+    for i in range(n):
+        r = 0.3 + 0.4 * i / n + rng.gauss(0, 0.03)
+        steps.append({"reward": r, "reward/answer": r, "reward/format": 0.8 + rng.gauss(0, 0.02),
+                      "completion_length": 60 + rng.gauss(0, 3), "kl": 0.02 + 0.002 * i,
+                      "distinct_2": 0.7 + rng.gauss(0, 0.02), "identical_share": 0.05, "zero_var_groups": 0.3,
+                      **({"verifier": 0.3 + 0.4 * i / n + rng.gauss(0, 0.02)} if i % 4 == 0 else {})})
+    return steps
+
+
+def test_monitor_is_quiet_on_clean_runs():
+    for seed in range(3):
+        warnings = []
+        mon = H.HackingMonitor(stop_on=H.DETECTORS, warn=warnings.append)
+        assert all(mon.update(i, m) is None for i, m in enumerate(_clean_run(seed=seed), 1))
+        assert warnings == [] and mon.metrics() == dict.fromkeys(f"hack/{d}" for d in H.DETECTORS) | {
+            f"hack/{d}": 0.0 for d in H.DETECTORS}
+
+
+def test_monitor_warns_once_and_stops_with_rollback():
+    model = torch.nn.Linear(2, 2)
+    warnings = []
+    mon = H.HackingMonitor(stop_on=("kl_bound",), model=model, snapshot_every=5, warn=warnings.append)
+    reason, step, w0 = None, 0, float(model.weight[0, 0].detach())
+    for step, m in enumerate(_clean_run(), 1):
+        m = dict(m, completion_length=60 * (1 + step / 10))  # a length blow-up: warns only
+        if step > 20:
+            m["kl"] = 1.5  # then the policy runs away from the reference: stops
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        reason = mon.update(step, m)
+        if reason:
+            break
+    assert [w.split(": ")[1] for w in warnings] == ["reward hacking? step 19", "reward hacking? step 22"], warnings
+    assert "mean completion length" in warnings[0] and "KL to the reference" in warnings[1]
+    assert step == 22 and reason.startswith("reward-hacking guard: KL to the reference 0.")
+    assert mon.fired["length_drift"][0] == 19  # window means x1.3 -> x2.7 of 60 tokens
+    # the last snapshot with no detector firing was step 15 (length_drift fired from step 19 on)
+    assert reason.endswith("weights rolled back to step 15")
+    assert float(model.weight[0, 0].detach()) == pytest.approx(w0 + 15)  # each step added 1.0
+    assert mon.metrics()["hack/kl_bound"] == 1.0 and mon.metrics()["hack/reward_vs_verifier"] == 0.0
+
+
+def test_monitor_rejects_unknown_detectors():
+    with pytest.raises(ValueError, match=r"unknown detector\(s\) in stop_on: \['length'\]"):
+        H.HackingMonitor(stop_on=("length",))
