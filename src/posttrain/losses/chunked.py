@@ -63,34 +63,38 @@ def _capped(s, temperature, softcap):
 
 def _chunk_forward(h, weight, bias, targets, temperature: float, softcap: Optional[float], with_entropy: bool,
                    dtype: torch.dtype):
+    """(log p, logsumexp z, H or None) of one chunk of rows."""
     z, _ = _capped(_raw_logits(h, weight, bias, dtype), temperature, softcap)
     lse = torch.logsumexp(z, -1)
     valid = targets != IGNORE_INDEX
     safe = targets.masked_fill(~valid, 0)
     logp = torch.where(valid, z.gather(-1, safe[:, None])[:, 0] - lse, torch.zeros_like(lse))
     if not with_entropy:
-        return logp, None
+        return logp, lse, None
     ent = lse - (torch.softmax(z, -1) * z).sum(-1)
-    return logp, ent
+    return logp, lse, ent
 
 
-def _chunk_backward(h, weight, bias, targets, g_logp, g_ent, temperature: float, softcap: Optional[float],
+def _chunk_backward(h, weight, bias, targets, lse, g_logp, g_ent, temperature: float, softcap: Optional[float],
                     dtype: torch.dtype):
-    """∂/∂s [rows, V] of one chunk (fp32), from the equations in the module docstring."""
+    """∂/∂s [rows, V] of one chunk (fp32), from the equations in the module docstring; `lse` is the
+    forward's logsumexp z, so the recomputed logits need one pass less."""
     z, t = _capped(_raw_logits(h, weight, bias, dtype), temperature, softcap)
-    logp_all = z - torch.logsumexp(z, -1, keepdim=True)
+    logp_all = z.sub_(lse[:, None])
     p = logp_all.exp()
     valid = targets != IGNORE_INDEX
     g = torch.where(valid, g_logp, torch.zeros_like(g_logp))
-    dz = p * (-g[:, None])
-    dz.scatter_add_(-1, targets.masked_fill(~valid, 0)[:, None], g[:, None])
     if g_ent is not None:
         ent = -(p * logp_all).sum(-1, keepdim=True)
-        dz -= g_ent[:, None] * p * (logp_all + ent)
+        dz = logp_all.add_(ent).mul_(p).mul_(-g_ent[:, None])
+        dz.addcmul_(p, g[:, None], value=-1)
+    else:
+        dz = p.mul_(-g[:, None])
+    dz.scatter_add_(-1, targets.masked_fill(~valid, 0)[:, None], g[:, None])
     if temperature != 1.0:
         dz /= temperature
     if t is not None:
-        dz *= 1 - t * t
+        dz.mul_(1 - t * t)
     return dz
 
 
@@ -102,15 +106,16 @@ class _ChunkedHead(torch.autograd.Function):
         n = h.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=h.device)
         ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=h.device)
+        lse = torch.empty(n, dtype=torch.float32, device=h.device)
         with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
             w, b = weight.to(dtype), (None if bias is None else bias.to(dtype))
             for a in range(0, n, chunk_size):
-                lp, e = fwd(h[a:a + chunk_size], w, b, targets[a:a + chunk_size], temperature, softcap,
-                            with_entropy, dtype)
+                lp, lse[a:a + chunk_size], e = fwd(h[a:a + chunk_size], w, b, targets[a:a + chunk_size],
+                                                   temperature, softcap, with_entropy, dtype)
                 logp[a:a + chunk_size] = lp
                 if with_entropy:
                     ent[a:a + chunk_size] = e
-        ctx.save_for_backward(h, weight, bias, targets)
+        ctx.save_for_backward(h, weight, bias, targets, lse)
         ctx.conf = (chunk_size, temperature, softcap, with_entropy, dtype, bwd)
         ctx.set_materialize_grads(False)
         if not with_entropy:
@@ -119,7 +124,7 @@ class _ChunkedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h, weight, bias, targets = ctx.saved_tensors
+        h, weight, bias, targets, lse = ctx.saved_tensors
         chunk_size, temperature, softcap, with_entropy, dtype, bwd = ctx.conf
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if g_logp is None and g_ent is None:
@@ -134,8 +139,9 @@ class _ChunkedHead(torch.autograd.Function):
             w, b = weight.to(dtype), (None if bias is None else bias.to(dtype))
             for a in range(0, n, chunk_size):
                 hc = h[a:a + chunk_size]
-                ds = bwd(hc, w, b, targets[a:a + chunk_size], g_logp[a:a + chunk_size].float(),
-                         None if g_ent is None else g_ent[a:a + chunk_size].float(), temperature, softcap, dtype)
+                rows = slice(a, a + chunk_size)
+                ds = bwd(hc, w, b, targets[rows], lse[rows], g_logp[rows].float(),
+                         None if g_ent is None else g_ent[rows].float(), temperature, softcap, dtype)
                 if need_b:
                     db += ds.sum(0)
                 ds = ds.to(dtype)
