@@ -17,6 +17,7 @@
     posttrain config STAGE [--doc]  # print the defaults of a stage's config (--doc: commented)
     posttrain pipeline recipe.yaml [STAGE.key=value ...] [--only a,b] [--dry-run]
     posttrain cai critique|compare --model M --prompts P --constitution C --out F
+    posttrain plan --config run.yaml [key=value ...] [--device H100-80GB] [--gpus N] [--json]
 """
 
 from __future__ import annotations
@@ -218,6 +219,16 @@ def cmd_cai(argv: list[str]) -> int:
     return cai_main(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from posttrain.plan.cli import main as plan_main
+    from posttrain.plan.shapes import PlanError
+
+    try:
+        return plan_main(argv)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+
+
 COMMANDS = {
     "launch": cmd_launch,
     "config": cmd_config,
@@ -230,6 +241,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "pipeline": cmd_pipeline,
     "cai": cmd_cai,
+    "plan": cmd_plan,
 }
 
 

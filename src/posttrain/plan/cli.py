@@ -1,0 +1,67 @@
+"""`posttrain plan`: estimate a run before it starts.
+
+    posttrain plan --config run.yaml [key=value ...] [--stage sft] [--device H100-80GB] [--gpus N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from posttrain.plan.devices import DEVICES, get_device
+from posttrain.plan.shapes import PlanError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain plan", description="Estimate a run's peak memory, speed and wall "
+                                "time from the model's config.json (no weights loaded), and say whether it fits.")
+    p.add_argument("--config", "-c", help="the run's YAML config")
+    p.add_argument("--stage", default=None, help="stage (default: the config's `stage`, else sft)")
+    p.add_argument("--device", default="cpu", help=f"cpu (this machine) or one of: {', '.join(DEVICES)}")
+    p.add_argument("--gpus", type=int, default=1, help="devices the run uses (DDP, or FSDP2 with train.distributed=fsdp)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. adapter.type=lora")
+    return p
+
+
+def _stage_of(config_path: Optional[str], given: Optional[str]) -> str:
+    if given:
+        return given
+    if config_path and Path(config_path).is_file():
+        try:
+            tree = yaml.safe_load(Path(config_path).read_text()) or {}
+        except yaml.YAMLError:
+            return "sft"  # load_config reports the YAML error with its place
+        if isinstance(tree, dict) and isinstance(tree.get("stage"), str):
+            return tree["stage"]
+    return "sft"
+
+
+def count_rows(cfg) -> Optional[int]:
+    """Training examples, when data.train is a readable file (or several); None otherwise."""
+    from posttrain.data.sources import GYM_PREFIX, read_records
+
+    sources = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+    if not sources or any(s is None or str(s).startswith(GYM_PREFIX) or not Path(s).is_file() for s in sources):
+        return None
+    n = sum(len(read_records(s)) for s in sources)
+    return min(n, cfg.data.limit) if cfg.data.limit else n
+
+
+def main(argv: list[str]) -> int:
+    from posttrain.plan.planner import format_plan, plan
+    from posttrain.stages import load_config
+
+    a = build_parser().parse_args(argv)
+    cfg = load_config(_stage_of(a.config, a.stage), a.config, a.overrides)
+    try:
+        device = get_device(a.device)
+    except KeyError as e:
+        raise PlanError(e.args[0]) from None
+    p = plan(cfg, device, gpus=a.gpus, rows=count_rows(cfg))
+    print(json.dumps(p.to_json(), indent=2) if a.json else format_plan(p))
+    return 0

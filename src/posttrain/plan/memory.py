@@ -1,0 +1,250 @@
+"""Peak training memory of a posttrain run, term by term, from the model's shape and the run's settings.
+
+Every term models what posttrain itself does (read, not guessed):
+
+- weights: fp32 master weights always (`stages.common.load_for_training`; bf16 runs use autocast);
+  QLoRA stores the decoder's linear weights as NF4: 4-bit codes, an 8-bit scale per block of 64 and
+  an fp32 factor per 256 scales (`models.adapters.qlora`), 0.516 bytes per weight;
+- adapter: LoRA A [r, in] and B [out, r] per target linear (`all-linear`: the seven of each layer),
+  DoRA adds a magnitude [out]; prompt tuning n·d, prefix tuning n·L·2·kv_heads·head_dim, all fp32;
+- gradients: fp32, trainable parameters only; optimizer: AdamW's two fp32 moments (`engine.optim`);
+  the step's temporaries: PyTorch's per-tensor AdamW on CPU (two copies of the largest trainable
+  tensor), the multi-tensor one on GPU (one copy of every trainable tensor);
+- activations: the tensors autograd saves, per token and layer (see `saved_per_token`), or only
+  each layer's input under gradient checkpointing (plus one layer recomputed during backward);
+- logits: the output head runs only at loss positions (`stages.sft`, `losses.sft.target_nll`):
+  the head output, its rows at labelled tokens and their log-softmax, then as many gradients;
+- autocast copies: bf16 autocast keeps a bf16 copy of each matmul weight for backward;
+- reference model: a second fp32 copy for `reference: copy` (a disabled adapter costs nothing);
+- KV cache of the rollouts (PPO/GRPO); FSDP2 shards weights, gradients and moments over N ranks and
+  gathers one decoder layer (or the root: embeddings and head) at a time;
+- runtime: a constant (CUDA context on GPU; allocator and kernel workspace on CPU, calibrated by
+  `bench/plan_accuracy.py`).
+
+Training peak = weights + adapter + optimizer + reference + KV cache + runtime + the largest of
+(1) end of forward: activations + logits (+ gradients when accumulating), (2) backward at the head:
+activations + the head's gradient, (3) end of backward and the optimizer step: gradients + step
+temporaries. Loading peaks separately: posttrain loads fp32 weights onto the device before
+quantizing them for QLoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from posttrain.plan.shapes import ModelShape
+
+FP32 = 4
+BF16 = 2
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # codes + int8 block scales + fp32 factor per 256 scales
+ADAPTERS = ("none", "lora", "dora", "qlora", "prompt", "prefix")
+CUDA_CONTEXT = 512 * 2**20  # not in max_memory_allocated, but in nvidia-smi; order of magnitude for H100/A100
+CPU_RUNTIME = 96 * 2**20  # calibrated by bench/plan_accuracy.py (allocator slack, oneDNN scratch, sampled data)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run does, as far as memory and time go (built from a RunConfig by `planner.spec_from_config`)."""
+
+    adapter: str = "none"
+    r: int = 16
+    num_virtual_tokens: int = 20
+    batch_size: int = 8  # rows per micro-batch, per device
+    seq_len: int = 1024  # tokens per row
+    loss_fraction: float = 1.0  # share of positions with a loss (the head runs only there)
+    grad_accum: int = 1
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    sequences_per_row: int = 1  # 2 for preference pairs (chosen + rejected)
+    reference: str = "none"  # none | adapter | copy | precomputed
+    rollout_rows: int = 0  # sequences generated at once (PPO/GRPO): KV cache
+    rollout_len: int = 0  # prompt + completion tokens of a rollout
+    gpus: int = 1
+    distributed: str = "none"  # none | ddp | fsdp
+    cpu_offload: bool = False
+    device_kind: str = "gpu"  # gpu | cpu
+
+    @property
+    def trains_base(self) -> bool:
+        return self.adapter == "none"
+
+    @property
+    def rows(self) -> int:
+        return self.batch_size * self.sequences_per_row
+
+    @property
+    def row_len(self) -> int:
+        """Tokens through the model per row: prompt tuning prepends its virtual tokens."""
+        return self.seq_len + (self.num_virtual_tokens if self.adapter == "prompt" else 0)
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.row_len
+
+    @property
+    def loss_tokens(self) -> int:
+        return round(self.rows * (self.seq_len - 1) * self.loss_fraction)
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def base_weight_bytes(s: ModelShape, spec: RunSpec) -> float:
+    """The base model as stored during training: fp32, or NF4 decoder linears under QLoRA."""
+    if spec.adapter == "qlora":
+        return s.linear_params * NF4_BYTES_PER_WEIGHT + (s.total_params - s.linear_params) * FP32
+    return s.total_params * FP32
+
+
+def adapter_params(s: ModelShape, spec: RunSpec) -> int:
+    if spec.adapter in ("lora", "qlora", "dora"):
+        per_layer = sum(spec.r * (i + o) + (o if spec.adapter == "dora" else 0) for i, o in s.linear_shapes())
+        return s.layers * per_layer
+    if spec.adapter == "prompt":
+        return spec.num_virtual_tokens * s.hidden
+    if spec.adapter == "prefix":
+        return spec.num_virtual_tokens * s.layers * 2 * s.kv_heads * s.head_dim
+    return 0
+
+
+def trainable_params(s: ModelShape, spec: RunSpec) -> int:
+    return s.total_params if spec.trains_base else adapter_params(s, spec)
+
+
+def largest_trainable_tensor(s: ModelShape, spec: RunSpec) -> int:
+    if spec.trains_base:
+        return max(s.embedding_params, max(i * o for i, o in s.linear_shapes()))
+    if spec.adapter in ("lora", "qlora", "dora"):
+        return max(spec.r * max(i, o) for i, o in s.linear_shapes())
+    return adapter_params(s, spec)
+
+
+def gradient_bytes(s: ModelShape, spec: RunSpec) -> float:
+    return trainable_params(s, spec) * FP32
+
+
+def optimizer_bytes(s: ModelShape, spec: RunSpec) -> float:
+    """AdamW: exp_avg and exp_avg_sq, fp32, per trainable parameter."""
+    return 2 * trainable_params(s, spec) * FP32
+
+
+def optimizer_step_temp_bytes(s: ModelShape, spec: RunSpec) -> float:
+    if spec.device_kind == "cpu":  # per-tensor AdamW: sqrt(v) and its quotient by the bias correction
+        return 2 * largest_trainable_tensor(s, spec) * FP32
+    return trainable_params(s, spec) * FP32  # multi-tensor AdamW: sqrt(v) for every tensor at once
+
+
+# ---------------------------------------------------------------- activations
+
+
+def saved_per_token(s: ModelShape, spec: RunSpec) -> float:
+    """Bytes autograd saves per token in one decoder layer (Llama-style: RMSNorm, RoPE, SDPA, gated MLP).
+
+    What is saved depends on what requires grad: a frozen linear saves no input; RoPE's products
+    save only cos/sin. fp32, full fine-tuning: each RMSNorm its input, normalized input and output
+    (3d, twice), the rotated q and k and v (he + 2ke), the attention output and its contiguous copy
+    for o_proj (2he), the log-sum-exp (h), the MLP's gate, SiLU, up and product (4f).
+    Adapters: the norms save input and output only (4d), the rest as above plus LoRA's rank-r
+    activations (7r). Prompt/prefix tuning: no linear saves anything (2d + 2he + 2ke + h + 3f).
+    bf16 autocast: norms stay fp32, each linear saves its own bf16 cast of its input, outputs are bf16.
+    """
+    d, he, ke, h, f = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.heads, s.intermediate
+    lora = spec.adapter in ("lora", "qlora", "dora")
+    prompt = spec.adapter in ("prompt", "prefix")
+    if spec.precision == "bf16":
+        if prompt:
+            return FP32 * 2 * d + BF16 * (2 * he + 2 * ke + 3 * f) + FP32 * h
+        norms = FP32 * (4 * d if spec.trains_base else 2 * d)
+        casts = BF16 * (5 * d + he + f)  # q, k, v, gate, up each cast the norm output; o and down their input
+        extra = BF16 * 7 * spec.r if lora else 0
+        return norms + casts + BF16 * (2 * he + 2 * ke + 3 * f) + FP32 * h + extra
+    if prompt:
+        return FP32 * (2 * d + 2 * he + 2 * ke + h + 3 * f)
+    norms = 6 * d if spec.trains_base else 4 * d
+    extra = 7 * spec.r if lora else 0
+    return FP32 * (norms + 3 * he + 2 * ke + h + 4 * f + extra)
+
+
+def activation_bytes(s: ModelShape, spec: RunSpec) -> float:
+    """Saved activations of all layers (or, with checkpointing, each layer's input plus one layer recomputed)."""
+    per_layer = saved_per_token(s, spec) * spec.tokens
+    final_norm = (3 if spec.trains_base else 1) * s.hidden * FP32 * spec.tokens
+    if spec.gradient_checkpointing:
+        return s.layers * s.hidden * FP32 * spec.tokens + per_layer + final_norm
+    return s.layers * per_layer + final_norm
+
+
+def logits_bytes(s: ModelShape, spec: RunSpec) -> float:
+    """The loss path: head output at loss positions, its labelled rows in fp32 and their log-softmax
+    (forward), or the log-softmax and two gradients of it (backward): three [N, V] fp32 tensors."""
+    return 3 * spec.loss_tokens * s.vocab * FP32
+
+
+def autocast_copy_bytes(s: ModelShape, spec: RunSpec) -> float:
+    """bf16 autocast: a bf16 copy of each matmul weight, cached (trainable) or saved per use (frozen)."""
+    if spec.precision != "bf16":
+        return 0.0
+    head = s.vocab * s.hidden
+    if spec.adapter == "qlora":  # NF4 dequantizes on the fly; only the head is cast
+        return head * BF16
+    if spec.gradient_checkpointing and not spec.trains_base:
+        return (s.linear_weights / s.layers + head) * BF16
+    return (s.linear_weights + head) * BF16
+
+
+# ---------------------------------------------------------------- the whole
+
+
+@dataclass
+class MemoryEstimate:
+    breakdown: dict[str, float]  # bytes per term (what is resident at the peak, phase terms included)
+    peak_bytes: float
+    train_peak_bytes: float
+    load_peak_bytes: float
+    peak_phase: str
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def estimate_memory(s: ModelShape, spec: RunSpec) -> MemoryEstimate:
+    n = spec.gpus if spec.distributed == "fsdp" else 1
+    on_device = 0.0 if (spec.cpu_offload and spec.distributed == "fsdp") else 1.0
+    weights = base_weight_bytes(s, spec) / n * on_device
+    adapter = adapter_params(s, spec) * FP32 / n * on_device
+    grads = gradient_bytes(s, spec) / n * on_device
+    optim = optimizer_bytes(s, spec) / n * on_device
+    temp = optimizer_step_temp_bytes(s, spec) / n * on_device
+    ref = base_weight_bytes(s, spec) / n if spec.reference == "copy" else 0.0
+    kv_bytes = BF16 if spec.precision == "bf16" else FP32
+    kv = 2 * s.layers * s.kv_heads * s.head_dim * spec.rollout_rows * spec.rollout_len * kv_bytes
+    acts = activation_bytes(s, spec)
+    logits = logits_bytes(s, spec)
+    copies = autocast_copy_bytes(s, spec)
+    head_grad = s.vocab * s.hidden * FP32 / n if spec.trains_base else 0.0
+    gathered = 0.0
+    if spec.distributed == "fsdp":
+        unit = max(s.layer_linear, s.embedding_params + s.head_params)
+        gathered = 2 * unit * (BF16 if spec.precision == "bf16" else FP32)  # current and prefetched unit
+    ddp_buckets = grads if spec.distributed == "ddp" else 0.0
+    runtime = CPU_RUNTIME if spec.device_kind == "cpu" else CUDA_CONTEXT
+    accum_grads = grads if spec.grad_accum > 1 else 0.0
+    phases = {
+        "forward_end": acts + logits + copies + accum_grads,
+        "backward_head": acts + head_grad + copies + accum_grads,
+        "optimizer_step": grads + temp + ddp_buckets,
+    }
+    phase = max(phases, key=phases.get)
+    fixed = {"weights": weights, "adapter": adapter, "optimizer": optim, "reference_model": ref, "kv_cache": kv,
+             "fsdp_gathered": gathered, "runtime": runtime}
+    if phase == "optimizer_step":
+        moving = {"gradients": grads, "optimizer_step_temp": temp, "ddp_buckets": ddp_buckets}
+    else:
+        moving = {"activations": acts, "logits": logits if phase == "forward_end" else 0.0,
+                  "autocast_weight_copies": copies,
+                  "gradients": accum_grads + (head_grad if phase == "backward_head" else 0.0)}
+    breakdown = {k: float(v) for k, v in {**fixed, **moving}.items()}
+    train_peak = sum(breakdown.values())
+    # loading: posttrain loads the whole model in fp32 onto each device, then quantizes (QLoRA),
+    # adds the adapter or shards it (FSDP2); so every rank holds the full fp32 model once
+    load_peak = s.total_params * FP32 + runtime
+    return MemoryEstimate(breakdown, max(train_peak, load_peak), train_peak, load_peak, phase,
+                          {k: float(v) for k, v in phases.items()})
