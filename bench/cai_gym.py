@@ -20,7 +20,7 @@ from pathlib import Path
 
 def refusal_rates(model, tok, n: int = 200) -> dict:
     from posttrain import gym
-    from posttrain.gym.refusal import is_refusal
+    from posttrain.data.refusal import is_refusal
 
     rows = gym.load_task_rows("refusal", "test", n=n)
     outs = gym.greedy_complete(model, tok, [gym.chat_prompt(tok, r) for r in rows], max_new_tokens=32)
@@ -49,8 +49,8 @@ def main() -> None:
     import torch
 
     from posttrain import cai, gym
-    from posttrain.config import load_config
-    from posttrain.gym.demo import RECIPE
+    from posttrain.stages import load_config
+    from posttrain.pipeline.demo import RECIPE
     from posttrain.models import adapters
     from posttrain.models.loading import load
     from posttrain.pipeline import load_recipe, run_pipeline
@@ -76,7 +76,7 @@ def main() -> None:
     rows = cai.critique_and_revise(model, tok, prompts, cai.load_constitution(constitution), cai.load_templates(),
                                    model_name=str(start), seed=0, max_new_tokens=48, stats=st)
     cai.write_jsonl(rows, out / "revisions.jsonl")
-    from posttrain.gym.refusal import is_refusal
+    from posttrain.data.refusal import is_refusal
 
     harmful = {i for i, r in enumerate(prompts) if r["harmful"]}
     kept = {r["cai"]["index"]: r for r in rows}

@@ -47,7 +47,7 @@ def _peak_rss_mib() -> float:
 
 
 def worker_posttrain(mode: str, model_dir: Path, data: Path, out: Path, a) -> dict:
-    from posttrain.config import load_config
+    from posttrain.stages import load_config
     from posttrain.stages import dpo
 
     padding_free = mode.endswith("-pf")

@@ -73,7 +73,7 @@ def _peak_memory_mb() -> float:
 
 
 def child_posttrain(a) -> dict:
-    from posttrain.config import load_config
+    from posttrain.stages import load_config
     from posttrain.stages import sft
 
     over = [f"model={a.model}", f"data.train={a.data}", f"output_dir={a.out}", f"train.batch_size={a.batch}",

@@ -19,8 +19,8 @@ from pathlib import Path
 
 def run_sft(base: Path, out: Path, steps: int, n_train: int) -> Path:
     from posttrain import gym
-    from posttrain.config import load_config
-    from posttrain.gym.demo import SFT_OVERRIDES
+    from posttrain.stages import load_config
+    from posttrain.pipeline.demo import SFT_OVERRIDES
     from posttrain.stages import sft
 
     train_f = gym.export("instruct", "train", out / "data" / "instruct-train.jsonl", n=n_train)
@@ -41,9 +41,9 @@ def unpaired_file(rows: list[dict], path: Path) -> Path:
 
 def run_kto(start: Path, out: Path, steps: int, n_train: int, n_eval: int) -> dict:
     from posttrain import gym
-    from posttrain.config import load_config
+    from posttrain.stages import load_config
     from posttrain.stages import kto
-    from posttrain.stages.preference import held_out_pref_accuracy
+    from posttrain.eval.preference import held_out_pref_accuracy
 
     train_f = unpaired_file(gym.load_task_rows("preference", "train", n=n_train), out / "data" / "kto-train.jsonl")
     cfg = load_config("kto", overrides=[
@@ -73,13 +73,13 @@ def main(argv=None) -> int:
     p.add_argument("--dpo", nargs="*", default=[], help="extra dpo overrides, e.g. train.lr=2e-3")
     a = p.parse_args(argv)
     from posttrain import gym
-    from posttrain.stages import dpo
+    from posttrain.pipeline.gym_rows import dpo_row, starting_model
 
     base = Path(a.base) if a.base else gym.base_model_path()
     out = Path(a.out or tempfile.mkdtemp(prefix="pref-gym-"))
     t0 = time.time()
     sft_dir = run_sft(base, out, a.sft_steps, 2400)
-    summary = {"dpo": dpo.demo_stage(sft_dir, out / "dpo-stage", n_train=a.n_train, n_eval=a.n_eval,
+    summary = {"dpo": dpo_row(sft_dir, out / "dpo-stage", n_train=a.n_train, n_eval=a.n_eval,
                                      extra_overrides=[f"train.max_steps={a.dpo_steps}", *a.dpo])}
     d = summary["dpo"]
     summary["checks"] = {
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         "regression_drop<=0.02": d["sft_regression_score"] - d["regression_score"] <= 0.02,
     }
     if not a.no_kto:
-        summary["kto"] = run_kto(dpo.starting_model(sft_dir, out / "dpo-stage"), out, a.dpo_steps, a.n_train,
+        summary["kto"] = run_kto(starting_model(sft_dir, out / "dpo-stage"), out, a.dpo_steps, a.n_train,
                                  a.n_eval)
     summary["wall_s"] = round(time.time() - t0, 1)
     print(json.dumps(summary, indent=1))

@@ -54,7 +54,7 @@ def _summary(run_dir: Path, keys) -> dict:
 
 
 def main(argv=None) -> dict:
-    from posttrain.config import load_config
+    from posttrain.stages import load_config
     from posttrain.stages import grpo, ppo
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -55,7 +55,7 @@ def make_inputs(work: Path) -> tuple[Path, Path, int]:
 
 def child(a) -> None:
     """One rank (or the single process): train, then write its own peak RSS next to the run."""
-    from posttrain.config import load_config
+    from posttrain.stages import load_config
     from posttrain.stages import sft
 
     rank = int(os.environ.get("RANK", "0"))

@@ -91,7 +91,7 @@ def _rss_mb() -> float:
 def child_posttrain(a) -> dict:
     import torch
 
-    from posttrain.config import load_config
+    from posttrain.stages import load_config
     from posttrain.engine.trainer import Engine
     from posttrain.stages import sft
 
@@ -272,7 +272,7 @@ def mfu(work: Path, quick: bool, threads: int) -> dict:
 
 
 def child_cpt(a) -> dict:
-    from posttrain.config import load_config
+    from posttrain.stages import load_config
     from posttrain.stages import cpt
 
     cfg = load_config("cpt", overrides=[f"model={a.model}", f"data.train={a.train}", f"output_dir={a.out}",

@@ -1,6 +1,7 @@
 import pytest
 
-from posttrain.config import ConfigError, load_config
+from posttrain.config import ConfigError
+from posttrain.stages import load_config
 
 
 def test_defaults_are_conservative():

@@ -2,7 +2,7 @@
 
 import logging as _logging
 
-__version__ = "0.1.0"
+from posttrain._version import __version__  # noqa: F401
 
 # torchao (pulled in by transformers' quantizer checks) warns at import about CUDA kernels a CPU
 # build cannot load, and torch's pytree warns about its enum registration; neither is actionable.

@@ -24,11 +24,16 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key."""
 
 
-class _Strict(BaseModel):
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class MixConfig(_Strict):
+_Strict = Section  # the name before the stages' copy was folded into this one
+
+
+class MixConfig(Section):
     """General data blended into the training data to guard against forgetting."""
 
     data: Union[str, list[str]] = Field(
@@ -37,7 +42,7 @@ class MixConfig(_Strict):
     ratio: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction of the final training mix drawn from `data`.")
 
 
-class DataConfig(_Strict):
+class DataConfig(Section):
     train: Optional[Union[str, list[str]]] = Field(None, description="Training data: file(s) (.jsonl .json .parquet .csv) or 'gym:TASK'.")
     eval: Optional[Union[str, list[str]]] = Field(None, description="Held-out data for evaluation and early stopping.")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="When `eval` is unset, carve this fraction of `train` out as held-out data.")
@@ -51,7 +56,7 @@ class DataConfig(_Strict):
     limit: Optional[int] = Field(None, gt=0, description="Use only the first N training rows (quick experiments).")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Section):
     batch_size: int = Field(8, gt=0, description="Examples (or packed rows) per micro-batch, per process.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step. Loss is normalized by the total loss tokens of the step.")
     epochs: float = Field(1.0, gt=0, le=100, description="Passes over the training data (ignored when `max_steps` is set).")
@@ -88,7 +93,7 @@ class TrainConfig(_Strict):
         return v
 
 
-class AdapterConfig(_Strict):
+class AdapterConfig(Section):
     type: Literal["none", "lora", "dora", "qlora", "prompt", "prefix"] = "none"
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; default 2·r.")
@@ -101,13 +106,13 @@ class AdapterConfig(_Strict):
     path: Optional[str] = Field(None, description="Start from an existing adapter directory (PEFT format).")
 
 
-class EvalConfig(_Strict):
+class EvalConfig(Section):
     regression_every: Optional[int] = Field(None, gt=0, description="Run the regression suite every N steps.")
     regression_suite: str = Field("regression", description="Suite name or YAML path for the forgetting guard.")
     regression_max_drop: Optional[float] = Field(None, gt=0, description="Stop (and restore the best) when the regression score drops by more than this (0-1 scale).")
 
 
-class RunConfig(_Strict):
+class RunConfig(Section):
     """Configuration shared by all training stages."""
 
     stage: str = "sft"
@@ -237,20 +242,14 @@ def load_config(
     overrides: Optional[list[str]] = None,
     base: Optional[dict] = None,
 ) -> RunConfig:
-    """Build and validate a stage's config from defaults, an optional YAML file and `key=value` overrides."""
+    """Build and validate a stage's config from defaults, an optional YAML file and `key=value` overrides.
+
+    The stage's schema must be registered (`register_stage_schema`, done when its stage module is
+    imported); `posttrain.stages.load_config` imports the stage module first.
+    """
     schema = STAGE_SCHEMAS.get(stage)
     if schema is None:
-        # stage modules register their own schema when imported
-        from posttrain import stages
-
-        if stage in stages.STAGES:
-            stages.get(stage)
-            schema = STAGE_SCHEMAS.get(stage)
-    if schema is None:
-        from posttrain import stages
-
-        known = sorted(set(STAGE_SCHEMAS) | set(stages.STAGES))
-        raise ConfigError(f"unknown stage '{stage}'; known stages: {', '.join(known)}")
+        raise ConfigError(f"unknown stage '{stage}'; known stages: {', '.join(sorted(STAGE_SCHEMAS))}")
     tree: dict = dict(base or {})
     source = "defaults"
     if path is not None:

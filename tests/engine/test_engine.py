@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from posttrain.config import load_config
+from posttrain.stages import load_config
 from posttrain.engine.trainer import Engine, TrainingError
 from posttrain.losses.sft import token_nll
 from posttrain.models.loading import load

@@ -14,9 +14,9 @@ PROMPTS = ["Hello", "The quick brown fox", "What is 2 + 3?", "Numbers 0 1 2", "R
 
 
 def test_guard_stops_a_forgetting_run_and_restores_the_last_good_weights(tiny, tmp_path):
-    from posttrain.config import load_config
+    from posttrain.stages import load_config
     from posttrain.stages import sft
-    from posttrain.stages.common import load_for_training
+    from posttrain.engine.setup import load_for_training
 
     d, base, tok = tiny
     outs = lm.generate(base, tok, PROMPTS, max_new_tokens=4)
@@ -71,7 +71,7 @@ def test_guard_arguments_are_checked():
 
 
 def test_from_config_needs_engine_evaluations_to_run_on():
-    from posttrain.config import load_config
+    from posttrain.stages import load_config
 
     assert from_config(load_config("sft"), None) == ([], None)
     cfg = load_config("sft", overrides=["eval.regression_every=10", "train.eval_every=4"])

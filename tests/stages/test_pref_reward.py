@@ -5,7 +5,7 @@ import json
 import torch
 
 import posttrain
-from posttrain.config import load_config
+from posttrain.stages import load_config
 from posttrain.data.collate import collate_padded
 from posttrain.data.preference import to_preference_examples, tokenize_pairs
 from posttrain.data import read_records

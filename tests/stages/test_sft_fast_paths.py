@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from posttrain.config import load_config
+from posttrain.stages import load_config
 from posttrain.data.collate import collate_padded, collate_padding_free
 from posttrain.data.render import Tokenized
 from posttrain.losses.sft import IGNORE_INDEX, token_nll

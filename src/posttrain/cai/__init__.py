@@ -93,17 +93,12 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     kw = dict(templates=a.templates, limit=a.limit, seed=a.seed, max_new_tokens=a.max_new_tokens,
               temperature=a.temperature)
-    try:
-        if a.action == "critique":
-            rows = critique(a.model, a.prompts, a.constitution, a.out, **kw)
-            changed = sum(r["cai"]["revised"] for r in rows)
-            print(f"posttrain: wrote {len(rows)} revised rows ({changed} differ from the first answer) to {a.out}")
-        else:
-            rows, st = compare(a.model, a.prompts, a.constitution, a.out, min_confidence=a.min_confidence, **kw)
-            print(f"posttrain: wrote {len(rows)} preference pairs to {a.out} ({st['identical']} identical and "
-                  f"{st['empty']} with an empty answer and {st['low_confidence']} low-confidence pairs dropped of {st['prompts']} prompts)")
-    except ConstitutionError as e:
-        from posttrain.cli import UsageError
-
-        raise UsageError(str(e)) from None
+    if a.action == "critique":
+        rows = critique(a.model, a.prompts, a.constitution, a.out, **kw)
+        changed = sum(r["cai"]["revised"] for r in rows)
+        print(f"posttrain: wrote {len(rows)} revised rows ({changed} differ from the first answer) to {a.out}")
+    else:
+        rows, st = compare(a.model, a.prompts, a.constitution, a.out, min_confidence=a.min_confidence, **kw)
+        print(f"posttrain: wrote {len(rows)} preference pairs to {a.out} ({st['identical']} identical and "
+              f"{st['empty']} with an empty answer and {st['low_confidence']} low-confidence pairs dropped of {st['prompts']} prompts)")
     return 0

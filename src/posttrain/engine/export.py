@@ -13,11 +13,11 @@ import yaml
 
 
 def export_checkpoint(ckpt_dir, out_dir, *, trust_checkpoint: bool = False) -> Path:
-    from posttrain.config import load_config
+    from posttrain.config import RunConfig
     from posttrain.engine.checkpoint import STATE, load_weights
     from posttrain.engine.run import _atomic_dir, _commit
     from posttrain.models import adapters
-    from posttrain.stages.common import load_for_training
+    from posttrain.engine.setup import load_for_training
 
     ckpt = Path(ckpt_dir)
     if not (ckpt / STATE).exists() or not (ckpt / "weights").is_dir():
@@ -26,8 +26,10 @@ def export_checkpoint(ckpt_dir, out_dir, *, trust_checkpoint: bool = False) -> P
     if not run_cfg.exists():
         raise FileNotFoundError(f"{run_cfg} not found: the checkpoint's run config is needed to rebuild the model")
     tree = yaml.safe_load(run_cfg.read_text())
-    stage = tree.get("stage", "sft")
-    cfg = load_config(stage, base=tree, overrides=["train.device=cpu", "train.gradient_checkpointing=false"])
+    # the sections every stage shares say how to rebuild the model; a stage's own section does not matter here
+    common = {k: v for k, v in tree.items() if k in RunConfig.model_fields and k != "stage"}
+    common["train"] = {**common.get("train", {}), "device": "cpu", "gradient_checkpointing": False}
+    cfg = RunConfig.model_validate(common)
     model, tok = load_for_training(cfg, "cpu")
     load_weights(ckpt, model, trust=trust_checkpoint)  # no code from the checkpoint runs unless trusted
     out = Path(out_dir)

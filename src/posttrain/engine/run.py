@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import yaml
 
+from posttrain._version import __version__
 from posttrain.config import RunConfig, dump_config
 from posttrain.engine.dist import barrier, full_state_dict, is_main, unwrap
 
@@ -187,9 +188,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    import posttrain
-
-    v = {"posttrain": posttrain.__version__, "torch": torch.__version__,
+    v = {"posttrain": __version__, "torch": torch.__version__,
          "transformers": transformers.__version__, "python": platform.python_version()}
     for pkg in ("peft", "safetensors", "torchao"):
         try:
@@ -204,9 +203,19 @@ def config_hash(cfg: RunConfig) -> str:
 
 
 def write_manifest(out: Path, *, status: str, cfg: RunConfig, data_hashes: dict, result: dict,
-                   model_dir: Optional[str] = None, error: Optional[str] = None, started: float) -> None:
+                   model_dir: Optional[str] = None, error: Optional[str] = None, started: float,
+                   manifest: Optional[dict] = None) -> None:
+    """Sign the run off (atomically). `manifest`: one `build_manifest` made earlier (for the report)."""
     if not is_main():
         return
+    m = manifest or build_manifest(status=status, cfg=cfg, data_hashes=data_hashes, result=result,
+                                   model_dir=model_dir, error=error, started=started)
+    _write_manifest_file(Path(out), m, status)
+
+
+def build_manifest(*, status: str, cfg: RunConfig, data_hashes: dict, result: dict, model_dir: Optional[str] = None,
+                   error: Optional[str] = None, started: float) -> dict:
+    """The manifest's content: status, stage, model, config hash, data hashes, versions, times, result."""
     m = {
         "status": status,
         "stage": cfg.stage,
@@ -223,6 +232,10 @@ def write_manifest(out: Path, *, status: str, cfg: RunConfig, data_hashes: dict,
     }
     if error:
         m["error"] = error
+    return m
+
+
+def _write_manifest_file(out: Path, m: dict, status: str) -> None:
     tmp = Path(out) / f".{MANIFEST}.tmp"
     try:
         tmp.write_text(json.dumps(m, indent=1, default=str))

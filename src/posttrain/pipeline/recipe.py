@@ -29,7 +29,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from posttrain.config import ConfigError, RunConfig, apply_override, load_config, parse_value
+from posttrain.config import ConfigError, RunConfig, apply_override, parse_value
+from posttrain.stages import load_config
 
 # keys a stage entry takes besides its stage's config
 PIPELINE_KEYS = ("name", "stage", "model", "from", "start_from", "measures")

@@ -1,0 +1,217 @@
+"""The planner against real runs: predicted vs measured peak memory and step time on this CPU.
+
+    OMP_NUM_THREADS=1 python bench/plan_accuracy.py [--only N,M] [--steps 4] [--work DIR]
+
+Each configuration runs in its own child process (one OpenMP thread): posttrain's own training
+path (`load_for_training`, the SFT data pipeline, `Engine.fit`) for a few optimizer steps.
+
+Measured memory = peak RSS of the child during loading and training (`ru_maxrss`) minus its RSS
+just before the model is built (after imports, tokenizer and nothing else). Measured step time =
+the median of the engine's `step_time_s` over the steps after the first (the first pays lazy
+initialisation). Prints one JSON object per configuration and a summary with the errors; the
+utilisation factors are fitted on the calibration runs (`calibrate: true`) and the summary reports
+the errors of the other runs separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {
+    # name: (arch, vocab, hidden, layers, heads, kv_heads, intermediate)
+    "llama-56M": ("llama", 32000, 512, 8, 8, 4, 1408),
+    "qwen2-81M": ("qwen2", 151936, 256, 4, 4, 2, 768),
+    "gemma-38M": ("gemma", 65536, 384, 6, 6, 2, 1536),
+}
+
+# (shape, adapter, seq_len, batch, gradient checkpointing, precision, calibrate)
+CONFIGS = [
+    ("llama-56M", "none", 128, 4, False, "fp32", True),
+    ("llama-56M", "none", 512, 2, False, "fp32", False),
+    ("llama-56M", "none", 512, 2, True, "fp32", True),
+    ("llama-56M", "lora", 512, 2, False, "fp32", False),
+    ("llama-56M", "qlora", 512, 2, False, "fp32", True),
+    ("llama-56M", "prompt", 512, 2, False, "fp32", False),
+    ("qwen2-81M", "none", 128, 4, False, "fp32", False),
+    ("qwen2-81M", "lora", 128, 4, False, "fp32", True),
+    ("qwen2-81M", "lora", 512, 2, True, "fp32", False),
+    ("qwen2-81M", "qlora", 512, 2, False, "fp32", False),
+    ("qwen2-81M", "prompt", 128, 4, False, "fp32", True),
+    ("gemma-38M", "none", 512, 2, False, "fp32", False),
+    ("gemma-38M", "lora", 512, 2, False, "fp32", True),
+    ("gemma-38M", "lora", 512, 2, True, "fp32", False),
+    ("gemma-38M", "qlora", 128, 4, False, "fp32", False),
+    ("gemma-38M", "none", 128, 4, True, "fp32", False),
+]
+
+WORDS = ("the model learns post training data token answer question value system user assistant tool "
+         "apple paris number seven eleven reverse quick brown fox jumps lazy dog").split()
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith(key + ":"))
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over execve from the parent."""
+    return _status_kib("VmHWM") * 1024
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def build_assets(work: Path) -> None:
+    import random
+
+    from posttrain.models.tiny import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer()
+    for name, (arch, vocab, d, layers, heads, kv, f) in SHAPES.items():
+        out = work / name
+        if not (out / "config.json").exists():
+            extra = {"head_dim": d // heads} if arch == "gemma" else {}
+            build_tiny_model(arch, out, tokenizer=tok, vocab_size=vocab, hidden=d, layers=layers, heads=heads,
+                             kv_heads=kv, intermediate=f, max_pos=1024, **extra)
+    data = work / "text.jsonl"
+    if not data.exists():
+        rng = random.Random(0)
+        with data.open("w") as fh:
+            for _ in range(64):
+                fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(900))}) + "\n")
+
+
+def child(spec: dict) -> dict:
+    """One configuration, in this process: load, build the data, train `steps` steps, measure."""
+    import torch
+
+    torch.set_num_threads(1)
+    from posttrain.config import load_config
+    from posttrain.engine.trainer import Engine
+    from posttrain.stages.common import load_for_training
+    from posttrain.stages.sft import LMStage, lm_data
+
+    work, out = Path(spec["work"]), Path(spec["out"])
+    ov = [f"model={work / spec['shape']}", f"data.train={work / 'text.jsonl'}", f"output_dir={out}",
+          f"data.max_length={spec['seq_len']}", f"train.batch_size={spec['batch']}",
+          f"train.max_steps={spec['steps']}", f"adapter.type={spec['adapter']}", "train.progress=false",
+          f"train.gradient_checkpointing={str(spec['ckpt']).lower()}", f"train.precision={spec['precision']}",
+          "train.device=cpu", "train.warmup_steps=0"]
+    cfg = load_config("sft", None, ov)
+    reset_peak_rss()
+    before = rss_bytes()
+    model, tok = load_for_training(cfg, torch.device("cpu"))
+    load_peak = peak_rss_bytes()
+    data = lm_data(cfg, tok)
+    reset_peak_rss()  # from here VmHWM is the training peak alone
+    Engine(model, LMStage("sft"), data, cfg, device=torch.device("cpu")).fit()
+    peak = max(load_peak, peak_rss_bytes())
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    times = [m["step_time_s"] for m in steps if m.get("split") == "train"]
+    return {"measured_peak_bytes": peak - before, "measured_load_peak_bytes": load_peak - before,
+            "rss_before_model": before, "step_times_s": times,
+            "measured_step_s": statistics.median(times[1:] if len(times) > 1 else times)}
+
+
+def predict(spec: dict, work: Path, utilisation=None) -> dict:
+    from posttrain.plan.devices import cpu_device
+    from posttrain.plan.memory import RunSpec, estimate_memory
+    from posttrain.plan.shapes import read_shape
+    from posttrain.plan.speed import step_time
+
+    shape = read_shape(work / spec["shape"])
+    rs = RunSpec(adapter=spec["adapter"], batch_size=spec["batch"], seq_len=spec["seq_len"],
+                 precision=spec["precision"], gradient_checkpointing=spec["ckpt"], device_kind="cpu")
+    mem = estimate_memory(shape, rs)
+    dev = cpu_device(threads=1)
+    return {"predicted_peak_bytes": mem.peak_bytes, "predicted_step_s": step_time(shape, rs, dev, utilisation),
+            "predicted_phase": mem.peak_phase, "breakdown": mem.breakdown, "params": shape.total_params}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "posttrain-plan-bench"))
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--only", default=None, help="comma-separated config indices")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--results", default=None, help="re-score saved results (JSONL) instead of running")
+    a = p.parse_args()
+    if a.child:
+        print("RESULT " + json.dumps(child(json.loads(a.child))))
+        return
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    build_assets(work)
+    rows = []
+    if a.results:
+        rows = [json.loads(x) for x in Path(a.results).read_text().splitlines() if x.strip()]
+    else:
+        idx = [int(i) for i in a.only.split(",")] if a.only else range(len(CONFIGS))
+        for i in idx:
+            shape, adapter, seq, batch, ckpt, prec, calib = CONFIGS[i]
+            spec = {"index": i, "shape": shape, "adapter": adapter, "seq_len": seq, "batch": batch, "ckpt": ckpt,
+                    "precision": prec, "calibrate": calib, "steps": a.steps, "work": str(work),
+                    "out": str(work / f"run-{i}-{time.time_ns()}")}
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                  text=True, env=env)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(json.dumps({"index": i, "error": proc.stderr[-2000:]}), flush=True)
+                continue
+            row = {**spec, **json.loads(line[7:]), "load_average": os.getloadavg()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    summarize(rows, work)
+
+
+def summarize(rows: list[dict], work: Path) -> None:
+    from posttrain.plan.speed import UTILISATION
+
+    table = []
+    for r in rows:
+        pred = predict(r, work, UTILISATION["cpu"])
+        mem_err = (pred["predicted_peak_bytes"] - r["measured_peak_bytes"]) / r["measured_peak_bytes"]
+        t_err = (pred["predicted_step_s"] - r["measured_step_s"]) / r["measured_step_s"]
+        table.append({"index": r["index"], "shape": r["shape"], "adapter": r["adapter"], "seq_len": r["seq_len"],
+                      "batch": r["batch"], "ckpt": r["ckpt"], "precision": r["precision"],
+                      "calibrate": r["calibrate"],
+                      "measured_MiB": round(r["measured_peak_bytes"] / 2**20),
+                      "predicted_MiB": round(pred["predicted_peak_bytes"] / 2**20),
+                      "mem_err": round(mem_err, 3), "measured_step_s": round(r["measured_step_s"], 3),
+                      "predicted_step_s": round(pred["predicted_step_s"], 3), "time_err": round(t_err, 3),
+                      "phase": pred["predicted_phase"]})
+    for t in table:
+        print(json.dumps(t))
+
+    def stats(sub, key):
+        errs = sorted(abs(t[key]) for t in sub)
+        return {"median_abs": round(statistics.median(errs), 3), "worst_abs": round(errs[-1], 3), "n": len(errs)} \
+            if errs else {}
+
+    held = [t for t in table if not t["calibrate"]]
+    print(json.dumps({"summary": {"memory_all": stats(table, "mem_err"), "memory_held_out": stats(held, "mem_err"),
+                                  "time_all": stats(table, "time_err"), "time_held_out": stats(held, "time_err"),
+                                  "utilisation_cpu": UTILISATION["cpu"], "load_average_now": os.getloadavg()}}))
+
+
+if __name__ == "__main__":
+    main()
