@@ -90,7 +90,8 @@ def test_dpo_two_ranks_match_one_process(setup, dpo_one_process, tmp_path, strat
         from posttrain.data.preference import to_preference_examples, tokenize_pairs
         from posttrain.models import adapters
         from posttrain.models.loading import load
-        from posttrain.stages.preference import collate_pairs, precompute_reference
+        from posttrain.data.preference_batches import collate_pairs
+        from posttrain.engine.reference import precompute_reference
 
         base, tok = load(setup["model"], device="cpu")
         model = adapters.apply(base, AdapterConfig(type="lora", r=8))

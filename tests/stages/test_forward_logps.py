@@ -7,8 +7,8 @@ from posttrain.data import read_records
 from posttrain.data.preference import to_preference_examples, tokenize_pairs
 from posttrain.losses.sft import sequence_logps
 from posttrain.models.loading import load
-from posttrain.stages.preference import collate_preference, pack_pairs
-from posttrain.stages.reference import _model_inputs, forward_logps
+from posttrain.data.preference_batches import collate_preference, pack_pairs
+from posttrain.engine.reference import _model_inputs, forward_logps
 from tests.stages.test_pref_reference import pref_rows
 
 
@@ -35,14 +35,15 @@ def test_padded_and_packed_logps_equal_the_full_head(tiny_models, arch):
 
 
 def test_padding_free_pairs_give_the_padded_loss_and_gradients(tiny_models, tmp_path):
-    from posttrain.config import load_config
+    from posttrain.stages import load_config
     from posttrain.stages.dpo import DPOStage
-    from posttrain.stages.preference import Reference, collate_pairs_padding_free
+    from posttrain.data.preference_batches import collate_pairs_padding_free
+    from posttrain.engine.reference import Reference
 
     model, tok = load(tiny_models("qwen2"), device="cpu")
     items = tokenize_pairs(to_preference_examples(read_records(pref_rows(7)), "paired"), tok, max_length=64)
     cfg = load_config("dpo", overrides=["model=x", "dpo.beta=0.5"])
-    stage = DPOStage(cfg.dpo, Reference("copy", model))
+    stage = DPOStage(cfg, Reference("copy", model))
     model.requires_grad_(True)
     out = []
     for batch in (collate_preference(items, tok.pad_token_id), collate_pairs_padding_free(items, tok.pad_token_id)):
@@ -58,7 +59,8 @@ def test_padding_free_pairs_give_the_padded_loss_and_gradients(tiny_models, tmp_
 
 
 def test_padding_free_is_refused_where_it_cannot_apply():
-    from posttrain.config import ConfigError, load_config
+    from posttrain.config import ConfigError
+    from posttrain.stages import load_config
 
     with pytest.raises(ConfigError, match="the reward stage scores one sequence per row"):
         load_config("reward", overrides=["model=x", "data.padding_free=true"])

@@ -8,14 +8,16 @@ import math
 import pytest
 import torch
 
-from posttrain.config import AdapterConfig, ConfigError, load_config
+from posttrain.config import AdapterConfig, ConfigError
+from posttrain.stages import load_config
 from posttrain.data import read_records
 from posttrain.data.preference import to_preference_examples, tokenize_pairs
 from posttrain.models import adapters
 from posttrain.models.loading import load
 from posttrain.stages import dpo
 from posttrain.stages.dpo import DPOSection, DPOStage
-from posttrain.stages.preference import Reference, collate_pairs, precompute_reference
+from posttrain.data.preference_batches import collate_pairs
+from posttrain.engine.reference import Reference, precompute_reference
 
 
 def pref_rows(n):
@@ -47,7 +49,7 @@ def test_adapter_precomputed_and_copy_references_agree(tiny_models, tmp_path, lo
             p.data.normal_(0, 0.05)
     items = tokenize_pairs(to_preference_examples(read_records(pref_rows(6)), "paired"), tok, max_length=64)
     collate = functools.partial(collate_pairs, pad_id=tok.pad_token_id)
-    opts = DPOSection(beta=0.5, loss=loss_type)
+    opts = load_config("dpo", overrides=["dpo.beta=0.5", f"dpo.loss={loss_type}", "adapter.type=lora"])
 
     results = {}
     for mode in ("adapter", "copy", "precomputed"):

@@ -5,16 +5,16 @@ import functools
 import pytest
 import torch
 
-from posttrain.config import load_config
+from posttrain.stages import load_config
 from posttrain.data import read_records
 from posttrain.data.preference import to_preference_examples, tokenize_pairs, tokenize_unpaired
 from posttrain.engine.trainer import Engine, TrainData
 from posttrain.models.loading import load
 from posttrain.stages import kto, orpo, simpo
-from posttrain.stages.dpo import DPOStage, implicit_reward_scores
-from posttrain.stages.preference import (
-    Reference, collate_pairs, collate_unpaired, held_out_evaluator,
-)
+from posttrain.data.preference_batches import collate_pairs, collate_unpaired
+from posttrain.engine.reference import Reference
+from posttrain.eval.preference import implicit_reward_score, pair_accuracy_evaluator
+from posttrain.stages.dpo import DPOStage
 from tests.stages.test_pref_reference import pref_rows
 
 
@@ -46,20 +46,20 @@ def test_dpo_full_finetune_with_copy_reference(tiny_models, tmp_path):
 
     def make(cfg, model):
         box["ref"] = Reference("copy", model)
-        return DPOStage(cfg.dpo, box["ref"])
+        return DPOStage(cfg, box["ref"])
 
     model, tok, items, collate, first, last = _fit("dpo", ["dpo.beta=0.5"], tiny_models, tmp_path, make)
     assert first["loss"] == pytest.approx(0.6931472, abs=1e-6)  # log 2 at initialisation
     assert first["reward_margin"] == 0.0
     assert last["loss"] < 0.5 and last["reward_margin"] > 0.5 and last["pair_accuracy"] == 1.0
-    ev = held_out_evaluator(items, collate, implicit_reward_scores(box["ref"], 0.5), batch_size=8,
-                            reference=box["ref"])(model, 0)
+    ev = pair_accuracy_evaluator(items, collate, implicit_reward_score(box["ref"], 0.5), batch_size=8,
+                                 reference=box["ref"])(model, 0)
     assert ev["pref_accuracy"] >= 0.9 and ev["kl_to_ref"] > 0
 
 
 def test_kto_learns_from_unpaired_data(tiny_models, tmp_path):
     _, _, items, collate, first, last = _fit(
-        "kto", [], tiny_models, tmp_path, lambda cfg, m: kto.KTOStage(cfg.kto, Reference("copy", m)), kind="unpaired")
+        "kto", [], tiny_models, tmp_path, lambda cfg, m: kto.KTOStage(cfg, Reference("copy", m)), kind="unpaired")
     assert [x.label for x in items[:4]] == [True, False, True, False]
     assert first["loss"] == pytest.approx(0.5, abs=1e-6)  # policy = reference, z = 0: half the weight
     assert first["kl"] == 0.0
@@ -70,7 +70,7 @@ def test_kto_learns_from_unpaired_data(tiny_models, tmp_path):
 def test_kto_weights_scale_the_initial_loss(tiny_models, tmp_path):
     _, _, items, _, first, _ = _fit(
         "kto", ["kto.desirable_weight=2.0", "kto.undesirable_weight=0.5", "train.max_steps=1"], tiny_models, tmp_path,
-        lambda cfg, m: kto.KTOStage(cfg.kto, Reference("copy", m)), kind="unpaired")
+        lambda cfg, m: kto.KTOStage(cfg, Reference("copy", m)), kind="unpaired")
     # two desirable (0.5 * 2) and two undesirable (0.5 * 0.5) examples, averaged
     assert first["loss"] == pytest.approx((2 * 1.0 + 2 * 0.25) / 4, abs=1e-6)
 
@@ -78,7 +78,7 @@ def test_kto_weights_scale_the_initial_loss(tiny_models, tmp_path):
 @pytest.mark.parametrize("name, module, cls", [("orpo", orpo, "ORPOStage"), ("simpo", simpo, "SimPOStage")])
 def test_reference_free_stages_learn_the_preference(tiny_models, tmp_path, name, module, cls):
     _, _, items, collate, first, last = _fit(
-        name, [], tiny_models, tmp_path, lambda cfg, m: getattr(module, cls)(getattr(cfg, name)))
+        name, [], tiny_models, tmp_path, lambda cfg, m: getattr(module, cls)(cfg))
     assert last["loss"] < first["loss"]
     assert last["reward_margin"] > first["reward_margin"] and last["pair_accuracy"] == 1.0
     if name == "orpo":
@@ -96,7 +96,7 @@ def test_one_forward_pass_per_micro_batch(tiny_models, tmp_path):
     from posttrain.models import adapters
 
     adapters.apply(model, cfg.adapter)
-    DPOStage(cfg.dpo, Reference("precomputed", model)).loss(
+    DPOStage(cfg, Reference("precomputed", model)).loss(
         model, {**batch, "ref_logps": torch.zeros(8)})
     hook.remove()
     assert len(calls) == 1
@@ -104,7 +104,7 @@ def test_one_forward_pass_per_micro_batch(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_pairs_give_the_padded_loss(tiny_models, attn):
-    from posttrain.stages.preference import collate_preference, pack_pairs
+    from posttrain.data.preference_batches import collate_preference, pack_pairs
 
     model, tok = load(tiny_models("qwen2"), device="cpu", attn_implementation=attn)
     items = tokenize_pairs(to_preference_examples(read_records(pref_rows(6)), "paired"), tok, max_length=64)
@@ -114,7 +114,7 @@ def test_packed_pairs_give_the_padded_loss(tiny_models, attn):
     order = [p for row in rows for p in row]  # the packed batch lists pairs in row order
     torch.manual_seed(0)
     ref = torch.randn(2 * len(order))
-    stage = DPOStage(load_config("dpo").dpo, Reference("precomputed", model))
+    stage = DPOStage(load_config("dpo"), Reference("precomputed", model))
     padded = collate_preference(order, tok.pad_token_id)
     packed = collate_preference(rows, tok.pad_token_id, row_len=128)
     assert packed["input_ids"].shape[0] == len(rows) and packed["num_pairs"] == len(order)

@@ -15,12 +15,11 @@ one large batch would give, however the units are split into micro-batches.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -29,6 +28,7 @@ from posttrain.engine import checkpoint as ckpt
 from posttrain.engine.dist import all_reduce_sum, rank, rollout_view, world_size
 from posttrain.engine.monitor import Monitor
 from posttrain.engine.optim import build_optimizer, build_scheduler
+from posttrain.engine.precision import autocast
 from posttrain.engine.sampler import BatchSampler
 
 
@@ -37,6 +37,8 @@ class TrainingError(RuntimeError):
 
 
 class Stage(Protocol):
+    """What a training stage gives the engine: its loss over a batch, and the units it summed over."""
+
     name: str
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -46,15 +48,35 @@ class Stage(Protocol):
         """How many units `loss` summed over (tokens, pairs, ...)."""
 
 
+@runtime_checkable
+class RolloutStage(Stage, Protocol):
+    """An RL stage: each batch of prompts becomes a rollout that feeds `steps_per_rollout` optimizer
+    steps. `state_dict`/`load_state_dict` carry its sampling counters and RNGs through a checkpoint,
+    so a resumed run draws the same rollouts (the engine checkpoints the rollout's pending steps)."""
+
+    steps_per_rollout: int
+
+    def rollout(self, model, batch: dict) -> list[list[dict]]:
+        """The micro-batches of every optimizer step this rollout feeds (iterations x minibatches)."""
+
+    def state_dict(self) -> dict:
+        """Counters and RNG states (tensors, numbers, lists, dicts)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+
+
 @dataclass
 class TrainData:
-    """What the engine needs from a data pipeline: items and a collate function."""
+    """What the engine needs from a data pipeline: items and a collate function, plus the held-out
+    evaluators that come with the data (`(model, step) -> dict`, run at each evaluation)."""
 
     train: Sequence[Any]
     collate: Callable[[list], dict]
     eval: Optional[Sequence[Any]] = None
     stats: dict = field(default_factory=dict)
     hashes: dict = field(default_factory=dict)  # input file -> sha256, for the run manifest
+    evaluators: list = field(default_factory=list)
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
@@ -83,7 +105,7 @@ class Engine:
         self.t = cfg.train
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.evaluators = list(evaluators)
+        self.evaluators = [*data.evaluators, *evaluators]
         self.guard = guard
         self.device = device or next(model.parameters()).device
         self.sampler = BatchSampler(len(data.train), self.t.batch_size, seed=self.t.seed,
@@ -104,7 +126,7 @@ class Engine:
         if self.t.max_steps:
             return self.t.max_steps
         micro = math.ceil(self.t.epochs * self.sampler.batches_per_epoch)
-        if hasattr(self.stage, "rollout"):
+        if isinstance(self.stage, RolloutStage):
             return max(1, micro * int(self.stage.steps_per_rollout))
         return max(1, math.ceil(micro / self.t.grad_accum))
 
@@ -114,9 +136,7 @@ class Engine:
         return int(self.t.warmup_ratio * self.total_steps)
 
     def _autocast(self):
-        if self.t.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.t.precision, self.device)
 
     def _state(self) -> dict:
         return {"step": self.step, "sampler": self.sampler.state_dict(), "best": self.best,
@@ -194,11 +214,11 @@ class Engine:
     def _next_micro_batches(self) -> list[dict]:
         """The micro-batches of the next optimizer step.
 
-        An RL stage has `rollout(model, batch) -> list[list[dict]]` and `steps_per_rollout`: each
-        batch of `train.batch_size` prompts becomes a rollout that yields several optimizer steps
-        (PPO epochs x minibatches), each a list of micro-batches. Other stages collate data directly.
+        A `RolloutStage` turns each batch of `train.batch_size` prompts into a rollout that yields
+        several optimizer steps (PPO epochs x minibatches), each a list of micro-batches. Other
+        stages collate data directly.
         """
-        if not hasattr(self.stage, "rollout"):
+        if not isinstance(self.stage, RolloutStage):
             return [self.data.collate([self.data.train[i] for i in self.sampler.next_batch()])
                     for _ in range(self.t.grad_accum)]
         if not self._pending:

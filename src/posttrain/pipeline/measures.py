@@ -60,7 +60,7 @@ def suite_score(model, tokenizer, *, suite: str = "regression", limit: Optional[
 def preference_accuracy(model, tokenizer, *, beta: float = 0.1, n: int = 200) -> dict:
     """Implicit-reward pairwise accuracy on held-out gym preference pairs (adapter-trained policies)."""
     from posttrain import gym
-    from posttrain.stages.preference import held_out_pref_accuracy
+    from posttrain.eval.preference import held_out_pref_accuracy
 
     rows = gym.load_task_rows("preference", "test", n=n)
     return {"preference_accuracy": held_out_pref_accuracy(model, tokenizer, rows, beta=beta)}
@@ -74,7 +74,7 @@ for _name, _fn in {"task_accuracy": task_accuracy, "regression_score": regressio
 def _gym_rates():
     """The gym's refusal and tool-call rates (`refusal_rates`, `tool_call_rates`), when the gym has them."""
     try:
-        from posttrain.gym.rates import MEASURES as gym_measures
+        from posttrain.eval.gym_rates import MEASURES as gym_measures
     except ImportError:
         return
     for name, fn in gym_measures.items():

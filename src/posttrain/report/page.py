@@ -143,7 +143,7 @@ def summary_table(summary: dict[str, dict], *, row_label: str = "stage") -> str:
     return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
-def _load_run(name: str, path: Path) -> dict:
+def _load_run(name: str, path: Path, manifest_override: dict | None = None) -> dict:
     run = {"name": name, "path": path, "rows": [], "skipped": [], "has_metrics": False}
     if metrics_path(path).exists():
         run["rows"], run["skipped"] = _read(path)
@@ -152,6 +152,8 @@ def _load_run(name: str, path: Path) -> dict:
             warnings.warn(f"skipped {note} ({path})", UserWarning, stacklevel=3)
     run["config"] = _read_text(path / "config.yaml")
     manifest = _read_text(path / "manifest.json")
+    if manifest_override is not None:  # a run being signed off: the report is written before its manifest
+        manifest = json.dumps(manifest_override, default=str)
     run["status"] = "no manifest.json (unfinished)"
     if manifest is not None:
         try:
@@ -254,6 +256,7 @@ def build_report(
     summary: dict | None = None,
     stages: dict[str, str | Path] | None = None,
     sections: list[Section] | None = None,
+    manifests: dict[str | Path, dict] | None = None,
 ) -> Path:
     """Write one self-contained HTML report for one or several runs and return its path.
 
@@ -263,6 +266,8 @@ def build_report(
     without it the ``summary.json`` files found in the run directories are merged. ``out``
     defaults to ``<first run dir>/report.html``. ``sections`` (see `Section`) follow the summary
     table; a report made of sections only (an evaluation, no training run) needs ``out``.
+    ``manifests`` maps a run directory to the manifest it is about to be signed off with (the
+    engine writes the report first and the manifest last).
     """
     paths = [Path(p) for p in run_dirs]
     runs_in = list(zip(_unique_names(paths), paths)) + [(str(k), Path(v)) for k, v in (stages or {}).items()]
@@ -276,7 +281,8 @@ def build_report(
     if out is None:
         out = runs_in[0][1] / "report.html"
     out = Path(out)
-    runs = [_load_run(name, p) for name, p in runs_in]
+    given = {Path(k).resolve(): v for k, v in (manifests or {}).items()}
+    runs = [_load_run(name, p, given.get(p.resolve())) for name, p in runs_in]
     if summary is None:
         merged = {}
         for r in runs:

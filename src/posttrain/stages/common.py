@@ -1,10 +1,14 @@
-"""What every training stage shares: load the model, attach an adapter, run the engine, publish.
+"""What every training stage shares: claim the run directory, load the model, run the engine,
+publish the model, measure, report and sign the run off, in that order.
 
-A stage module only supplies its loss (a `Stage` object) and, where it differs, its data.
+A stage module only supplies its loss (a `Stage` object), its data and, where it measures
+something after training, an `after_training` hook. The manifest is written last: a run whose
+manifest says "completed" has its model, its final measures and its report.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from dataclasses import dataclass
@@ -15,9 +19,11 @@ import torch
 
 from posttrain.config import RunConfig
 from posttrain.engine import run as rundir
-from posttrain.engine.dist import init_distributed, local_device, unwrap, world_size, wrap_model
+from posttrain.engine.dist import init_distributed, is_main, local_device, unwrap, world_size, wrap_model
+from posttrain.engine.setup import load_for_training
 from posttrain.engine.trainer import Engine, Stage, TrainData
-from posttrain.models.loading import load, resolve_device
+from posttrain.eval.guard import from_config as regression_guard_from_config
+from posttrain.models.loading import resolve_device
 
 
 @dataclass
@@ -29,30 +35,24 @@ class RunResult:
     tokenizer: object
 
 
-def load_for_training(cfg: RunConfig, device=None):
-    """Load the starting model in fp32 master weights (bf16 runs use autocast) and attach the adapter."""
-    if not cfg.model:
-        raise ValueError("no model given: set `model` (a local HF directory or a hub name)")
-    model, tok = load(cfg.model, dtype="fp32", device=device or cfg.train.device, tokenizer=cfg.tokenizer,
-                      trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
-                      gradient_checkpointing=cfg.train.gradient_checkpointing)
-    if cfg.adapter.type != "none":
-        from posttrain.models import adapters
+@dataclass
+class FinalMeasures:
+    """What a stage measures once training is over (the `after_training` hook): `result` goes into the
+    manifest's result under the stage's key, `metrics` (dicts with `step` and `split`) into metrics.jsonl."""
 
-        torch.manual_seed(cfg.train.seed)
-        model = adapters.apply(model, cfg.adapter, tokenizer=tok)  # also continues from adapter.path
-    else:
-        model.requires_grad_(True)
-    return model, tok
+    result: dict
+    metrics: list[dict]
 
 
 def run_training(cfg: RunConfig, make_stage: Callable[[object], Stage],
                  make_data: Callable[[RunConfig, object], TrainData], *, resume: bool = False,
-                 evaluators: Sequence[Callable] = (), guard=None, model=None, tokenizer=None) -> RunResult:
-    """Claim the output directory, train, publish the final model and sign the run off.
+                 evaluators: Sequence[Callable] = (), guard=None, model=None, tokenizer=None,
+                 after_training: Optional[Callable[[torch.nn.Module, dict], FinalMeasures]] = None) -> RunResult:
+    """Claim the output directory, train, publish the final model, measure, report, sign the run off.
 
-    On any failure the manifest says "failed" with the error, checkpoints stay, and no final
-    model appears under its final name.
+    `after_training(model, result) -> FinalMeasures` runs on the main process after the model is
+    published and before the report and the manifest. On any failure the manifest says "failed"
+    with the error, checkpoints stay, and no final model appears under its final name.
     """
     started = time.time()
     device = resolve_device(cfg.train.device)
@@ -66,9 +66,7 @@ def run_training(cfg: RunConfig, make_stage: Callable[[object], Stage],
         data = make_data(cfg, tokenizer)
         if cfg.eval.regression_every:
             # the forgetting guard: regression suite every N steps, stop and roll back past the limit
-            from posttrain.eval.guard import from_config
-
-            reg_evaluators, reg_guard = from_config(cfg, tokenizer, model=model)
+            reg_evaluators, reg_guard = regression_guard_from_config(cfg, tokenizer, model=model)
             evaluators, guard = [*evaluators, *reg_evaluators], guard or reg_guard
         model, strategy = wrap_model(model, cfg.train.distributed, precision=cfg.train.precision, device=device,
                                      cpu_offload=cfg.train.cpu_offload)
@@ -80,24 +78,36 @@ def run_training(cfg: RunConfig, make_stage: Callable[[object], Stage],
         model_dir = rundir.publish_model(model, tokenizer, out, adapter=cfg.adapter.type != "none",
                                          sharded=strategy == "fsdp")
         model = unwrap(model)
+        if after_training is not None and is_main():
+            final = after_training(model, result)
+            result[cfg.stage] = final.result
+            _append_metrics(out, final.metrics)
     except BaseException as e:
         hashes = getattr(data, "hashes", {}) if data is not None else {}
         rundir.write_manifest(out, status="failed", cfg=cfg, data_hashes=hashes, result={},
                               error="".join(traceback.format_exception_only(type(e), e)).strip(), started=started)
         raise
-    rundir.write_manifest(out, status="completed", cfg=cfg, data_hashes=getattr(data, "hashes", {}),
-                          result=result, model_dir=model_dir, started=started)
-    _report(out)
+    manifest = rundir.build_manifest(status="completed", cfg=cfg, data_hashes=getattr(data, "hashes", {}),
+                                     result=result, model_dir=model_dir, started=started)
+    if is_main():
+        _report(out, manifest)
+    rundir.write_manifest(out, status="completed", cfg=cfg, data_hashes={}, result={}, started=started,
+                          manifest=manifest)
     return RunResult(out, out / model_dir, result, model, tokenizer)
 
 
-def _report(out: Path) -> None:
+def _append_metrics(out: Path, lines: list[dict]) -> None:
+    with (out / "metrics.jsonl").open("a") as f:
+        for m in lines:
+            f.write(json.dumps(m) + "\n")
+
+
+def _report(out: Path, manifest: dict) -> None:
     """Every run gets its report.html; a report failure never fails a finished run."""
+    # deferred: matplotlib costs every training process ~40 MB and ~1 s before it has anything to plot
+    from posttrain.report import build_report
+
     try:
-        from posttrain.report import build_report
-    except ImportError:
-        return
-    try:
-        build_report([out])
+        build_report([out], manifests={out: manifest})
     except Exception as e:  # the model is already published; say what went wrong and go on
         print(f"posttrain: could not build the report: {e}")

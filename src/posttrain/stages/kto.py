@@ -3,20 +3,22 @@ into chosen = desirable and rejected = undesirable automatically).
 
 Each micro-batch is B examples plus their B mismatched rows (prompt i with the completion of
 example i+1 in the batch) in one forward pass; the mismatched rows give the KL reference point z
-(`posttrain.losses.kto_kl_estimate`). One unit = one example.
+(`posttrain.losses.kto_kl_estimate`). One unit = one example. Held out: the share of examples
+whose implicit reward has the label's sign, and the KL estimate.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Optional
 
-import torch
 from pydantic import Field, model_validator
 
-from posttrain.config import RunConfig, register_stage_schema
+from posttrain.config import RunConfig, Section, register_stage_schema
+from posttrain.engine.reference import Reference, forward_logps
+from posttrain.eval.preference import label_accuracy_evaluator
 from posttrain.losses.preference import kto_kl_estimate, kto_loss
 from posttrain.stages.common import RunResult
-from posttrain.stages.preference import Section, forward_logps, resolve_reference, run_pairwise
+from posttrain.stages.preference import resolve_reference, run_pairwise
 
 
 class KTOSection(Section):
@@ -31,7 +33,7 @@ class KTOSection(Section):
 
 
 class KTOConfig(RunConfig):
-    kto: KTOSection = Field(default_factory=KTOSection)
+    kto: KTOSection = Field(default_factory=KTOSection, description="KTO options (Ethayarajh et al. 2024).")
 
     @model_validator(mode="after")
     def _check_kto(self) -> "KTOConfig":
@@ -49,8 +51,8 @@ register_stage_schema("kto", KTOConfig)
 class KTOStage:
     name = "kto"
 
-    def __init__(self, opts: KTOSection, reference):
-        self.o = opts
+    def __init__(self, cfg: KTOConfig, reference: Reference):
+        self.o, self.t = cfg.kto, cfg.train
         self.reference = reference
 
     def loss(self, model, batch):
@@ -72,36 +74,13 @@ class KTOStage:
     def num_loss_units(self, batch) -> int:
         return int(batch["num_examples"])
 
-
-def held_out(items, collate, reference, autocast, batch_size: int):
-    """`label_accuracy`: share of held-out examples whose implicit reward has the label's sign
-    (desirable > 0 > undesirable); `kl`: the mean mismatched-pair KL estimate."""
-
-    @torch.no_grad()
-    def evaluate(model, step):
-        device = next(model.parameters()).device
-        right, n, kls = 0, 0, []
-        for s in range(0, len(items), batch_size):
-            chunk = list(items[s:s + batch_size])
-            b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(chunk).items()}
-            with autocast():
-                lp = forward_logps(model, b)[0]
-                ref = reference.logps(model, b)
-            B = len(chunk)
-            r = lp[:B] - ref[:B]
-            right += int(((r > 0) == b["kto_labels"]).sum())
-            n += B
-            kls.append(float((lp[B:] - ref[B:]).mean()))
-        return {"label_accuracy": right / max(n, 1), "kl": sum(kls) / max(len(kls), 1)}
-
-    return evaluate
+    def held_out_evaluator(self, items, collate):
+        return label_accuracy_evaluator(items, collate, self.reference, batch_size=self.t.batch_size,
+                                        precision=self.t.precision)
 
 
-def run(cfg: KTOConfig, *, resume: bool = False, evaluators=(), model=None, tokenizer=None, guard=None) -> RunResult:
+def run(cfg: KTOConfig, *, resume: bool = False, **kw) -> RunResult:
     if cfg.stage != "kto":
         raise ValueError(f"kto.run got a '{cfg.stage}' config")
-    mode = resolve_reference(cfg.kto.reference, cfg)
-    bs = cfg.train.batch_size
-    return run_pairwise(cfg, lambda tok, ref: KTOStage(cfg.kto, ref), None, reference_mode=mode, kind="unpaired",
-                        held_out_fn=lambda items, collate, ref, ac: held_out(items, collate, ref, ac, bs),
-                        resume=resume, evaluators=evaluators, model=model, tokenizer=tokenizer, guard=guard)
+    return run_pairwise(cfg, lambda ref: KTOStage(cfg, ref), reference_mode=resolve_reference(cfg.kto.reference, cfg),
+                        kind="unpaired", resume=resume, **kw)

@@ -12,10 +12,12 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from posttrain.config import RunConfig, register_stage_schema
+from posttrain.config import RunConfig, Section, register_stage_schema
+from posttrain.eval.preference import pair_accuracy_evaluator
 from posttrain.losses.preference import reward_model_loss
 from posttrain.stages.common import RunResult
-from posttrain.stages.preference import Section, run_pairwise
+from posttrain.models.reward import reward_model_from_lm, reward_scores
+from posttrain.stages.preference import run_pairwise
 
 
 class RewardSection(Section):
@@ -26,7 +28,7 @@ class RewardSection(Section):
 
 
 class RewardConfig(RunConfig):
-    reward: RewardSection = Field(default_factory=RewardSection)
+    reward: RewardSection = Field(default_factory=RewardSection, description="Reward-model options.")
 
     @model_validator(mode="after")
     def _check_reward(self) -> "RewardConfig":
@@ -42,8 +44,7 @@ register_stage_schema("reward", RewardConfig)
 
 
 def score_pairs(model, batch):
-    from posttrain.models.reward import reward_scores
-
+    """The scalar head's score of each side's last token."""
     B = batch["num_pairs"]
     s = reward_scores(model, batch["input_ids"], batch["attention_mask"])
     return s[:B], s[B:]
@@ -52,8 +53,8 @@ def score_pairs(model, batch):
 class RewardStage:
     name = "reward"
 
-    def __init__(self, opts: RewardSection):
-        self.o = opts
+    def __init__(self, cfg: RewardConfig):
+        self.o, self.t = cfg.reward, cfg.train
 
     def loss(self, model, batch):
         sc, sr = score_pairs(model, batch)
@@ -67,6 +68,10 @@ class RewardStage:
     def num_loss_units(self, batch) -> int:
         return int(batch["num_pairs"])
 
+    def held_out_evaluator(self, items, collate):
+        return pair_accuracy_evaluator(items, collate, score_pairs, batch_size=self.t.batch_size,
+                                       precision=self.t.precision)
+
 
 def run(cfg: RewardConfig, *, resume: bool = False, evaluators=(), model=None, tokenizer=None, guard=None) -> RunResult:
     if cfg.stage != "reward":
@@ -74,10 +79,8 @@ def run(cfg: RewardConfig, *, resume: bool = False, evaluators=(), model=None, t
     if model is None:
         if not cfg.model:
             raise ValueError("no model given: set `model` (a local HF directory)")
-        from posttrain.models.reward import reward_model_from_lm
-
         model, tokenizer = reward_model_from_lm(cfg.model, device=cfg.train.device, tokenizer=cfg.tokenizer,
                                                 trust_remote_code=cfg.trust_remote_code, seed=cfg.train.seed)
     model.requires_grad_(True)
-    return run_pairwise(cfg, lambda tok, ref: RewardStage(cfg.reward), score_pairs, reference_mode=None,
-                        resume=resume, evaluators=evaluators, model=model, tokenizer=tokenizer, guard=guard)
+    return run_pairwise(cfg, lambda ref: RewardStage(cfg), reference_mode=None, resume=resume,
+                        evaluators=evaluators, model=model, tokenizer=tokenizer, guard=guard)

@@ -1,9 +1,11 @@
-"""Scoring sequences under the policy and the reference: summed completion log-probs from one
-forward pass (padded or packed batches), and the three reference models of DPO/KTO.
+"""Scoring sequences under the policy and the reference, in one place: summed completion log-probs
+from one forward pass (padded or packed batches, the head only at loss positions), and the one
+reference-model implementation of DPO, KTO, PPO and GRPO in its three modes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -13,7 +15,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from posttrain.data.collate import model_attention_mask
+from posttrain.engine import dist
+from posttrain.engine.precision import autocast
 from posttrain.losses.sft import next_token_targets
+from posttrain.models import adapters
+from posttrain.models.head import takes_logits_to_keep
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -21,8 +28,6 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 def _model_inputs(model, batch: dict) -> dict:
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if inputs["attention_mask"].dim() == 4:
-        from posttrain.data.collate import model_attention_mask
-
         inputs["attention_mask"] = model_attention_mask(inputs["attention_mask"], model)
     return inputs
 
@@ -34,10 +39,8 @@ def forward_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     The output head runs only at positions where some row has a completion token (as in SFT), and
     the log-softmax only at the completion tokens themselves: prompts and padding cost no head.
     """
-    from posttrain.stages.sft import _takes_logits_to_keep
-
     inputs = _model_inputs(model, batch)
-    if _takes_logits_to_keep(model):
+    if takes_logits_to_keep(model):
         positions, targets = next_token_targets(batch["labels"])
         logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
         seg_at = (lambda seg: seg[:, 1:][:, positions])
@@ -56,6 +59,13 @@ def forward_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return logps, counts
 
 
+def forward_mean_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean completion log-prob per token [N], summed log-probs [N], token counts [N]): the
+    length-normalised score of SimPO and ORPO."""
+    logps, counts = forward_logps(model, batch)
+    return logps / counts.clamp(min=1), logps, counts
+
+
 def forward_token_logprobs(model, batch: dict) -> torch.Tensor:
     """Full next-token log-distributions [N, T-1, V] (fp32), for the held-out KL."""
     out = model(**_model_inputs(model, batch), use_cache=False)
@@ -63,17 +73,21 @@ def forward_token_logprobs(model, batch: dict) -> torch.Tensor:
 
 
 class Reference:
-    """The reference policy of DPO/KTO: `adapter` (the policy with its adapter disabled), `copy`
-    (a frozen deep copy made before training) or `precomputed` (log-probs cached on disk; no
-    reference model in memory)."""
+    """The frozen reference policy, in one of three modes:
+
+    - `adapter`: the policy itself with its adapter disabled (no second model in memory);
+    - `copy`: a frozen copy of the starting weights, made when the Reference is built (before a
+      resumed run restores its checkpoint) or loaded by `copy_from()` (RL stages reload the
+      starting checkpoint from disk, which also works once the policy is wrapped for DDP/FSDP);
+    - `precomputed`: sequence log-probs computed once before training and carried in the batch
+      (`ref_logps`); no reference model in memory.
+    """
 
     MODES = ("adapter", "copy", "precomputed")
 
-    def __init__(self, mode: str, policy):
+    def __init__(self, mode: str, policy, *, copy_from: Optional[Callable[[], torch.nn.Module]] = None):
         if mode not in self.MODES:
             raise ValueError(f"reference must be one of {', '.join(self.MODES)}, got {mode!r}")
-        from posttrain.models import adapters
-
         if mode == "adapter" and not adapters.is_adapted(policy):
             raise ValueError("reference 'adapter' needs an adapter run (adapter.type lora, ...): the reference is "
                              "the policy with its adapter disabled. Use reference 'copy' or 'precomputed' for "
@@ -81,37 +95,43 @@ class Reference:
         self.mode = mode
         self.model = None
         if mode == "copy":
-            self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+            ref = copy_from() if copy_from is not None else copy.deepcopy(policy)
+            self.model = ref.eval().requires_grad_(False)
 
-    def _context(self, policy):
-        import contextlib
+    @classmethod
+    def default_mode(cls, adapter_type: str) -> str:
+        """`adapter` for adapter runs (no second model), `copy` for full fine-tuning."""
+        return "adapter" if adapter_type != "none" else "copy"
 
-        from posttrain.models import adapters
-
-        if self.mode == "copy":
-            return self.model, contextlib.nullcontext()
-        return policy, adapters.disabled(policy)
+    @contextlib.contextmanager
+    def context(self, policy):
+        """Inside the block, the yielded module computes the reference: the copy, or the adapter-disabled
+        policy (also for `precomputed` on an adapter run, where that model is at hand)."""
+        if self.model is not None:
+            yield self.model
+            return
+        if not adapters.is_adapted(policy):
+            raise RuntimeError("reference 'precomputed' of a full fine-tune has no model in memory")
+        with adapters.disabled(policy):
+            yield policy
 
     @torch.no_grad()
     def logps(self, policy, batch: dict) -> torch.Tensor:
+        """Summed completion log-probs [N] of the batch's sequences under the reference."""
         if self.mode == "precomputed":
             if "ref_logps" not in batch:
                 raise RuntimeError("reference 'precomputed': the batch has no cached reference log-probs")
             return batch["ref_logps"].float()
-        model, ctx = self._context(policy)
-        with ctx:
-            return forward_logps(model, batch)[0]
+        with self.context(policy) as ref:
+            return forward_logps(ref, batch)[0]
 
     @torch.no_grad()
     def token_logprobs(self, policy, batch: dict) -> Optional[torch.Tensor]:
         """The reference's full next-token log-distributions, or None when it is not in memory."""
-        from posttrain.models import adapters
-
         if self.mode == "precomputed" and not adapters.is_adapted(policy):
             return None
-        model, ctx = self._context(policy) if self.mode != "precomputed" else (policy, adapters.disabled(policy))
-        with ctx:
-            return forward_token_logprobs(model, batch)
+        with self.context(policy) as ref:
+            return forward_token_logprobs(ref, batch)
 
 
 def _items_hash(items) -> str:
@@ -123,16 +143,14 @@ def _items_hash(items) -> str:
 
 @torch.no_grad()
 def precompute_reference(model, splits: dict[str, list], collate: Callable, *, batch_size: int, path: Path,
-                         model_id: str, autocast=None) -> dict[str, torch.Tensor]:
+                         model_id: str, precision: str = "fp32") -> dict[str, torch.Tensor]:
     """Reference log-probs of every pair, computed once with `model` (its adapter disabled, if any) and
     cached in `path` (safetensors; reused when the data and model are unchanged). Sets `item.ref`.
 
     Under torchrun each rank scores its share of the batches (before the model is wrapped, so no
     collective per forward), the shares are all-gathered, and rank 0 alone writes the file."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
-
-    from posttrain.engine import dist
-    from posttrain.models import adapters
 
     key = {name: _items_hash(items) for name, items in splits.items()}
     meta = {"model": model_id, **{f"hash_{k}": v for k, v in key.items()}}
@@ -140,8 +158,6 @@ def precompute_reference(model, splits: dict[str, list], collate: Callable, *, b
     # under torchrun every rank takes the same branch: none may see a file another rank is writing
     dist.barrier()
     if path.exists():
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             if f.metadata() == meta:
                 cached = load_file(str(path))
@@ -149,7 +165,6 @@ def precompute_reference(model, splits: dict[str, list], collate: Callable, *, b
         was = model.training
         model.eval()
         cached = {}
-        ctx = autocast or (lambda: torch.autocast("cpu", enabled=False))
         device = next(model.parameters()).device
         # each rank scores every world_size-th chunk; the chunks are gathered back in order
         me, w = dist.rank(), dist.world_size()
@@ -160,7 +175,7 @@ def precompute_reference(model, splits: dict[str, list], collate: Callable, *, b
                 for s in starts[me::w]:
                     chunk = items[s:s + batch_size]
                     b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(chunk).items()}
-                    with ctx():
+                    with autocast(precision, device):
                         lp = forward_logps(model, b)[0].float().cpu()
                     mine[s] = torch.stack([lp[:len(chunk)], lp[len(chunk):]], dim=1)
                 for part in dist.all_gather_object(mine):
