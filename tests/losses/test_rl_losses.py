@@ -63,8 +63,8 @@ def test_ppo_clip_fraction_on_crafted_tokens():
     logps = torch.tensor([[0.5, -0.5, 0.5, -0.5, 0.0, 30.0]], dtype=F64, requires_grad=True)
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 0.5, 1.0]], dtype=F64)
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
-    loss, clipfrac = ppo_policy_loss(logps, torch.zeros_like(logps), adv, mask, clip=0.2)
-    assert clipfrac.item() == pytest.approx(2 / 5)
+    loss, m = ppo_policy_loss(logps, torch.zeros_like(logps), adv, mask, clip=0.2)
+    assert m["clip_frac"] == pytest.approx(2 / 5)
     e, ie = math.exp(0.5), math.exp(-0.5)
     assert loss.item() == pytest.approx((-1.2 - ie + e + 0.8 - 0.5) / 5, abs=1e-12)
     loss.backward()
@@ -111,11 +111,11 @@ def _two_unequal_sequences():
 
 def test_grpo_aggregations_weigh_lengths_differently():
     logps, mask, adv = _two_unequal_sequences()
-    got = {agg: grpo_loss(logps, None, adv, mask, aggregation=agg).item() for agg in ("grpo", "dr_grpo", "dapo")}
+    got = {agg: grpo_loss(logps, None, adv, mask, aggregation=agg)[0].item() for agg in ("grpo", "dr_grpo", "dapo")}
     assert got["grpo"] == pytest.approx((-1.0 + 1.0) / 2)  # each sequence weighs the same
     assert got["dapo"] == pytest.approx((-1.0 + 3.0) / 4)  # each token weighs the same
     assert got["dr_grpo"] == pytest.approx((-1.0 + 3.0) / (2 * 4))  # constant denominator B * T
-    assert grpo_loss(logps, None, adv, mask, aggregation="dr_grpo", max_completion_length=8).item() == (
+    assert grpo_loss(logps, None, adv, mask, aggregation="dr_grpo", max_completion_length=8)[0].item() == (
         pytest.approx(2.0 / 16)
     )
     with pytest.raises(ValueError, match="unknown aggregation 'mean'; valid: grpo, dr_grpo, dapo"):
@@ -127,11 +127,11 @@ def test_grpo_asymmetric_clipping_and_kl_term():
     old = torch.zeros_like(logps)
     mask = torch.tensor([[1, 1]])
     adv = torch.tensor([[1.0, -1.0]], dtype=F64)
-    loss = grpo_loss(logps, old, adv, mask, eps_low=0.2, eps_high=0.28, aggregation="dapo")
+    loss, _ = grpo_loss(logps, old, adv, mask, eps_low=0.2, eps_high=0.28, aggregation="dapo")
     # token 0: -min(e^.5, 1.28) = -1.28 ; token 1: -min(-e^-.5, -0.8) = 0.8
     assert loss.item() == pytest.approx((-1.28 + 0.8) / 2, abs=1e-12)
     ref = logps - 0.3
-    with_kl = grpo_loss(logps, old, adv, mask, ref_logps=ref, beta=0.5, eps_low=0.2, eps_high=0.28, aggregation="dapo")
+    with_kl, _ = grpo_loss(logps, old, adv, mask, ref_logps=ref, beta=0.5, eps_low=0.2, eps_high=0.28, aggregation="dapo")
     k3 = math.exp(-0.3) + 0.3 - 1.0
     assert with_kl.item() == pytest.approx(loss.item() + 0.5 * k3, abs=1e-12)
     with pytest.raises(ValueError, match="beta=0.5 needs ref_logps"):
@@ -196,7 +196,7 @@ def test_inf_log_probs_on_padding_leave_loss_and_gradients_finite():
     mask = torch.tensor([[1, 1, 0]])
     adv = torch.tensor([[1.0, -1.0, float("nan")]])
     pl, _ = ppo_policy_loss(logps, old, adv, mask)
-    gl = grpo_loss(logps, old, torch.tensor([1.0]), mask, ref_logps=old, beta=0.1)
+    gl, _ = grpo_loss(logps, old, torch.tensor([1.0]), mask, ref_logps=old, beta=0.1)
     (pl + gl).backward()
     assert torch.isfinite(pl) and torch.isfinite(gl)
     assert torch.isfinite(logps.grad).all() and logps.grad[0, 2].item() == 0.0

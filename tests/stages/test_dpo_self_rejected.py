@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from posttrain.config import load_config
-from posttrain.data.self_rejected import self_rejected_pairs
+from posttrain.stages import load_config
+from posttrain.rollout.self_rejected import self_rejected_pairs
 from posttrain.models.loading import load
 from posttrain.rollout import RolloutEngine, SamplingParams
 from posttrain.stages import dpo
-from posttrain.stages.rl_common import prompt_text
+from posttrain.rollout.prompts import prompt_text
 from tests.stages.test_pref_reference import pref_rows
 
 
@@ -70,7 +70,7 @@ def test_self_rejected_needs_a_verifier():
 
 
 def test_gym_tasks_are_reward_specs():
-    from posttrain.stages.rl_common import resolve_reward
+    from posttrain.rewards.sets import resolve_reward
 
     name, fn = resolve_reward("gym:preference")
     row = {"answer": "5", "check": "exact"}

@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 
-from posttrain.config import ConfigError, load_config
+from posttrain.config import ConfigError
+from posttrain.stages import load_config
 from posttrain.engine.trainer import Engine
 from posttrain.models.loading import load
 from posttrain.stages import grpo
-from posttrain.stages.rl_common import RewardSet, prompt_data
+from posttrain.rewards.sets import RewardSet
+from posttrain.rollout.prompts import prompt_data
 
 
 def digit_frac(prompts, completions, **kw):
@@ -149,7 +151,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_grpo_adapter_with_kl_to_disabled_base(tiny_models, prompts_file, tmp_path):
     cfg = _cfg(tiny_models("qwen2"), prompts_file, tmp_path / "run", "train.max_steps=4", "train.lr=1e-2",
-               "adapter.type=lora", "adapter.r=8", "grpo.beta=0.5", "grpo.iterations=2", "grpo.scale=none",
+               "adapter.type=lora", "adapter.r=8", "grpo.beta=0.5", "grpo.iterations=2", "grpo.advantage=dr_grpo",
                "grpo.aggregation=dr_grpo", "grpo.eps_high=0.28")
     res = grpo.run(cfg, reward_fns=[digit_frac])
     m = _train_metrics(res.output_dir)

@@ -6,11 +6,11 @@ batch over 10 steps at lr 1e-4 without a clear rise: docs/tools.md.)"""
 import json
 
 from posttrain import gym
-from posttrain.config import load_config
+from posttrain.stages import load_config
 from posttrain.data.tools import FALLBACK_HEADER
 from posttrain.rewards import tool_call_reward
 from posttrain.stages import grpo
-from posttrain.stages.rl_common import columns
+from posttrain.rollout.prompts import columns
 
 
 def test_tool_call_reward_scores_gym_rows_as_grpo_hands_them():

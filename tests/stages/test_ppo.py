@@ -6,12 +6,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from posttrain.config import ConfigError, load_config
+from posttrain.rewards.sets import AdaptiveKLController
+from posttrain.config import ConfigError
+from posttrain.stages import load_config
 from posttrain.models.loading import load
 from posttrain.models.reward import reward_model_from_lm, reward_scores
 from posttrain.rollout import RolloutEngine, SamplingParams
 from posttrain.stages import ppo
-from posttrain.stages.rl_common import prompt_data
+from posttrain.rollout.prompts import prompt_data
 
 
 def digit_frac(prompts, completions, **kw):
@@ -117,11 +119,11 @@ def test_ppo_reward_function_adapter_policy(tiny_models, prompts_file, tmp_path)
 
 
 def test_adaptive_kl_controller_follows_ziegler():
-    c = ppo.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     assert c.update(12.0, 256) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))  # error clipped at +0.2
-    c = ppo.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10000)
     assert c.update(5.4, 100) == pytest.approx(0.1 * (1 - 0.1 * 100 / 10000))
-    fixed = ppo.AdaptiveKLController(0.1, target=None, horizon=10000)
+    fixed = AdaptiveKLController(0.1, target=None, horizon=10000)
     assert fixed.update(100.0, 1000) == 0.1
 
 

@@ -222,7 +222,7 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     *,
     clip: float = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization").
 
     The ratio rho = pi/pi_old is clipped so one batch of samples cannot move the policy far
@@ -237,8 +237,8 @@ def ppo_policy_loss(
         mask: [B, T].
         clip: c.
     Returns:
-        loss: scalar. clipfrac: scalar, detached, the fraction of tokens where the clipped
-        term was the active (larger) one.
+        (loss: scalar, metrics: {"clip_frac": the fraction of tokens where the clipped term was the
+        active (larger) one, a float}).
     """
     m = _check_mask("ppo_policy_loss", mask, logps=logps, old_logps=old_logps, advantages=advantages)
     logps, old_logps, advantages = _zero_pad(logps, m), _zero_pad(old_logps.detach(), m), _zero_pad(advantages, m)
@@ -247,7 +247,7 @@ def ppo_policy_loss(
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     loss = masked_mean(torch.maximum(unclipped, clipped), m)
     clipfrac = masked_mean((clipped > unclipped).to(logps.dtype), m).detach()
-    return loss, clipfrac
+    return loss, {"clip_frac": float(clipfrac)}
 
 
 def ppo_value_loss(
@@ -364,7 +364,7 @@ def grpo_loss(
     eps_high: float = 0.2,
     aggregation: str = "grpo",
     max_completion_length: int | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, dict]:
     """GRPO's clipped surrogate with an optional k3 KL to the reference.
 
     Per token, with rho = pi/pi_old and the sequence's advantage A:
@@ -392,7 +392,9 @@ def grpo_loss(
         aggregation: one of ``GRPO_AGGREGATIONS``.
         max_completion_length: the denominator's length for dr_grpo (ignored otherwise).
     Returns:
-        loss: scalar.
+        (loss: scalar, metrics: {"clip_frac": share of tokens whose ratio is clipped on the side
+        that binds (rho < 1 - eps_low with A < 0, rho > 1 + eps_high with A > 0); "kl": the mean
+        k3 KL to the reference, when beta > 0}), metrics as floats over the mask.
     """
     if aggregation not in _AGGREGATIONS:
         raise ValueError(f"grpo_loss: unknown aggregation {aggregation!r}; valid: {', '.join(GRPO_AGGREGATIONS)}")
@@ -410,17 +412,23 @@ def grpo_loss(
     logps, old_logps = _zero_pad(logps, m), _zero_pad(old_logps.detach(), m)
     ratio = torch.exp(logps - old_logps)
     per_token = -torch.minimum(ratio * advantages, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages)
+    with torch.no_grad():
+        adv = advantages.expand_as(ratio)
+        clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        metrics = {"clip_frac": float(masked_mean(clipped.float(), m))}
     if beta != 0.0:
         if ref_logps is None:
             raise ValueError(f"grpo_loss: beta={beta} needs ref_logps (reference per-token log-probs, [B, T])")
         _check_mask("grpo_loss", mask, ref_logps=ref_logps)
-        per_token = per_token + beta * kl_penalty(logps, _zero_pad(ref_logps.detach(), m), estimator="k3")
+        kl = kl_penalty(logps, _zero_pad(ref_logps.detach(), m), estimator="k3")
+        per_token = per_token + beta * kl
+        metrics["kl"] = float(masked_mean(kl.detach(), m))
     max_len = mask.shape[1] if max_completion_length is None else max_completion_length
     if aggregation == "dr_grpo" and max_len < mask.shape[1]:
         raise ValueError(
             f"grpo_loss: max_completion_length={max_len} is shorter than the completions' length {mask.shape[1]}"
         )
-    return _AGGREGATIONS[aggregation](per_token, m, max_len)
+    return _AGGREGATIONS[aggregation](per_token, m, max_len), metrics
 
 
 # ------------------------------------------------------------------ newer estimators (issue #21)

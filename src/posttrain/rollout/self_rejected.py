@@ -15,9 +15,19 @@ samples are skipped, since an empty answer cannot be a training target.
 from __future__ import annotations
 
 import json
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+from posttrain.data.sources import read_records
+from posttrain.engine.dist import is_distributed, rank
+from posttrain.rewards.sets import resolve_reward
+from posttrain.rollout.engine import RolloutEngine
+from posttrain.rollout.prompts import prompt_text
+from posttrain.rollout.sampling import SamplingParams
 
 NOT_COLUMNS = ("prompt", "chosen", "rejected", "messages")
 
@@ -54,9 +64,6 @@ def self_rejected_pairs(model, tokenizer, rows: Sequence[dict], reward: Callable
         (pairs, stats): pairs are ordinary preference rows with provenance (`source: "self"`, the
         sample's `reward`, `model`), stats counts rows, samples, mistakes and pairs.
     """
-    from posttrain.rollout import RolloutEngine, SamplingParams
-    from posttrain.stages.rl_common import prompt_text
-
     for i, r in enumerate(rows):
         if "chosen" not in r or "prompt" not in r:
             raise ValueError(f"self-rejected pairs: row {i} needs 'prompt' and 'chosen' (keys: {sorted(r)})")
@@ -108,3 +115,31 @@ def write_jsonl(rows: Sequence[dict], path: Path) -> Path:
     tmp.replace(path)
     return path
 
+
+
+def self_rejected_source(model, tokenizer, sources: Sequence[str], o, *, out: Path, seed: int, model_name: str,
+                         resume: bool = False) -> Path:
+    """Sample the starting model on the rows of `sources`, write the self-rejected pairs to `out`
+    (with `out`.stats.json) and return the file; a resumed run reuses the file instead of sampling again.
+
+    `o` is DPO's `self_rejected` section (samples, reward, threshold, temperature, max_new_tokens, per_row).
+    Under torchrun every rank samples the same pairs (same seed); only rank 0 writes the run's copy.
+    """
+    if resume and out.exists():
+        return out
+    rows = [rec.data for s in sources for rec in read_records(s, split="train")]
+    pairs, stats = self_rejected_pairs(model, tokenizer, rows, resolve_reward(o.reward)[1], samples=o.samples,
+                                       temperature=o.temperature, max_new_tokens=o.max_new_tokens,
+                                       threshold=o.threshold, seed=seed, per_row=o.per_row, model_name=model_name)
+    if not pairs:
+        raise ValueError(f"dpo.self_rejected: the reward accepted all {stats['self_rejected_samples']} samples; "
+                         "there is nothing to reject (lower the threshold or raise the temperature)")
+    main = (rank() if is_distributed() else int(os.environ.get("RANK", "0"))) == 0
+    if not main:
+        out = Path(tempfile.mkdtemp(prefix="posttrain-self-rejected-")) / out.name
+    write_jsonl(pairs, out)
+    if main:
+        out.with_suffix(".stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    print(f"dpo.self_rejected: {stats['self_rejected_pairs']} pairs from {stats['self_rejected_wrong']} rejected "
+          f"of {stats['self_rejected_samples']} samples -> {out}", file=sys.stderr, flush=True)
+    return out
