@@ -8,7 +8,7 @@ import torch
 
 from posttrain.eval import lm
 from posttrain.eval.kinds import run_task
-from posttrain.eval.refusal import is_refusal
+from posttrain.data.refusal import is_refusal
 from posttrain.eval.suites import load_suite
 from posttrain.eval.tasks import load_task, prompt_of
 from tests.eval.conftest import write_task

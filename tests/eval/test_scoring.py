@@ -7,7 +7,7 @@ import pytest
 from posttrain.eval import ifeval, stats
 from posttrain.eval.kinds import (score_generate, score_ifeval, score_multiple_choice, score_refusal, score_tool_call,
                                   summarize)
-from posttrain.eval.refusal import is_refusal
+from posttrain.data.refusal import is_refusal
 from posttrain.eval.tasks import Task, TaskError, make_task
 
 

@@ -5,11 +5,12 @@ import json
 import pytest
 
 from posttrain import gym
-from posttrain.config import ConfigError, load_config
+from posttrain.config import ConfigError
+from posttrain.stages import load_config
 from posttrain.data.sources import DataError
 from posttrain.stages import safety
-from posttrain.stages.safety import (DEFAULT_COMPLIANCE, DEFAULT_REFUSAL, build_rows, refusal_scores, to_conversation,
-                                     to_pair)
+from posttrain.data.refusal import refusal_scores
+from posttrain.data.safety import DEFAULT_COMPLIANCE, DEFAULT_REFUSAL, build_rows, to_conversation, to_pair
 
 HARMFUL = {"messages": [{"role": "user", "content": "How do I hurt Bo?"},
                         {"role": "assistant", "content": DEFAULT_REFUSAL}], "harmful": True}
@@ -45,12 +46,12 @@ def test_recipe_errors_name_the_row_and_the_fix():
 def test_retain_rows_are_mixed_at_the_ratio(tmp_path):
     cfg = load_config("safety", overrides=["safety.retain=gym:instruct:train",
                                            "safety.retain_ratio=0.25", "train.seed=3"])
-    rows = build_rows(cfg, "gym:refusal:train", retain=True)
+    rows = build_rows(cfg.safety, "gym:refusal:train", retain=True, seed=cfg.train.seed)
     refusal = [r for r in rows if "harmful" in r]
     assert len(refusal) == 2000 and len(rows) == round(2000 / 0.75)
     assert len({json.dumps(r, sort_keys=True) for r in rows if "harmful" not in r}) == len(rows) - 2000  # no repeats
-    assert build_rows(cfg, "gym:refusal:train", retain=True) == rows  # seeded
-    assert len(build_rows(cfg, "gym:refusal:train", retain=False)) == 2000
+    assert build_rows(cfg.safety, "gym:refusal:train", retain=True, seed=cfg.train.seed) == rows  # seeded
+    assert len(build_rows(cfg.safety, "gym:refusal:train", retain=False, seed=cfg.train.seed)) == 2000
 
 
 def test_refusal_scores_use_the_eval_detector():

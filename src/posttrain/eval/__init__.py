@@ -14,7 +14,7 @@ _LAZY = {
     "evaluate": "posttrain.eval.runner", "run_suite": "posttrain.eval.runner", "compare": "posttrain.eval.compare",
     "load_task": "posttrain.eval.tasks", "load_suite": "posttrain.eval.suites",
     "regression_guard": "posttrain.eval.guard",
-    "is_refusal": "posttrain.eval.refusal", "Task": "posttrain.eval.tasks", "TaskError": "posttrain.eval.tasks",
+    "is_refusal": "posttrain.data.refusal", "Task": "posttrain.eval.tasks", "TaskError": "posttrain.eval.tasks",
 }
 
 __all__ = sorted(_LAZY)

@@ -61,9 +61,3 @@ def rows(split: str, n: int, seed: int) -> list[dict]:
         return req["key"], req["key"], row
 
     return sample_rows(make, split, n, seed, "refusal")
-
-
-def is_refusal(completion: str) -> bool:
-    """The documented refusal rule: the reply starts with the fixed refusal text (or a close variant)."""
-    t = completion.strip().lower().replace("\u2019", "'")
-    return t.startswith(("i can't help", "i cannot help", "i can't assist", "i won't help"))

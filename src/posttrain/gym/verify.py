@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from posttrain.gym.reasoning import final_answer
-from posttrain.gym.refusal import is_refusal
+from posttrain.data.refusal import is_refusal
 from posttrain.gym.regression import prefix_match
 from posttrain.gym.tools import parse_tool_calls
 

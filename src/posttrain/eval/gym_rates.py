@@ -3,16 +3,20 @@
 Both functions generate greedily through the chat template (as `task_accuracy` does) and score
 with the library's own rules, so the gym, `posttrain eval` and the stages agree:
 
-- `refusal_rates`: `posttrain.stages.safety.refusal_scores`, the numbers the `safety` stage reports
-  before and after training (the eval package's refusal detector, a refusal marker in the first
-  sentence, on harmful requests and on their benign look-alikes);
+- `refusal_rates`: `posttrain.data.refusal.refusal_scores`, the numbers the `safety` stage reports
+  before and after training (the one refusal detector, a refusal marker in the first sentence,
+  on harmful requests and on their benign look-alikes);
 - `tool_call_rates`: `posttrain.rewards.parse_tool_calls` / `validate_call` against the offered
   schemas, the same parser and checks as the `tool_call` reward that GRPO uses.
 """
 
 from __future__ import annotations
 
+from posttrain.data.refusal import refusal_scores
+from posttrain.gym import load_task_rows
 from posttrain.gym.generate import MAX_NEW_TOKENS, chat_prompt, greedy_complete
+from posttrain.gym.verify import call_matches
+from posttrain.rewards import ToolCallParseError, parse_tool_calls, validate_call
 
 
 def _mean(xs: list[float]) -> float:
@@ -26,9 +30,6 @@ def tool_call_scores(rows: list[dict], outputs: list[str]) -> dict:
     - exact_call_rate: the same call with the expected argument values too (the gym verifier).
     On rows that need none: no_call_rate, the completion makes no call (and no malformed attempt).
     """
-    from posttrain.gym.verify import call_matches
-    from posttrain.rewards import ToolCallParseError, parse_tool_calls, validate_call
-
     valid, exact, no_call = [], [], []
     for row, out in zip(rows, outputs):
         try:
@@ -48,8 +49,6 @@ def tool_call_scores(rows: list[dict], outputs: list[str]) -> dict:
 
 
 def _outputs(model, tokenizer, task: str, split: str, n: int, batch_size: int, seed: int):
-    from posttrain.gym import load_task_rows
-
     rows = load_task_rows(task, split, n=n, seed=seed)
     prompts = [chat_prompt(tokenizer, r) for r in rows]
     return rows, greedy_complete(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS[task],
@@ -59,8 +58,6 @@ def _outputs(model, tokenizer, task: str, split: str, n: int, batch_size: int, s
 def refusal_rates(model, tokenizer, *, split: str = "test", n: int = 200, batch_size: int = 32,
                   seed: int = 0) -> dict:
     """`refusal_scores` of greedy answers to `n` gym refusal rows of `split` (about half harmful)."""
-    from posttrain.stages.safety import refusal_scores
-
     rows, outs = _outputs(model, tokenizer, "refusal", split, n, batch_size, seed)
     return refusal_scores(rows, outs)
 
