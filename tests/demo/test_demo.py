@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from posttrain.gym.demo import ALL_STAGES, DEFAULT_STAGES, format_table, run_demo
+from posttrain.pipeline.demo import ALL_STAGES, DEFAULT_STAGES, format_table, run_demo
 
 
 REASONING_CHAIN = ("reasoning", "grpo")  # tests/demo/test_demo_grpo.py

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from posttrain.gym.demo import ALL_STAGES, run_demo
+from posttrain.pipeline.demo import ALL_STAGES, run_demo
 
 pytestmark = pytest.mark.slow
 

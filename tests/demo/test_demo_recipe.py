@@ -3,7 +3,7 @@
 import yaml
 
 from posttrain.cli import main
-from posttrain.gym import demo
+from posttrain.pipeline import demo
 from posttrain.pipeline import load_recipe, order_warnings
 
 

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 def test_naive_forgets_and_guarded_does_not(tmp_path):
     from posttrain import gym
-    from posttrain.eval import forgetting
+    from posttrain.pipeline import forgetting
 
     try:
         gym.base_model_path()

@@ -4,7 +4,6 @@ The GRPO gym measurement itself is the demo's reasoning chain: tests/demo/test_d
 """
 
 from posttrain import gym
-from posttrain.stages import grpo
 
 
 def test_gym_reward_is_the_verifier():
@@ -12,6 +11,6 @@ def test_gym_reward_is_the_verifier():
     cols = {k: [r[k] for r in rows] for k in rows[0]}
     right = [f"work\nAnswer: {r['answer']}" for r in rows]
     wrong = [f"Answer: {int(r['answer']) + 1}" for r in rows]
-    f = grpo.gym_reward("reasoning")
+    f = gym.verifier_reward("reasoning")
     assert f(None, right, **cols) == [1.0, 1.0, 1.0]
     assert f(None, wrong, **cols) == [0.0, 0.0, 0.0]

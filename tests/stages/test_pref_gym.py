@@ -23,12 +23,12 @@ def test_dpo_on_the_gym_beats_sft(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
     from preference_gym import run_sft
 
-    from posttrain.stages import dpo
+    from posttrain.pipeline.gym_rows import dpo_row
 
     # measured 2026-11-27 16:30 UTC (base v2, 1 thread): preference accuracy 0.955, correctness 0.645 vs
     # SFT 0.355, regression 0.75 vs 0.765; DPO training 77 s
     sft_dir = run_sft(gym.base_model_path(), tmp_path, steps=40, n_train=2400)
-    m = dpo.demo_stage(sft_dir, tmp_path / "dpo-stage", n_train=1600, n_eval=200)
+    m = dpo_row(sft_dir, tmp_path / "dpo-stage", n_train=1600, n_eval=200)
     print(json.dumps(m))
     assert m["preference_accuracy"] >= 0.9
     assert m["preference_correctness"] > m["sft_preference_correctness"]

@@ -15,10 +15,12 @@ import json
 import pytest
 
 from posttrain import gym
-from posttrain.config import load_config
+from posttrain.stages import load_config
 from posttrain.models.loading import load
 from posttrain.stages import safety, sft
-from posttrain.stages.dpo import starting_model
+from posttrain.eval import gym_rates
+from posttrain.pipeline.demo import stage_overrides
+from posttrain.pipeline.gym_rows import starting_model
 
 # The default suite asserts the same targets through the demo's safety and tools rows
 # (tests/demo/test_demo.py); this module checks the stage-level records as well, from its own SFT.
@@ -32,7 +34,7 @@ def sft_model(tmp_path_factory):
         base = gym.base_model_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    from posttrain.gym.demo import SFT_OVERRIDES
+    from posttrain.pipeline.demo import SFT_OVERRIDES
 
     out = tmp_path_factory.mktemp("sft")
     cfg = load_config("sft", overrides=[f"model={base}", "data.train=gym:instruct:train",
@@ -47,7 +49,7 @@ def sft_model(tmp_path_factory):
 def test_safety_refuses_harmful_requests_without_over_refusing(sft_model, tmp_path):
     start, sft_regression = sft_model
     cfg = load_config("safety", overrides=[f"model={start}", f"output_dir={tmp_path / 'safety'}",
-                                           "train.progress=false", *safety.DEMO_OVERRIDES])
+                                           "train.progress=false", *stage_overrides("safety", data=True)])
     res = safety.run(cfg)
     s = res.result["safety"]
     print(json.dumps(s))
@@ -60,7 +62,7 @@ def test_safety_refuses_harmful_requests_without_over_refusing(sft_model, tmp_pa
     print(json.dumps({"sft_regression": sft_regression, "safety_regression": regression}))
     assert regression >= sft_regression - 0.02
     # the gym's own measurement agrees with what the stage recorded (same rows, same detector)
-    rates = gym.refusal_rates(model, res.tokenizer, n=200)
+    rates = gym_rates.refusal_rates(model, res.tokenizer, n=200)
     assert abs(rates["refusal_rate"] - s["after"]["refusal_rate"]) <= 0.02
     assert abs(rates["over_refusal_rate"] - s["after"]["over_refusal_rate"]) <= 0.02
 
@@ -70,7 +72,7 @@ def test_tool_sft_makes_valid_calls_and_no_call_when_none_fits(sft_model, tmp_pa
     cfg = load_config("sft", overrides=[f"model={start}", f"output_dir={tmp_path / 'tools'}", "train.progress=false",
                                         *gym.tools.SFT_OVERRIDES])
     res = sft.run(cfg)
-    rates = gym.tool_call_rates(res.model.eval(), res.tokenizer, n=200)
+    rates = gym_rates.tool_call_rates(res.model.eval(), res.tokenizer, n=200)
     print(json.dumps(rates))
     assert rates["n_call"] > 100 and rates["n_no_call"] > 50
     assert rates["valid_call_rate"] >= 0.95, rates

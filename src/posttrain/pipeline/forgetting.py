@@ -13,7 +13,7 @@ the regression suite score (posttrain.eval built-in `regression`, whose `regress
 exactly `gym.regression_score`). Both runs log the target and regression metrics over steps, so
 their report plots show when forgetting sets in.
 
-    python -c "from posttrain.eval import forgetting; forgetting.run('forgetting-out')"
+    python -c "from posttrain.pipeline import forgetting; forgetting.run('forgetting-out')"
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ def measure(model, tok, *, n_task: int = 100, limit: Optional[int] = 100) -> dic
 def _train(name: str, out: Path, base: Path, overrides: list[str], data: dict, *, guard_every: int,
            max_drop: Optional[float], guard_limit: int, base_score: float) -> tuple[dict, Path]:
     from posttrain import gym
-    from posttrain.config import load_config
+    from posttrain.stages import load_config
     from posttrain.eval.guard import regression_guard
     from posttrain.stages import sft
-    from posttrain.stages.common import load_for_training
+    from posttrain.engine.setup import load_for_training
 
     cfg = load_config("sft", overrides=[f"model={base}", f"data.train={data['train']}", f"data.eval={data['val']}",
                                         f"output_dir={out / name}", f"train.eval_every={guard_every}",

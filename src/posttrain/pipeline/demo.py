@@ -1,6 +1,7 @@
 """`posttrain demo`: the post-training stack on the bundled base model, offline, on a CPU.
 
-The demo is a pipeline recipe shipped in the package (`gym/recipes/demo.yaml`; print it with
+The demo is a pipeline recipe shipped in the package (`gym/recipes/demo.yaml`, the one source of
+every demo setting: tests and benchmarks read their overrides from it, `stage_overrides`; print it with
 `posttrain demo --print-recipe`). It runs the stages named in `--stages` (default: every row)
 through `posttrain.pipeline`, measures each on the same held-out gym split (task accuracy) and
 the same regression set (general skills the base already has), prints the before/after table and
@@ -15,9 +16,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
-RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
+from posttrain import gym
+from posttrain.pipeline import forgetting
+from posttrain.pipeline.recipe import SIDE_STAGES, load_recipe
+from posttrain.pipeline.runner import run_pipeline
+from posttrain.report import build_report
+
+RECIPE = Path(gym.__file__).resolve().parent / "recipes" / "demo.yaml"
 
 
 def recipe_text(path: Path = RECIPE) -> str:
@@ -30,8 +38,6 @@ def _raw_recipe(path: Path = RECIPE) -> dict:
 
 def all_stages(path: Path = RECIPE) -> tuple[str, ...]:
     """The rows the demo can show: base, then every recipe stage that is not a side stage."""
-    from posttrain.pipeline.recipe import SIDE_STAGES
-
     return ("base", *(s["name"] for s in _raw_recipe(path)["stages"] if s["stage"] not in SIDE_STAGES))
 
 
@@ -51,10 +57,18 @@ def _dotted(tree: dict, prefix: str = "") -> list[str]:
     return out
 
 
-# The demo's SFT section as dotted overrides (bench/preference_gym.py starts from the same SFT)
-_SFT = next(s for s in _raw_recipe()["stages"] if s["name"] == "sft")
-SFT_OVERRIDES = [o for o in _dotted({k: v for k, v in _SFT.items() if k not in ("name", "stage", "model")})
-                 if not o.startswith(("data.train=", "data.eval="))]
+def stage_overrides(name: str, *, data: bool = False, path: Path = RECIPE) -> list[str]:
+    """The demo recipe's stage `name` as dotted `key=value` overrides (without its name, stage, model
+    and `from`; without data.train / data.eval unless `data`): how tests and benchmarks reuse a row's
+    settings instead of keeping a copy that drifts."""
+    stage = next((s for s in _raw_recipe(path)["stages"] if s["name"] == name), None)
+    if stage is None:
+        raise KeyError(f"the demo recipe has no stage {name!r}")
+    out = _dotted({k: v for k, v in stage.items() if k not in ("name", "stage", "model", "from", "measures")})
+    return out if data else [o for o in out if not o.startswith(("data.train=", "data.eval="))]
+
+
+SFT_OVERRIDES = stage_overrides("sft")  # bench/preference_gym.py and the gym tests start from the same SFT
 
 
 def _say(msg: str) -> None:
@@ -81,11 +95,6 @@ def run_demo(out: Path, *, stages=DEFAULT_STAGES, n_task: int = 200, n_reg: int 
     `extra_overrides` are pipeline overrides (`sft.train.max_steps=20`). Stages already completed
     in `out` with the same recipe are skipped (the pipeline's keys), so a second run only adds rows.
     """
-    import torch
-
-    from posttrain.pipeline import load_recipe, run_pipeline
-    from posttrain.report import build_report
-
     torch.manual_seed(0)
     t_all = time.time()
     out = Path(out)
@@ -147,8 +156,6 @@ def main(argv: list[str]) -> int:
         print(recipe_text(), end="")
         return 0
     if a.forgetting:
-        from posttrain.eval import forgetting
-
         forgetting.run(Path(a.out))
         return 0
     recipe = Path(a.recipe) if a.recipe else RECIPE
