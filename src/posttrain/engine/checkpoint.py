@@ -20,7 +20,6 @@ pickles go through allow-lists (`posttrain.engine.safe_dcp`) and `extra-rank*.pt
 
 from __future__ import annotations
 
-import errno
 import json
 import pickle
 import random
@@ -87,13 +86,15 @@ def save_checkpoint(ckpt_root: Path, name: str, *, model, optimizer=None, schedu
     tmp = _tmp_for(final)
     try:
         _write(tmp, model, optimizer, scheduler, trainer_state)
-    except (OSError, _dcp()[0].CheckpointException) as e:
+    except (OSError, RuntimeError, _dcp()[0].CheckpointException) as e:
+        # torch.save reports a full disk as a RuntimeError of its zip writer: ask the disk itself
+        full = shutil.disk_usage(ckpt_root).free < _FULL
         if is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(Path(ckpt_root))
         kept = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not write checkpoint {final}: {_reason(e)}; nothing was published and "
-                              f"{kept}") from e
+        why = "the disk is full; free some space, then resume with --resume" if full else _reason(e)
+        raise CheckpointError(f"could not write checkpoint {final}: {why}; nothing was published and {kept}") from e
     barrier()
     if is_main():
         if final.exists():
@@ -128,13 +129,14 @@ def _write(tmp: Path, model, optimizer, scheduler, trainer_state: dict) -> None:
         (tmp / STATE).write_text(json.dumps({**trainer_state, "world_size": world_size()}, indent=1))
 
 
+_FULL = 1 << 20  # bytes free below which a failed write is put down to a full disk
+
+
 def _reason(e: BaseException) -> str:
     """The underlying error in words; DCP wraps each rank's exception in a CheckpointException."""
     failures = getattr(e, "failures", None)
     if failures:
         e = next(iter(failures.values()))[0]
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        return f"the disk is full ({e.strerror}); free some space, then resume with --resume"
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
     return f"{type(e).__name__}: {e}"
