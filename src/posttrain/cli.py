@@ -27,6 +27,9 @@ import os
 import sys
 from pathlib import Path
 
+from posttrain.engine.launch import torchrun_command
+
+
 def _train_stages() -> tuple[str, ...]:
     from posttrain.stages import STAGES
 
@@ -96,10 +99,10 @@ def cmd_launch(argv: list[str]) -> int:
     p.add_argument("--master-addr", default="127.0.0.1")
     p.add_argument("--master-port", default="29500")
     a = p.parse_args(argv[:split])
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}", f"--nnodes={a.nnodes}",
-           f"--node_rank={a.node_rank}", f"--master_addr={a.master_addr}", f"--master_port={a.master_port}",
-           "-m", "posttrain", *argv[split:]]
-    return subprocess.call(cmd)
+    # one node: the rendezvous store listens on 127.0.0.1 only (torchrun's own binds every interface)
+    cmd, env = torchrun_command(a.nproc, a.nnodes, a.node_rank, a.master_addr, a.master_port,
+                                ["-m", "posttrain", *argv[split:]])
+    return subprocess.call(cmd, env=env)
 
 
 def cmd_config(argv: list[str]) -> int:
