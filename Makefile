@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.posttrain-installed
 
-.PHONY: setup demo test test-grpo-gym test-slow test-sandbox test-faults bench browser bubblewrap clean
+.PHONY: setup demo test lint test-grpo-gym test-slow test-sandbox test-faults bench browser bubblewrap clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,12 @@ bubblewrap:
 
 # the default suite; gym acceptance runs (minutes each, marked slow) are `make test-slow`,
 # the sandbox's hostile corpus (marked sandbox) is `make test-sandbox`
-test: setup browser bubblewrap
+test: setup browser bubblewrap lint
 	$(THREADS) $(BIN)/python -m pytest -q -m "not slow and not sandbox and not faults"
+
+# issue 15: layers only import downward (.importlinter, docs/architecture.md), imports inside functions included
+lint: setup
+	cd src && ../$(BIN)/lint-imports --config ../.importlinter
 
 # issue 16: >= 25 hostile programs against the code sandbox (~30 s); fails instead of skipping without bwrap
 test-sandbox: setup bubblewrap

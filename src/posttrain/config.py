@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from posttrain.models.adapters import ADAPTER_TYPES
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key."""
@@ -62,9 +64,11 @@ class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0, le=100, description="Passes over the training data (ignored when `max_steps` is set).")
     max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps.")
     lr: Optional[float] = Field(None, gt=0, description="Peak learning rate. Default: 2e-5 for full fine-tuning, 2e-4 for adapters.")
-    weight_decay: float = Field(0.0, ge=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay (Loshchilov & Hutter 2019); "
+                                "not applied to biases and norms.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's (beta1, beta2) moment decay rates "
+                                            "(Kingma & Ba 2015).")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW's epsilon in the update's denominator.")
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_steps: Optional[int] = Field(None, ge=0, description="Linear warmup steps (overrides `warmup_ratio`).")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Warmup as a fraction of total steps.")
@@ -73,11 +77,13 @@ class TrainConfig(Section):
     seed: int = Field(42, description="Seeds model init of new parts, dropout and the data order.")
     eval_every: Optional[int] = Field(None, gt=0, description="Evaluate held-out loss every N steps (and at the end).")
     early_stopping_patience: Optional[int] = Field(None, gt=0, description="Stop after N evaluations without improvement; the best weights are restored.")
-    early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    early_stopping_min_delta: float = Field(0.0, ge=0.0, description="An evaluation improves on the best only "
+                                            "when its loss is lower by more than this.")
     save_every: Optional[int] = Field(None, gt=0, description="Write a resumable checkpoint every N steps.")
     keep_last: int = Field(2, gt=0, description="Checkpoints to keep.")
-    log_every: int = Field(1, gt=0)
-    gradient_checkpointing: bool = False
+    log_every: int = Field(1, gt=0, description="Write the training metrics to metrics.jsonl every N steps.")
+    gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward "
+                                         "pass (Chen et al. 2016): less activation memory for about a third more time.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Extra metric sinks, used when installed.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     progress: bool = Field(True, description="Show a progress bar.")
@@ -94,10 +100,12 @@ class TrainConfig(Section):
 
 
 class AdapterConfig(Section):
-    type: Literal["none", "lora", "dora", "qlora", "prompt", "prefix"] = "none"
+    type: Literal[ADAPTER_TYPES] = Field(
+        "none", description="none (full fine-tuning), lora (Hu et al. 2021), dora (Liu et al. 2024), qlora (NF4 base, "
+        "Dettmers et al. 2023), prompt (Lester et al. 2021) or prefix tuning (Li & Liang 2021); docs/adapters.md.")
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: Optional[float] = Field(None, gt=0, description="LoRA alpha; default 2·r.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA/DoRA input during training.")
     targets: Union[str, list[str]] = Field("all-linear", description="Module names, a regex, or 'all-linear' (output head excluded).")
     rslora: bool = Field(False, description="Scale by alpha/sqrt(r) instead of alpha/r.")
     num_virtual_tokens: int = Field(20, gt=0, description="Prompt and prefix tuning length.")
@@ -115,16 +123,19 @@ class EvalConfig(Section):
 class RunConfig(Section):
     """Configuration shared by all training stages."""
 
-    stage: str = "sft"
+    stage: str = Field("sft", description="The stage this config is for (set by the command).")
     model: Optional[str] = Field(None, description="Local HF directory or hub name of the starting model.")
     tokenizer: Optional[str] = Field(None, description="Tokenizer path, when it differs from `model`.")
     trust_remote_code: bool = Field(False, description="Allow a checkpoint's own Python code to run. Off unless asked.")
     allow_pickle: bool = Field(False, description="Allow .bin (pickle) weights. Off: safetensors only.")
-    output_dir: str = "runs/latest"
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = Field("runs/latest", description="The run directory: config.yaml, metrics.jsonl, checkpoints/, "
+                            "the final model/ or adapter/, report.html and manifest.json (written last).")
+    data: DataConfig = Field(default_factory=DataConfig, description="What to train on and how to batch it.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The engine: optimizer, schedule, precision, "
+                               "evaluation, checkpoints, distribution.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="Parameter-efficient fine-tuning.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation during training and the forgetting "
+                             "guard.")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

@@ -96,7 +96,7 @@ def test_reward_model_scores_and_value_head(tiny_models, reward_model_dir, promp
     stage = ppo.PPOStage(cfg, tok)
     data = prompt_data(cfg, tok)
     steps = stage.rollout(model, data.collate(data.train[:8]))
-    ro = stage.last_rollout
+    ro = stage.session.last
     with torch.no_grad():
         want = reward_scores(rm, ro.input_ids, ro.attention_mask)
     m = steps[0][0]["rollout_metrics"]
@@ -139,7 +139,7 @@ def test_rollout_targets_follow_gae(tiny_models, prompts_file, tmp_path):
     assert len(steps) == cfg.ppo.epochs * cfg.ppo.minibatches
     b = steps[0][0]
     mask = b["completion_mask"].bool()
-    score = torch.tensor(digit_frac(None, stage.last_rollout.completions))[b["row"]]  # minibatch rows are shuffled
+    score = torch.tensor(digit_frac(None, stage.session.last.completions))[b["row"]]  # minibatch rows are shuffled
     want_adv, want_ret = gae(token_rewards(score, torch.zeros_like(b["old_values"]), mask, kl_coef=0.0),
                              b["old_values"], mask, gamma=0.9, lam=0.8)
     assert torch.allclose(b["advantages"], want_adv, atol=1e-5)

@@ -62,9 +62,16 @@ class ValueModel(nn.Module):
         return torch.where(batch["completion_mask"].bool(), v, torch.zeros_like(v))
 
 
-def attach_value_model(policy: nn.Module, value: ValueModel, name: str = "ppo_value") -> nn.Module:
-    """Register `value` inside `policy` so the engine's one optimizer, gradient clipping and
-    checkpoints cover both; the published policy (save_pretrained / adapter save) leaves it out."""
+def attach_value_model(policy: nn.Module, value, name: str = "ppo_value", **from_pretrained) -> nn.Module:
+    """Register a value model inside `policy` so the engine's one optimizer, gradient clipping and
+    checkpoints cover both; the published policy (save_pretrained / adapter save) leaves it out.
+
+    `value` is a ValueModel or a checkpoint path for `ValueModel.from_pretrained(value, **from_pretrained)`;
+    a policy that already holds one under `name` is returned as it is."""
+    if name in dict(policy.named_children()):
+        return policy
+    if not isinstance(value, ValueModel):
+        value = ValueModel.from_pretrained(value, **from_pretrained)
     policy.add_module(name, value)
     keys = {f"{name}.{k}" for k in value.state_dict()}
     ignore = set(getattr(policy, "_keys_to_ignore_on_save", None) or ()) | keys

@@ -39,6 +39,8 @@ class RolloutSession:
         self.rollouts = 0
         self._engine: Optional[RolloutEngine] = None
         self._last_end: Optional[float] = None
+        self.metrics: dict = {}
+        self.last: Optional[Rollout] = None  # the latest rollout, for inspection
 
     @classmethod
     def for_run(cls, tokenizer, s, cfg, *, n: int = 1) -> "RolloutSession":
@@ -49,16 +51,19 @@ class RolloutSession:
         return cls(tokenizer, params, seed=cfg.train.seed, precision=cfg.train.precision, backend=s.backend,
                    batch_size=s.rollout_batch_size, reference=rl_reference(cfg))
 
-    def sample(self, model, prompts: list[str]) -> Rollout:
+    def sample(self, model, rows: list[dict]) -> Rollout:
+        """Sample the rows' rendered prompts (`_prompt`); `self.metrics` gets this rollout's generation
+        time and speed, and the time the previous rollout's optimizer steps took."""
+        t0 = time.perf_counter()
         if self._engine is None or self._engine.model is not model:
             self._engine = RolloutEngine(model, self.tokenizer, backend=self.backend, batch_size=self.batch_size)
         self.params.seed = self.seed * 100_003 + self.rollouts
         self.rollouts += 1
-        return self._engine.generate(prompts, self.params)
-
-    def update_time(self, t0: float) -> dict:
-        """The previous rollout's optimizer steps took from its end to `t0` (this rollout's start)."""
-        return {} if self._last_end is None else {"update_time_s": t0 - self._last_end}
+        ro = self.last = self._engine.generate([r["_prompt"] for r in rows], self.params)
+        self.metrics = {"rollout_time_s": time.perf_counter() - t0, "rollout_tokens_per_s": ro.tokens_per_s}
+        if self._last_end is not None:
+            self.metrics["update_time_s"] = t0 - self._last_end
+        return ro
 
     @torch.no_grad()
     def logprobs(self, model, t: dict, *, reference: bool, temperature: float) -> dict:

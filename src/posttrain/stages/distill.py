@@ -80,9 +80,9 @@ class DistillStage(RolloutStage):
 
     def rollout(self, model, batch: dict) -> list[list[dict]]:
         rows = batch["rows"]
-        ro = self.session.sample(model, [r["_prompt"] for r in rows])
+        ro = self.session.sample(model, rows)
         metrics = {"completion_length": float(ro.completion_mask.sum(1).float().mean()),
-                   "truncated_frac": float((~ro.finished).float().mean()), "rollout_time_s": ro.time_s}
+                   "truncated_frac": float((~ro.finished).float().mean()), **self.session.metrics}
         if self.rewards is not None:
             r, rm = self.rewards(ro.prompts, ro.completions, columns(rows))
             metrics.update(reward=float(r.mean()), **rm)

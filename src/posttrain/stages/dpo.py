@@ -19,10 +19,10 @@ from posttrain.engine import run as rundir
 from posttrain.engine.reference import Reference, forward_logps
 from posttrain.engine.setup import load_for_training
 from posttrain.eval.preference import implicit_reward_score, pair_accuracy_evaluator
-from posttrain.losses.preference import chosen_nll, dpo_loss
+from posttrain.losses.preference import DPO_LOSS_TYPES, chosen_nll, dpo_loss
 from posttrain.rollout.self_rejected import self_rejected_source
 from posttrain.stages.common import RunResult
-from posttrain.stages.preference import pair_metrics, resolve_reference, run_pairwise
+from posttrain.stages.preference import check_reference, pair_metrics, resolve_reference, run_pairwise
 
 SELF_REJECTED_FILE = "self_rejected.jsonl"
 
@@ -47,11 +47,11 @@ class SelfRejectedSection(Section):
 class DPOSection(Section):
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward beta*log(pi/pi_ref); "
                                                "higher keeps the policy closer to the reference (Rafailov et al. 2023).")
-    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+    loss: Literal[DPO_LOSS_TYPES] = Field(
         "sigmoid", description="sigmoid (DPO), ipo (Azar et al. 2023), hinge (SLiC), robust (Chowdhury et al. 2024).")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed label-flip rate eps (sigmoid: cDPO; "
                                                                      "robust: unbiased form). 0 for ipo and hinge.")
-    reference: Optional[Literal["adapter", "copy", "precomputed"]] = Field(
+    reference: Optional[Literal[Reference.MODES]] = Field(
         None, description="adapter: the policy with its adapter disabled (no second model); copy: a frozen copy; "
                           "precomputed: log-probs computed once before training and cached in "
                           "output_dir/reference_logps.safetensors. Default: adapter for adapter runs, else copy.")
@@ -73,9 +73,7 @@ class DPOConfig(RunConfig):
         if self.dpo.self_rejected.samples and not self.dpo.self_rejected.reward:
             raise ValueError("dpo.self_rejected.samples needs dpo.self_rejected.reward (a verifier such as "
                              "'gym:preference', a built-in reward name or 'module:function')")
-        if self.dpo.reference == "adapter" and self.adapter.type == "none":
-            raise ValueError("dpo.reference=adapter needs an adapter (set adapter.type=lora) or use "
-                             "dpo.reference=copy / precomputed for full fine-tuning")
+        check_reference("dpo.reference", self.dpo.reference, self.adapter.type)
         return self
 
 

@@ -1,12 +1,10 @@
 """Stage `grpo`: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) and its descendants.
 
-Batch: `train.batch_size` prompts, each sampled G = `grpo.num_generations` times and scored by the
-reward functions; each completion's advantage is its reward relative to its group
-(`posttrain.losses.group_advantages`: grpo, dr_grpo, rloo, reinforce_pp). The rollout feeds
-`iterations x minibatches` optimizer steps of the policy loss (`posttrain.losses.policy_loss`:
-grpo's clipped token surrogate, gspo, cispo), with an optional k3 KL to the reference. No critic.
-Measured per rollout: rewards (and each function's), zero-variance groups, length, truncation,
-clip fraction, entropy, the time of generation, scoring and update. See docs/rl.md.
+Batch: `train.batch_size` prompts, each sampled G = `grpo.num_generations` times and scored by the reward
+functions; advantages are relative to the group (`losses.group_advantages`: grpo, dr_grpo, rloo,
+reinforce_pp). Each rollout feeds `iterations x minibatches` steps of `losses.policy_loss` (grpo, gspo,
+cispo) with an optional k3 KL to the reference; no critic. Measured per rollout: rewards, zero-variance
+groups, length, truncation, clip fraction, entropy, time of generation, scoring, update. docs/rl.md.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from posttrain.rollout import completion_logprobs
 from posttrain.rollout.prompts import columns, prompt_data
 from posttrain.rollout.session import RolloutSession
 from posttrain.stages.common import RunResult, run_training
-from posttrain.stages.rl_common import SamplingSection
+from posttrain.stages.rl_common import SamplingSection, check_rl_run
 
 
 class GRPOSection(SamplingSection):
@@ -56,20 +54,16 @@ class GRPOSection(SamplingSection):
 
 
 class GRPOConfig(RunConfig):
-    stage: str = "grpo"
+    stage: str = Field("grpo", description="The stage this config is for (set by the command).")
     grpo: GRPOSection = Field(default_factory=GRPOSection, description="GRPO options (docs/rl.md).")
 
     @model_validator(mode="after")
     def _check_grpo(self) -> "GRPOConfig":
-        g = self.grpo
-        if self.train.grad_accum != 1:
-            raise ValueError("grpo: train.grad_accum must be 1; set grpo.micro_batch_size to bound memory "
-                             "(updates are split into micro-batches without changing the result)")
-        if g.minibatches > self.train.batch_size * g.num_generations:
-            raise ValueError(f"grpo.minibatches={g.minibatches} exceeds the rows of a generation batch "
-                             f"(train.batch_size x grpo.num_generations = {self.train.batch_size * g.num_generations})")
-        if g.reward_weights is not None and g.rewards and len(g.reward_weights) != len(g.rewards):
-            raise ValueError(f"grpo.reward_weights has {len(g.reward_weights)} values for {len(g.rewards)} grpo.rewards")
+        check_rl_run(self, "grpo")
+        if self.grpo.minibatches > self.train.batch_size * self.grpo.num_generations:
+            raise ValueError(f"grpo.minibatches={self.grpo.minibatches} exceeds the rows of a generation batch "
+                             f"(train.batch_size x grpo.num_generations = "
+                             f"{self.train.batch_size * self.grpo.num_generations})")
         return self
 
 
@@ -85,13 +79,11 @@ class GRPOStage(RolloutStage):
             raise ValueError("grpo: no reward functions: set grpo.rewards (e.g. [math]) or pass reward_fns")
         self.rewards = self.g.reward_set(reward_fns)
         self.steps_per_rollout = self.g.iterations * self.g.minibatches
-        g = self.g
-        self.session = RolloutSession.for_run(tokenizer, g, cfg, n=g.num_generations)
+        self.session = RolloutSession.for_run(tokenizer, self.g, cfg, n=self.g.num_generations)
 
     def rollout(self, model, batch: dict) -> list[list[dict]]:
         rows, G = batch["rows"], self.g.num_generations
-        t0 = time.perf_counter()
-        ro = self.session.sample(model, [r["_prompt"] for r in rows])
+        ro = self.session.sample(model, rows)
         t1 = time.perf_counter()
         rewards, rmetrics = self.rewards(ro.prompts, ro.completions,
                                          {k: [v for v in vals for _ in range(G)] for k, vals in columns(rows).items()})
@@ -106,10 +98,8 @@ class GRPOStage(RolloutStage):
                    **rmetrics, "zero_variance_groups": float(zero_var.sum()),
                    "zero_variance_frac": float(zero_var.float().mean()),
                    "completion_length": float(ro.completion_mask.sum(1).float().mean()),
-                   "truncated_frac": float((~ro.finished).float().mean()), "rollout_time_s": t1 - t0,
-                   "scoring_time_s": t2 - t1, "ref_time_s": time.perf_counter() - t2,
-                   "rollout_tokens_per_s": ro.tokens_per_s, **self.session.update_time(t0)}
-        self.last_rollout = ro
+                   "truncated_frac": float((~ro.finished).float().mean()), "scoring_time_s": t2 - t1,
+                   "ref_time_s": time.perf_counter() - t2, **self.session.metrics}
         return self.session.steps(t, len(ro), passes=self.g.iterations, minibatches=self.g.minibatches,
                                   micro_batch_size=self.g.micro_batch_size, extra={"rollout_metrics": metrics},
                                   keep=self._informative)

@@ -18,7 +18,7 @@ from posttrain.engine.reference import Reference, forward_logps
 from posttrain.eval.preference import label_accuracy_evaluator
 from posttrain.losses.preference import kto_kl_estimate, kto_loss
 from posttrain.stages.common import RunResult
-from posttrain.stages.preference import resolve_reference, run_pairwise
+from posttrain.stages.preference import check_reference, resolve_reference, run_pairwise
 
 
 class KTOSection(Section):
@@ -40,8 +40,7 @@ class KTOConfig(RunConfig):
         if self.train.batch_size < 2:
             raise ValueError("kto needs train.batch_size >= 2: its KL estimate pairs each prompt with another "
                              "example's completion in the batch")
-        if self.kto.reference == "adapter" and self.adapter.type == "none":
-            raise ValueError("kto.reference=adapter needs an adapter (set adapter.type=lora) or use kto.reference=copy")
+        check_reference("kto.reference", self.kto.reference, self.adapter.type, alternatives="copy")
         return self
 
 

@@ -1,11 +1,9 @@
 """Stage `ppo`: RLHF with PPO (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022).
 
-Batch: `train.batch_size` prompts, each sampled once and scored (`rewards.SequenceScorer`: a reward
-model and/or reward functions); `losses.ppo_advantages` turns score, per-token KL to the reference
-and a learned value model (registered inside the policy, so one optimizer and one checkpoint
-cover it; left out of the published model) into GAE advantages. The rollout feeds `ppo.epochs x
-ppo.minibatches` steps of the clipped policy loss + vf_coef x the clipped value loss. Measured per
-rollout: score, KL and its coefficient, explained variance, length, time of each part. docs/rl.md.
+Batch: `train.batch_size` prompts sampled once and scored (`rewards.SequenceScorer`); `losses.ppo_advantages`
+turns score, per-token KL to the reference and a value model (inside the policy: one optimizer, one
+checkpoint; not published) into GAE advantages for `ppo.epochs x ppo.minibatches` steps of the clipped policy
++ vf_coef x clipped value loss. Measured: score, KL and its coefficient, explained variance, length, times.
 """
 
 from __future__ import annotations
@@ -20,17 +18,15 @@ from posttrain.config import RunConfig, register_stage_schema
 from posttrain.engine.dist import unwrap
 from posttrain.engine.setup import load_for_training
 from posttrain.engine.trainer import RolloutStage
-from posttrain.losses.rl import (
-    KL_ESTIMATORS, explained_variance, masked_mean, ppo_advantages, ppo_policy_loss, ppo_value_loss,
-)
+from posttrain.losses.rl import KL_ESTIMATORS, explained_variance, masked_mean, ppo_advantages, ppo_policy_loss, ppo_value_loss
 from posttrain.models.loading import resolve_device
-from posttrain.models.value import ValueModel, attach_value_model
+from posttrain.models.value import attach_value_model
 from posttrain.rewards.sets import AdaptiveKLController, SequenceScorer
 from posttrain.rollout import completion_logprobs
 from posttrain.rollout.prompts import columns, prompt_data
 from posttrain.rollout.session import RolloutSession
 from posttrain.stages.common import RunResult, run_training
-from posttrain.stages.rl_common import SamplingSection
+from posttrain.stages.rl_common import SamplingSection, check_rl_run
 
 VALUE_ATTR = "ppo_value"
 
@@ -38,18 +34,16 @@ VALUE_ATTR = "ppo_value"
 class PPOSection(SamplingSection):
     reward_model: Optional[str] = Field(None, description="A reward model directory (stage `reward` output); its "
                                         "score of prompt + completion is the reward.")
-    reward_model_weight: float = Field(1.0, description="Weight of the reward model's score next to grpo-style "
-                                       "reward functions (`rewards`).")
-    value_model: Literal["policy", "reward"] = Field("policy", description="Trunk of the value model: a copy of the "
-                                                     "starting policy, or the reward model.")
+    reward_model_weight: float = Field(1.0, description="Weight of the reward model's score beside `rewards`.")
+    value_model: Literal["policy", "reward"] = Field("policy", description="Value model trunk: the start policy or RM.")
     kl_coef: float = Field(0.05, ge=0, description="beta of the per-token KL penalty (initial value when adaptive).")
     kl_estimator: Literal[KL_ESTIMATORS] = Field("k1", description="Per-token KL estimator in the reward "
                                                 "(Schulman 2020: k1 = log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r).")
     target_kl: Optional[float] = Field(None, gt=0, description="Adaptive KL controller target (nats per sequence, "
                                        "Ziegler et al. 2019); None = fixed kl_coef.")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive controller horizon (samples).")
-    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount (Schulman et al. 2016).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (Schulman et al. 2016).")
     whiten_advantages: bool = Field(True, description="Normalize advantages over the rollout batch.")
     missing_eos_penalty: Optional[float] = Field(None, ge=0, description="Subtracted from the score of a completion "
                                                  "that hit max_new_tokens without EOS.")
@@ -61,18 +55,16 @@ class PPOSection(SamplingSection):
 
 
 class PPOConfig(RunConfig):
-    stage: str = "ppo"
+    stage: str = Field("ppo", description="The stage this config is for (set by the command).")
     ppo: PPOSection = Field(default_factory=PPOSection, description="PPO options (docs/rl.md).")
 
     @model_validator(mode="after")
     def _check_ppo(self) -> "PPOConfig":
-        p = self.ppo
-        if self.train.grad_accum != 1:
-            raise ValueError("ppo: train.grad_accum must be 1; set ppo.micro_batch_size to bound memory")
-        if p.value_model == "reward" and not p.reward_model:
+        check_rl_run(self, "ppo")
+        if self.ppo.value_model == "reward" and not self.ppo.reward_model:
             raise ValueError("ppo.value_model=reward needs ppo.reward_model (a reward model directory)")
-        if p.minibatches > self.train.batch_size:
-            raise ValueError(f"ppo.minibatches={p.minibatches} exceeds train.batch_size={self.train.batch_size}")
+        if self.ppo.minibatches > self.train.batch_size:
+            raise ValueError(f"ppo.minibatches={self.ppo.minibatches} exceeds train.batch_size={self.train.batch_size}")
         return self
 
 
@@ -83,7 +75,7 @@ class PPOStage(RolloutStage):
     name = "ppo"
 
     def __init__(self, cfg: PPOConfig, tokenizer, reward_fns: Sequence[Callable] = ()):
-        self.cfg, self.p = cfg, (p := cfg.ppo)
+        self.p = p = cfg.ppo
         if not (p.rewards or reward_fns or p.reward_model):
             raise ValueError("ppo: no reward: set ppo.reward_model (a reward model directory) and/or ppo.rewards")
         self.steps_per_rollout = p.epochs * p.minibatches
@@ -95,11 +87,9 @@ class PPOStage(RolloutStage):
 
     def rollout(self, model, batch: dict) -> list[list[dict]]:
         rows, p = batch["rows"], self.p
-        t0 = time.perf_counter()
-        ro = self.session.sample(model, [r["_prompt"] for r in rows])
+        ro = self.session.sample(model, rows)
         t1 = time.perf_counter()
-        device = next(model.parameters()).device
-        score, metrics = self.score(ro, columns(rows), device)
+        score, metrics = self.score(ro, columns(rows), next(model.parameters()).device)
         t2 = time.perf_counter()
         t = ro.batch()
         t.update(self.session.logprobs(model, t, reference=True, temperature=p.temperature))
@@ -108,16 +98,13 @@ class PPOStage(RolloutStage):
         adv, returns, kl = ppo_advantages(score, t["logprobs"], t.pop("ref_logps"), values, mask, kl_coef=beta,
                                           kl_estimator=p.kl_estimator, gamma=p.gamma, lam=p.lam,
                                           whiten_advantages=p.whiten_advantages)
-        seq_kl = float(kl.sum(1).mean())
-        self.kl_ctl.update(seq_kl, len(ro))
+        self.kl_ctl.update(seq_kl := float(kl.sum(1).mean()), len(ro))
         t.update(advantages=adv, returns=returns, old_values=values, row=torch.arange(len(ro)))
         metrics.update({"score": float(score.mean()), "kl": seq_kl, "kl_coef": beta,
                         "non_score_reward": float((-beta * kl).sum(1).mean()),
                         "explained_variance": float(explained_variance(values, returns, mask)),
-                        "completion_length": float(mask.sum(1).float().mean()), "rollout_time_s": t1 - t0,
-                        "scoring_time_s": t2 - t1, "ref_value_time_s": time.perf_counter() - t2,
-                        "rollout_tokens_per_s": ro.tokens_per_s, **self.session.update_time(t0)})
-        self.last_rollout = ro
+                        "completion_length": float(mask.sum(1).float().mean()), "scoring_time_s": t2 - t1,
+                        "ref_value_time_s": time.perf_counter() - t2, **self.session.metrics})
         return self.session.steps(t, len(ro), passes=p.epochs, minibatches=p.minibatches,
                                   micro_batch_size=p.micro_batch_size, extra={"rollout_metrics": metrics})
 
@@ -128,16 +115,15 @@ class PPOStage(RolloutStage):
         values = getattr(unwrap(model), VALUE_ATTR).completion_values(batch)
         pl, m = ppo_policy_loss(logps, batch["logprobs"], batch["advantages"], mask, clip=self.p.clip)
         vl = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, clip=self.p.value_clip)
-        with torch.no_grad():
-            u = torch.where(mask, batch["logprobs"] - logps, torch.zeros_like(logps))
-            m.update(policy_loss=float(pl), value_loss=float(vl), entropy=float(masked_mean(entropy, mask)),
-                     approx_kl_old=float(masked_mean(0.5 * u ** 2, mask)), **batch["rollout_metrics"])
+        u = torch.where(mask, batch["logprobs"] - logps.detach(), 0.0)  # for approx_kl_old, 0.5 E[(log r)^2]
+        m.update(policy_loss=float(pl), value_loss=float(vl), entropy=float(masked_mean(entropy.detach(), mask)),
+                 approx_kl_old=float(masked_mean(0.5 * u ** 2, mask)), **batch["rollout_metrics"])
         return (pl + self.p.vf_coef * vl) * self.num_loss_units(batch), m
 
-    def num_loss_units(self, batch: dict) -> int:
+    def num_loss_units(self, batch: dict) -> int:  # tokens: the policy and value losses are token means
         return int(batch["completion_mask"].sum())
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict:  # the sampling counters and the adaptive KL coefficient
         return {**self.session.state_dict(), "kl_coef": self.kl_ctl.value}
 
     def load_state_dict(self, state: dict) -> None:
@@ -146,14 +132,11 @@ class PPOStage(RolloutStage):
 
 
 def prepare_model(cfg: PPOConfig, model=None, tokenizer=None):
-    """The policy (full or adapter) with its value model attached under `ppo_value`."""
-    if model is None:
-        model, tokenizer = load_for_training(cfg)
-    if VALUE_ATTR not in dict(model.named_children()):
-        src = cfg.ppo.reward_model if cfg.ppo.value_model == "reward" else cfg.model
-        attach_value_model(model, ValueModel.from_pretrained(src, device=resolve_device(cfg.train.device),
-                           trust_remote_code=cfg.trust_remote_code, seed=cfg.train.seed), VALUE_ATTR)
-    return model, tokenizer
+    """The policy (full or adapter) with its value model (trunk: `ppo.value_model`) attached under `ppo_value`."""
+    model, tokenizer = (model, tokenizer) if model is not None else load_for_training(cfg)
+    src = cfg.ppo.reward_model if cfg.ppo.value_model == "reward" else cfg.model
+    return attach_value_model(model, src, VALUE_ATTR, device=resolve_device(cfg.train.device),
+                              trust_remote_code=cfg.trust_remote_code, seed=cfg.train.seed), tokenizer
 
 
 def run(cfg: PPOConfig, *, resume: bool = False, reward_fns: Sequence[Callable] = (), model=None, tokenizer=None,
@@ -162,5 +145,5 @@ def run(cfg: PPOConfig, *, resume: bool = False, reward_fns: Sequence[Callable] 
     if cfg.stage != "ppo" or not isinstance(cfg, PPOConfig):
         raise ValueError(f"ppo.run needs a ppo config (load_config('ppo', ...)), got stage {cfg.stage!r}")
     model, tokenizer = prepare_model(cfg, model, tokenizer)
-    return run_training(cfg, lambda tok: PPOStage(cfg, tok, reward_fns), prompt_data, resume=resume,
-                        model=model, tokenizer=tokenizer, **kw)
+    return run_training(cfg, lambda tok: PPOStage(cfg, tok, reward_fns), prompt_data, resume=resume, model=model,
+                        tokenizer=tokenizer, **kw)

@@ -36,6 +36,13 @@ def resolve_reference(mode: Optional[str], cfg: RunConfig) -> str:
     return mode if mode is not None else Reference.default_mode(cfg.adapter.type)
 
 
+def check_reference(key: str, mode: Optional[str], adapter_type: str, alternatives: str = "copy / precomputed") -> None:
+    """A config check: `KEY=adapter` (the adapter-disabled policy as the reference) needs an adapter run."""
+    if mode == "adapter" and adapter_type == "none":
+        raise ValueError(f"{key}=adapter needs an adapter (set adapter.type=lora) or use {key}={alternatives} "
+                         "for full fine-tuning")
+
+
 def run_pairwise(cfg: RunConfig, make_stage: Callable[[Optional[Reference]], object], *,
                  reference_mode: Optional[str], kind: str = "paired", resume: bool = False, evaluators=(),
                  model=None, tokenizer=None, guard=None, after_training=None) -> RunResult:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from posttrain.config import Section
 from posttrain.rewards.sets import RewardSet
@@ -27,9 +27,22 @@ class SamplingSection(Section):
                                "(posttrain.rewards.REWARDS), 'gym:TASK' (the task's verifier) or 'module:function'.")
     reward_weights: Optional[list[float]] = Field(None, description="One weight per reward function (default 1 each).")
 
+    @model_validator(mode="after")
+    def _check_weights(self) -> "SamplingSection":
+        if self.reward_weights is not None and self.rewards and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards")
+        return self
+
     def reward_set(self, extra=()) -> RewardSet:
         """The configured reward functions plus Python ones passed to `run` (weight 1 each)."""
         weights = self.reward_weights
         if weights is not None and extra:
             weights = list(weights) + [1.0] * len(extra)
         return RewardSet([*self.rewards, *extra], weights)
+
+
+def check_rl_run(cfg, key: str) -> None:
+    """Config checks every RL stage shares: one micro-batch list per optimizer step comes from the rollout."""
+    if cfg.train.grad_accum != 1:
+        raise ValueError(f"{key}: train.grad_accum must be 1; set {key}.micro_batch_size to bound memory "
+                         "(updates are split into micro-batches without changing the result)")

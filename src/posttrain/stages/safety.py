@@ -45,7 +45,7 @@ from posttrain.eval.refusal import measure_refusals
 from posttrain.models.adapters import disabled
 from posttrain.stages.common import FinalMeasures, RunResult, run_training
 from posttrain.stages.dpo import DPOSection, DPOStage
-from posttrain.stages.preference import resolve_reference, run_pairwise
+from posttrain.stages.preference import check_reference, resolve_reference, run_pairwise
 from posttrain.stages.sft import LMStage, lm_data
 
 
@@ -66,7 +66,7 @@ class SafetySection(Section):
 
 
 class SafetyConfig(RunConfig):
-    stage: str = "safety"
+    stage: str = Field("safety", description="The stage this config is for (set by the command).")
     safety: SafetySection = Field(default_factory=SafetySection, description="The safety recipe (docs/safety.md).")
     dpo: DPOSection = Field(default_factory=DPOSection, description="DPO options for safety.method=dpo.")
 
@@ -79,9 +79,7 @@ class SafetyConfig(RunConfig):
                                  "unset it (the DPO reference keeps the model close to its start instead)")
             if self.data.mix is not None:
                 raise ValueError("data.mix (plain text) needs safety.method=sft; preference pairs cannot mix it")
-            if self.dpo.reference == "adapter" and self.adapter.type == "none":
-                raise ValueError("dpo.reference=adapter needs an adapter (set adapter.type=lora) or use "
-                                 "dpo.reference=copy / precomputed for full fine-tuning")
+            check_reference("dpo.reference", self.dpo.reference, self.adapter.type)
         return self
 
 
