@@ -215,15 +215,42 @@ def mark_loss(tokenizer, ids: Sequence[int], labels: Sequence[int], *, open_: st
     return "".join(out)
 
 
-def audit_dataset(data_cfg, tokenizer, *, limit: Optional[int] = None, strict: bool = True) -> AuditReport:
-    """The audit of a run's training data (`data.train`, first `limit` rows): a DataError on any
-    violation, or with `strict=False` a logged warning. The call every stage makes before training."""
+def _examples(data_cfg, tokenizer, limit: Optional[int]) -> list[Example]:
+    """The first `limit` (else `data.limit`, else all) training examples of a DataConfig, validated;
+    `data.chat_template`, when set, is put on the tokenizer as training does."""
+    if not data_cfg.train:
+        raise DataError("no training data: set data.train (a file, a list of files, or gym:TASK)")
     sources = data_cfg.train if isinstance(data_cfg.train, list) else [data_cfg.train]
     records = [r for s in sources for r in read_records(s)]
     n = limit or data_cfg.limit
-    examples = [to_example(r, data_cfg.format) for r in (records[:n] if n else records)]
     if data_cfg.chat_template:
         tokenizer.chat_template = data_cfg.chat_template
+    return [to_example(r, data_cfg.format) for r in (records[:n] if n else records)]
+
+
+def audit_dataset(data_cfg, tokenizer, *, limit: Optional[int] = None, strict: bool = True) -> AuditReport:
+    """The audit of a run's training data (`data.train`, first `limit` rows): a DataError on any
+    violation, or with `strict=False` a logged warning. The call every stage makes before training."""
+    examples = _examples(data_cfg, tokenizer, limit)
     report = audit_examples(examples, tokenizer, max_length=data_cfg.max_length, overflow=data_cfg.overflow)
     report.raise_if_any() if strict else report.warn()
+    return report
+
+
+def inspect(data_cfg, tokenizer, *, show: int = 1, limit: Optional[int] = None, out=print) -> AuditReport:
+    """`posttrain data inspect`: print the first `show` examples rendered with their loss tokens in
+    [[...]], then the audit's counts and every violation. Returns the report (no exception)."""
+    examples = _examples(data_cfg, tokenizer, limit)
+    for ex in examples[:show]:
+        ids, labels = render._render_all([ex], tokenizer, {})[0]
+        trained = sum(1 for y in labels[1:] if y != IGNORE_INDEX)
+        out(f"--- {ex.origin} ({ex.kind}): {len(ids)} tokens, {trained} with loss, in [[...]]")
+        out(mark_loss(tokenizer, ids, labels))
+    report = audit_examples(examples, tokenizer, max_length=data_cfg.max_length, overflow=data_cfg.overflow)
+    c = report.counts
+    out(f"--- {c['examples']} examples, {c['tokens']} tokens, {c['loss_tokens']} with loss "
+        f"({c['loss_tokens'] / max(c['tokens'], 1):.1%}), {c['truncated']} truncated to data.max_length={data_cfg.max_length}")
+    out("checks: " + ", ".join(f"{k} {'ok' if not c[k] else str(c[k]) + ' violation(s)'}" for k in CHECKS))
+    for v in report.violations:
+        out(f"  {v}")
     return report
