@@ -17,6 +17,8 @@
     posttrain config STAGE [--doc]  # print the defaults of a stage's config (--doc: commented)
     posttrain pipeline recipe.yaml [STAGE.key=value ...] [--only a,b] [--dry-run]
     posttrain cai critique|compare --model M --prompts P --constitution C --out F
+    posttrain serve MODEL [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    posttrain chat MODEL [--adapter DIR]
     posttrain plan --config run.yaml [key=value ...] [--device H100-80GB] [--gpus N] [--json]
 """
 
@@ -232,6 +234,18 @@ def cmd_plan(argv: list[str]) -> int:
         raise UsageError(str(e)) from None
 
 
+def cmd_serve(argv: list[str]) -> int:
+    from posttrain.serve.cli import serve_main
+
+    return serve_main(argv)
+
+
+def cmd_chat(argv: list[str]) -> int:
+    from posttrain.serve.cli import chat_main
+
+    return chat_main(argv)
+
+
 COMMANDS = {
     "launch": cmd_launch,
     "config": cmd_config,
@@ -244,6 +258,8 @@ COMMANDS = {
     "eval": cmd_eval,
     "pipeline": cmd_pipeline,
     "cai": cmd_cai,
+    "serve": cmd_serve,
+    "chat": cmd_chat,
     "plan": cmd_plan,
 }
 
@@ -310,6 +326,9 @@ def _errors():
         errs.append(PipelineError)
     except ImportError:
         pass
+    from posttrain.serve.cli import ServeError
+
+    errs.append(ServeError)
     try:
         from posttrain.data import DataError
 

@@ -165,13 +165,21 @@ def _attach(model, kind: str, enc: PromptEncoder) -> None:
         st.hooks.append(model.register_forward_hook(_trim_logits, with_kwargs=True))
 
 
+def prefix_key_values(prefix: torch.Tensor, config) -> torch.Tensor:
+    """The saved prefix [n, layers·2·kv·hd] as keys and values [layers·2, kv, n, hd].
+
+    Layer i's key is row 2i and its value row 2i+1 (PEFT's layout).
+    """
+    layers, kv, head_dim = kv_geometry(config)
+    return prefix.view(prefix.shape[0], layers * 2, kv, head_dim).permute(1, 2, 0, 3)
+
+
 def _prefix_cache(model, enc: PromptEncoder, batch: int, cache):
     from transformers import DynamicCache
 
-    layers, kv, head_dim = kv_geometry(model.config)
+    layers = model.config.num_hidden_layers
     dtype = model.get_input_embeddings().weight.dtype
-    # [n, layers*2*kv*hd] -> [layers*2, kv, n, hd], then (key, value) = rows (2i, 2i+1), PEFT's layout
-    pkv = enc().to(dtype).view(enc.n, layers * 2, kv, head_dim).permute(1, 2, 0, 3)
+    pkv = prefix_key_values(enc().to(dtype), model.config)
     cache = cache if cache is not None else DynamicCache(config=model.config)
     for i in range(layers):
         k = pkv[2 * i].unsqueeze(0).expand(batch, -1, -1, -1)
