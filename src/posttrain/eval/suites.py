@@ -1,7 +1,12 @@
 """Suites: named lists of tasks. Built-in: `gym` (the target tasks) and `regression` (general skills).
 
-A suite is a YAML file `{name, description, tasks: [task.yaml, ...]}` (paths relative to it).
-`load_suite(spec)` accepts a built-in name, a suite YAML, or a single task YAML.
+A suite is a YAML file `{name, description, tasks: [task.yaml, ...], trust_code}` (paths relative
+to it). `load_suite(spec)` accepts a built-in name, a suite YAML, or a single task YAML.
+
+A task's `verifier` or `detector` names a Python function (`package.module:function`) that is
+imported and run on model output, outside the code sandbox. Suites are shared files, so a hook
+other than the built-in ones (`BUILTIN_HOOKS`) is refused, before anything is imported, unless the
+file the user loads (the suite, or the lone task YAML) says `trust_code: true`.
 
 The built-in suites' JSONL files are exported from the gym's held-out *test* split and shipped
 in the package (so they work offline and never change under a user); `build_builtin()`
@@ -18,6 +23,7 @@ from typing import Union
 
 import yaml
 
+from posttrain.eval.kinds import is_refusal
 from posttrain.eval.tasks import Task, TaskError, load_task
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
@@ -51,8 +57,13 @@ def load_suite(spec: Union[str, Path, Suite], *, limit: int | None = None) -> Su
         except yaml.YAMLError as e:
             raise TaskError(f"{p}: not valid YAML: {e}") from None
         if isinstance(doc, dict) and "kind" in doc:
+            _check_hooks(p, doc, p, _trusted(doc, p))
             suite = Suite(p.stem, [load_task(p)], p)
         elif isinstance(doc, dict) and isinstance(doc.get("tasks"), list) and doc["tasks"]:
+            trusted = _trusted(doc, p)
+            for t in doc["tasks"]:
+                if isinstance(t, str):  # anything else is load_task's error to report
+                    _check_hooks(p.parent / t, _read_spec(p.parent / t), p, trusted)
             suite = Suite(str(doc.get("name") or p.stem), [load_task(p.parent / t) for t in doc["tasks"]], p,
                           str(doc.get("description", "")))
         else:
@@ -65,6 +76,43 @@ def load_suite(spec: Union[str, Path, Suite], *, limit: int | None = None) -> Su
         for t in suite.tasks:
             t.rows = t.rows[:limit]
     return suite
+
+
+def _trusted(doc: dict, path: Path) -> bool:
+    trust = doc.get("trust_code", False)
+    if not isinstance(trust, bool):
+        raise TaskError(f"{path}: trust_code must be true or false, got {trust!r}")
+    return trust
+
+
+def _read_spec(path: Path) -> dict:
+    """A task YAML as data (safe_load: nothing runs); what cannot be read is left for load_task to report."""
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def _hook_name(name: str) -> str:
+    """`pkg.mod:fn` or `pkg.mod.fn` -> `pkg.mod:fn`, as resolve_callable reads them."""
+    if ":" in name:
+        return name
+    module, _, function = name.rpartition(".")
+    return f"{module}:{function}"
+
+
+def _check_hooks(task_path: Path, spec: dict, suite_path: Path, trusted: bool) -> None:
+    """Refuse a task's non-built-in hooks unless the loaded file says trust_code: true (nothing is imported)."""
+    if trusted:
+        return
+    for key in ("verifier", "detector"):
+        name = spec.get(key)
+        if name and _hook_name(str(name)) not in BUILTIN_HOOKS:
+            where = suite_path if task_path == suite_path else f"{suite_path}: task {task_path.name}"
+            raise TaskError(f"{where}: {key} {name!r} is code that would run on this machine; add "
+                            f"'trust_code: true' to {suite_path.name} if you trust its source "
+                            f"(built-in hooks need nothing: {', '.join(sorted(BUILTIN_HOOKS))})")
 
 
 def gym_verify(row: dict, completion: str) -> bool:
@@ -82,6 +130,10 @@ _GYM_EXPORTS = (("gym-instruct", "instruct", 200), ("gym-reasoning", "reasoning"
 
 
 MC_KINDS = ("capital", "currency", "reverse", "upper", "add", "mul")
+
+
+# the hooks that ship with posttrain, named from the functions themselves so a move cannot stale them
+BUILTIN_HOOKS = frozenset(f"{f.__module__}:{f.__qualname__}" for f in (gym_verify, is_refusal))
 
 
 def _mc_rows(per_kind: int) -> list[dict]:

@@ -28,6 +28,7 @@ PRIMARY = {"multiple_choice": "acc_norm", "generate": "exact_match", "perplexity
            "ifeval": "prompt_strict", "refusal": "accuracy", "tool_call": "accuracy"}
 
 _KEYS = {"name", "kind", "data", "format", "description", "limit", "primary", "in_score",
+         "trust_code",  # read by eval.suites before anything is imported: a lone task file's own consent
          # generate
          "scorer", "target_field", "pattern", "verifier", "max_new_tokens", "stop",
          # refusal
