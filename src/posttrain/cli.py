@@ -20,6 +20,7 @@
     posttrain serve MODEL [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     posttrain chat MODEL [--adapter DIR]
     posttrain plan --config run.yaml [key=value ...] [--device H100-80GB] [--gpus N] [--json]
+    posttrain data check data.train=D [data.eval=E] [model=M] [--json]
 """
 
 from __future__ import annotations
@@ -246,6 +247,20 @@ def cmd_chat(argv: list[str]) -> int:
     return chat_main(argv)
 
 
+def cmd_data(argv: list[str]) -> int:
+    """`posttrain data check ...`: data quality with origins (more actions may join it)."""
+    from posttrain.plan.cli import data_check_main
+    from posttrain.plan.shapes import PlanError
+
+    actions = {"check": data_check_main}
+    if not argv or argv[0] not in actions:
+        raise UsageError(f"usage: posttrain data {{{','.join(actions)}}} ...")
+    try:
+        return actions[argv[0]](argv[1:])
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+
+
 COMMANDS = {
     "launch": cmd_launch,
     "config": cmd_config,
@@ -261,6 +276,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "chat": cmd_chat,
     "plan": cmd_plan,
+    "data": cmd_data,
 }
 
 

@@ -65,3 +65,42 @@ def main(argv: list[str]) -> int:
     p = plan(cfg, device, gpus=a.gpus, rows=count_rows(cfg))
     print(json.dumps(p.to_json(), indent=2) if a.json else format_plan(p))
     return 0
+
+
+def _records(sources, split: str):
+    from posttrain.data.sources import read_records
+
+    if not sources:
+        return []
+    return [r for s in (sources if isinstance(sources, list) else [sources]) for r in read_records(s, split=split)]
+
+
+def data_check_main(argv: list[str]) -> int:
+    """`posttrain data check data.train=D [data.eval=E] [model=M] [--json]`: duplicates, contamination, lengths."""
+    from posttrain.plan.quality import check_data, format_report
+    from posttrain.stages import load_config
+
+    p = argparse.ArgumentParser(prog="posttrain data check", description="Data quality: exact and near duplicates, "
+                                "train/held-out 13-gram overlap, truncation and length outliers, rejected rows; "
+                                "each with its origin. With `model` set, lengths are in that tokenizer's tokens "
+                                "and the template audit runs.")
+    p.add_argument("--config", "-c")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--show", type=int, default=5, help="examples listed per finding (text output)")
+    p.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard similarity of near duplicates")
+    p.add_argument("overrides", nargs="*", help="data.train=..., data.eval=..., model=..., data.max_length=...")
+    a = p.parse_args(argv)
+    cfg = load_config("sft", a.config, a.overrides)
+    if not cfg.data.train:
+        raise PlanError("no training data: set data.train (a file, a list of files, or gym:TASK)")
+    tok = None
+    if cfg.model:
+        from posttrain.models.loading import load_tokenizer, resolve_model_dir
+
+        tok = load_tokenizer(cfg.tokenizer or resolve_model_dir(cfg.model), trust_remote_code=cfg.trust_remote_code)
+        if cfg.data.chat_template:
+            tok.chat_template = cfg.data.chat_template
+    rep = check_data(_records(cfg.data.train, "train"), _records(cfg.data.eval, "validation"), tokenizer=tok,
+                     max_length=cfg.data.max_length, near_threshold=a.near_threshold)
+    print(json.dumps(rep.to_json(), indent=2) if a.json else format_report(rep, a.show))
+    return 0
