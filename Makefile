@@ -46,7 +46,7 @@ test: setup browser bubblewrap lint
 
 # issue 15: layers only import downward (.importlinter, docs/architecture.md), imports inside functions included
 lint: setup
-	cd src && ../$(BIN)/lint-imports --config ../.importlinter
+	cd src && ../$(BIN)/lint-imports --no-cache --config ../.importlinter
 
 # issue 16: >= 25 hostile programs against the code sandbox (~30 s); fails instead of skipping without bwrap
 test-sandbox: setup bubblewrap

@@ -10,6 +10,10 @@ for _name in ("torchao", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 
+# The two entry points import their modules when called: `import posttrain` stays light (no torch),
+# which keeps `posttrain --help` and the config commands fast.
+
+
 def load(*args, **kwargs):
     """Load ``(model, tokenizer)``; see :func:`posttrain.models.loading.load`."""
     from posttrain.models.loading import load as _load

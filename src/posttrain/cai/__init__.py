@@ -16,6 +16,8 @@ from typing import Optional, Union
 from posttrain.cai.constitution import (DEFAULT_TEMPLATES, ConstitutionError, Principle, load_constitution,
                                         load_templates)
 from posttrain.cai.loop import choice_logprobs, compare_pairs, critique_and_revise, first_preferred, prompt_messages
+from posttrain.data.sources import read_records
+from posttrain.models.loading import load
 
 __all__ = ["DEFAULT_TEMPLATES", "ConstitutionError", "Principle", "choice_logprobs", "compare_pairs", "critique",
            "compare", "critique_and_revise", "first_preferred", "load_constitution", "load_templates",
@@ -24,8 +26,6 @@ __all__ = ["DEFAULT_TEMPLATES", "ConstitutionError", "Principle", "choice_logpro
 
 def read_prompts(source: Union[str, Path, list], limit: Optional[int] = None) -> list[dict]:
     """Prompt rows from a file, `gym:TASK[:SPLIT]`, or a list of dicts (the data loader's sources)."""
-    from posttrain.data.sources import read_records
-
     rows = [r.data for r in read_records(source)]
     return rows[:limit] if limit else rows
 
@@ -43,7 +43,6 @@ def write_jsonl(rows: list[dict], out: Union[str, Path]) -> Path:
 
 def _load_model(model):
     if isinstance(model, (str, Path)):
-        from posttrain.models.loading import load
 
         m, tok = load(model, device="auto")
         return m.eval(), tok, str(model)

@@ -27,6 +27,7 @@ from typing import Any, Optional
 from posttrain.data.formats import Example, to_example
 from posttrain.data.render import IGNORE_INDEX, Tokenized, tokenize_examples
 from posttrain.data.sources import DataError, Record
+from posttrain.data.pipeline import _split
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,6 @@ def pair_to_unpaired(pair: PairExample) -> list[UnpairedExample]:
 
 def split_held_out(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     """A seeded random `fraction` of `examples` held out (at least one, never all); same rule as SFT data."""
-    from posttrain.data.pipeline import _split
-
     return _split(examples, fraction, seed)
 
 

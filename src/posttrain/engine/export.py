@@ -10,15 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from posttrain.config import RunConfig
+from posttrain.engine.checkpoint import STATE, load_weights
+from posttrain.engine.run import _atomic_dir, _commit
+from posttrain.models import adapters
+from posttrain.engine.setup import load_for_training
 
 
 def export_checkpoint(ckpt_dir, out_dir, *, trust_checkpoint: bool = False) -> Path:
-    from posttrain.config import RunConfig
-    from posttrain.engine.checkpoint import STATE, load_weights
-    from posttrain.engine.run import _atomic_dir, _commit
-    from posttrain.models import adapters
-    from posttrain.engine.setup import load_for_training
-
     ckpt = Path(ckpt_dir)
     if not (ckpt / STATE).exists() or not (ckpt / "weights").is_dir():
         raise FileNotFoundError(f"{ckpt} is not a posttrain checkpoint (no {STATE} or weights/)")

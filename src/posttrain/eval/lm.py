@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from posttrain.rollout import RolloutEngine, SamplingParams
 
 
 def max_length(model, default: int = 2048) -> int:
@@ -138,8 +139,6 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, 
     This is the one place evaluation generates: the rollout engine, batched, left-padded, with a
     KV cache, stopping each row at its end-of-turn token.
     """
-    from posttrain.rollout import RolloutEngine, SamplingParams
-
     torch.manual_seed(seed)  # greedy decoding needs no randomness; this pins anything that might
     engine = RolloutEngine(model, tokenizer, batch_size=batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(s for s in stop if s),

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Union
 
 from posttrain.eval.kinds import UNBOUNDED
-from posttrain.eval.runner import summary_rows
 from posttrain.report import Section, build_report
 from posttrain.report.page import fmt
 from posttrain.report.plots import plot_bars, plot_deltas
@@ -29,6 +28,17 @@ from posttrain.report.plots import plot_bars, plot_deltas
 ALT_SCORES = "primary metric per task: base vs tuned (±1 SE)"
 ALT_SCORES_SINGLE = "primary metric per task (±1 SE)"
 ALT_DELTAS = "delta per metric, tuned − base (95% interval)"
+
+
+def summary_rows(res: dict) -> dict:
+    """One flat {metric: {"value", "stderr"}} row for the report's summary table."""
+    row = {}
+    if res.get("score"):
+        row["score"] = {"value": res["score"]["value"], "stderr": res["score"]["stderr"]}
+    for name, t in res["tasks"].items():
+        for k, m in t["metrics"].items():
+            row[f"{name}.{k}"] = {"value": m["value"], "stderr": m["stderr"]}
+    return row
 
 
 def delta_table(cmp: dict) -> str:

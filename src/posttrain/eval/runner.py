@@ -19,6 +19,9 @@ from typing import Optional, Union
 from posttrain.eval import compare as cmp_mod
 from posttrain.eval.kinds import run_task
 from posttrain.eval.suites import Suite, load_suite
+from posttrain.models.loading import load
+from posttrain.models import adapters
+from posttrain.eval.report import eval_report
 
 
 def suite_score(tasks: dict) -> Optional[dict]:
@@ -47,28 +50,15 @@ def run_suite(model, tokenizer, suite: Union[str, Path, Suite], *, limit: Option
 
 def _load(model, adapter, tokenizer, device, dtype):
     if isinstance(model, (str, Path)):
-        from posttrain.models.loading import load
 
         m, tok = load(model, adapter=adapter, dtype=dtype, device=device)
         return m, tokenizer or tok, str(model)
     if tokenizer is None:
         raise ValueError("evaluate(model=<in-memory model>) needs tokenizer=...")
     if adapter is not None:
-        from posttrain.models import adapters
 
         model = adapters.load_adapter(model, adapter)
     return model, tokenizer, type(model).__name__
-
-
-def summary_rows(res: dict) -> dict:
-    """One flat {metric: {"value", "stderr"}} row for the report's summary table."""
-    row = {}
-    if res.get("score"):
-        row["score"] = {"value": res["score"]["value"], "stderr": res["score"]["stderr"]}
-    for name, t in res["tasks"].items():
-        for k, m in t["metrics"].items():
-            row[f"{name}.{k}"] = {"value": m["value"], "stderr": m["stderr"]}
-    return row
 
 
 def evaluate(model, *, adapter=None, suite="regression", baseline=None, baseline_adapter=None,
@@ -117,8 +107,6 @@ def evaluate(model, *, adapter=None, suite="regression", baseline=None, baseline
 
 def write_results(results: dict, out: Union[str, Path]) -> Path:
     """results.json (samples kept apart in samples-<label>.jsonl) and report.html (see eval/report.py)."""
-    from posttrain.eval.report import eval_report
-
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     slim = {}

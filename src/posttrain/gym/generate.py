@@ -8,6 +8,7 @@ the rollout engine can replace it later: `task_accuracy` and `regression_score` 
 from __future__ import annotations
 
 import torch
+from posttrain.data.tools import render_prompt
 
 MAX_NEW_TOKENS = {"instruct": 32, "preference": 32, "refusal": 24, "tools": 48, "reasoning": 112, "regression": 24}
 
@@ -57,6 +58,5 @@ def chat_prompt(tokenizer, row: dict) -> str:
     messages = row["prompt"] if "prompt" in row and isinstance(row["prompt"], list) else row["messages"][:-1]
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("the tokenizer has no chat template; the gym's chat tasks need one")
-    from posttrain.data.tools import render_prompt  # tools in the template's way, or the documented fallback
 
     return render_prompt(tokenizer, messages, row.get("tools"))

@@ -15,6 +15,7 @@ import re
 from posttrain.gym.facts import make_fact, sample_rows
 from posttrain.gym.reasoning import NAMES
 from posttrain.gym.world import countries
+from posttrain.gym.instruct import render_question
 
 
 def _fn(name, description, props, required):
@@ -69,7 +70,6 @@ def make_request(rng: random.Random, *, wide: bool = False) -> dict:
     """One tool request: {'key', 'request', 'call'} with `call` None when no tool fits."""
     if rng.random() < 0.3:
         fact = make_fact(rng.choice(("add", "sub", "capital", "reverse", "upper")), rng, wide=wide)
-        from posttrain.gym.instruct import render_question
 
         q = render_question(fact, rng)
         return {"key": fact.key, "request": q, "call": None, "answer": fact.answer}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from posttrain.models import adapters
 
 
 class ModelLoadError(RuntimeError):
@@ -213,7 +214,6 @@ def load(
         raise ModelLoadError(f"{src} has no tokenizer files; pass tokenizer=...")
     tok = load_tokenizer(tok_src, trust_remote_code=trust_remote_code)
     if adapter is not None:
-        from posttrain.models import adapters
 
         m = adapters.load_adapter(m, adapter)
     return m, tok

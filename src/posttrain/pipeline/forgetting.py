@@ -23,6 +23,14 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional, Union
+from posttrain import gym
+from posttrain.eval.runner import run_suite
+from posttrain.stages import load_config
+from posttrain.eval.guard import regression_guard
+from posttrain.stages import sft
+from posttrain.engine.setup import load_for_training
+from posttrain.models.loading import load
+from posttrain.report import build_report
 
 NAIVE = ["adapter.type=none", "train.lr=1e-3", "train.epochs=10", "train.schedule=constant", "train.warmup_steps=5"]
 GUARDED = ["adapter.type=lora", "adapter.r=16", "train.epochs=3", "train.warmup_steps=10",
@@ -36,9 +44,6 @@ def _say(msg: str) -> None:
 
 def measure(model, tok, *, n_task: int = 100, limit: Optional[int] = 100) -> dict:
     """Target accuracy (gym instruct, test) and the regression suite score (first `limit` rows per task)."""
-    from posttrain import gym
-    from posttrain.eval.runner import run_suite
-
     reg = run_suite(model, tok, "regression", limit=limit)
     gen = reg["tasks"]["regression-gen"]["metrics"]["accuracy"]
     return {"task_accuracy": gym.task_accuracy(model, tok, task="instruct", split="test", n=n_task),
@@ -48,11 +53,6 @@ def measure(model, tok, *, n_task: int = 100, limit: Optional[int] = 100) -> dic
 
 def _train(name: str, out: Path, base: Path, overrides: list[str], data: dict, *, guard_every: int,
            max_drop: Optional[float], guard_limit: int, base_score: float) -> tuple[dict, Path]:
-    from posttrain import gym
-    from posttrain.stages import load_config
-    from posttrain.eval.guard import regression_guard
-    from posttrain.stages import sft
-    from posttrain.engine.setup import load_for_training
 
     cfg = load_config("sft", overrides=[f"model={base}", f"data.train={data['train']}", f"data.eval={data['val']}",
                                         f"output_dir={out / name}", f"train.eval_every={guard_every}",
@@ -81,9 +81,6 @@ def run(out_dir: Union[str, Path], *, base: Optional[Union[str, Path]] = None, n
     """Run base / naive / guarded, print the table, write summary.json and report.html; returns the summary."""
     import torch
 
-    from posttrain import gym
-    from posttrain.models.loading import load
-    from posttrain.report import build_report
 
     torch.manual_seed(0)
     t_all = time.time()
@@ -96,7 +93,6 @@ def run(out_dir: Union[str, Path], *, base: Optional[Union[str, Path]] = None, n
             "general": gym.export("regression", "train", out / "data" / "general-train.jsonl", n=600)}
     model, tok = load(base, device="cpu")
     summary = {"base": measure(model, tok)}
-    from posttrain.eval.runner import run_suite
 
     guard_ref = run_suite(model, tok, "regression", limit=guard_limit)["score"]["value"]
     del model

@@ -8,6 +8,10 @@ code changes. Each returns plain floats so lineage.json and the report can show 
 from __future__ import annotations
 
 from typing import Callable, Optional
+from posttrain import gym
+from posttrain.eval.runner import run_suite
+from posttrain.eval.preference import held_out_pref_accuracy
+from posttrain.eval.gym_rates import MEASURES as gym_measures
 
 MEASURES: dict[str, Callable[..., dict]] = {}
 
@@ -36,22 +40,16 @@ def run_measure(name: str, model, tokenizer, args: dict, column: Optional[str] =
 
 def task_accuracy(model, tokenizer, *, task: str = "instruct", split: str = "test", n: int = 200) -> dict:
     """Held-out greedy accuracy on a gym chat task (verified answers)."""
-    from posttrain import gym
-
     return {f"{task}_accuracy": gym.task_accuracy(model, tokenizer, task=task, split=split, n=n)}
 
 
 def regression_score(model, tokenizer, *, n: int = 200, split: str = "test") -> dict:
     """The gym's plain-text regression set: general skills a base model already has."""
-    from posttrain import gym
-
     return {"regression_score": gym.regression_score(model, tokenizer, n=n, split=split)}
 
 
 def suite_score(model, tokenizer, *, suite: str = "regression", limit: Optional[int] = None) -> dict:
     """Mean primary metric of an eval suite (posttrain.eval), e.g. the `regression` suite for real models."""
-    from posttrain.eval.runner import run_suite
-
     res = run_suite(model, tokenizer, suite, limit=limit)
     score = res["score"]["value"] if res.get("score") else float("nan")
     return {"regression_score" if suite == "regression" else f"{res['suite']}_score": score}
@@ -59,9 +57,6 @@ def suite_score(model, tokenizer, *, suite: str = "regression", limit: Optional[
 
 def preference_accuracy(model, tokenizer, *, beta: float = 0.1, n: int = 200) -> dict:
     """Implicit-reward pairwise accuracy on held-out gym preference pairs (adapter-trained policies)."""
-    from posttrain import gym
-    from posttrain.eval.preference import held_out_pref_accuracy
-
     rows = gym.load_task_rows("preference", "test", n=n)
     return {"preference_accuracy": held_out_pref_accuracy(model, tokenizer, rows, beta=beta)}
 
@@ -71,17 +66,8 @@ for _name, _fn in {"task_accuracy": task_accuracy, "regression_score": regressio
     register_measure(_name, _fn)
 
 
-def _gym_rates():
-    """The gym's refusal and tool-call rates (`refusal_rates`, `tool_call_rates`), when the gym has them."""
-    try:
-        from posttrain.eval.gym_rates import MEASURES as gym_measures
-    except ImportError:
-        return
-    for name, fn in gym_measures.items():
-        MEASURES.setdefault(name, fn)
-
-
-_gym_rates()
+for _name, _fn in gym_measures.items():  # the gym's refusal and tool-call rates
+    MEASURES.setdefault(_name, _fn)
 
 
 def regression(model, tokenizer, kind: Optional[str], n: int) -> dict:

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from posttrain.config import ConfigError, RunConfig, apply_override, parse_value
 from posttrain.stages import load_config
+from posttrain import stages as registry
 
 # keys a stage entry takes besides its stage's config
 PIPELINE_KEYS = ("name", "stage", "model", "from", "start_from", "measures")
@@ -159,7 +160,6 @@ def _stage_spec(i: int, s: Any, src: str) -> StageSpec:
     name, stage = str(s["name"]), str(s["stage"])
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise RecipeError(f"{src}: stages[{i}] name '{name}' must use letters, digits, '_', '-' or '.' (it is a folder)")
-    from posttrain import stages as registry
 
     known = sorted(set(registry.STAGES) | {EVAL_STAGE})
     if stage not in known:

@@ -21,6 +21,13 @@ from posttrain.config import dump_config
 from posttrain.pipeline import measures as M
 from posttrain.pipeline.recipe import (BASE, EVAL_STAGE, SIDE_STAGES, Recipe, StageSpec, build_stage_config,
                                        order_warnings, stage_refs, substitute)
+from posttrain import gym, stages
+from posttrain.data.sources import parse_gym
+from posttrain.engine.run import file_hash, read_manifest
+from posttrain.eval.runner import evaluate
+from posttrain.models import adapters
+from posttrain.models.loading import load
+from posttrain.report import build_report
 
 LINEAGE = "lineage.json"
 HASH_FILES_UP_TO = 256 << 20  # larger files enter a key by size and mtime, not content
@@ -40,8 +47,6 @@ def _sha(obj) -> str:
 
 def path_identity(p: Path) -> str:
     """Content identity: a file's sha256 (as in run manifests); a folder's hash over its files' names and hashes."""
-    from posttrain.engine.run import file_hash
-
     def one(f: Path) -> str:
         st = f.stat()
         return file_hash(f) if st.st_size <= HASH_FILES_UP_TO else f"size {st.st_size} mtime {st.st_mtime_ns}"
@@ -79,8 +84,6 @@ def _inputs_identity(tree) -> dict:
 
 
 def _gym_identity(spec: str) -> str:
-    from posttrain import gym
-    from posttrain.data.sources import parse_gym
 
     try:
         task, split = parse_gym(spec)
@@ -92,7 +95,6 @@ def _gym_identity(spec: str) -> str:
 
 def resolve_model(name: str) -> str:
     if name == "gym:base":
-        from posttrain import gym
 
         return str(gym.base_model_path())
     return name
@@ -105,7 +107,6 @@ def _model_key(name: str) -> str:
 
 class Lineage:
     """lineage.json: written after every change, so a crash leaves an accurate record."""
-
     def __init__(self, out: Path):
         self.path = out / LINEAGE
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
@@ -228,8 +229,6 @@ def _start_config(s: StageSpec, start: dict, parent: Optional[str], out: Path, p
 
 def _merged(start: dict, parent_dir: Path) -> Path:
     """The parent adapter merged into its base, once, beside the parent run (keyed by the parent's key)."""
-    from posttrain.models import adapters
-
     final = parent_dir / "merged"
     stamp = final / "posttrain-merged-from.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == start["key"]:
@@ -245,8 +244,6 @@ def _merged(start: dict, parent_dir: Path) -> Path:
 
 def _train_step(s: StageSpec, start: dict, parent, out: Path, lin: Lineage, ev, ev_key: str, published: dict,
                 base_metrics: dict) -> dict:
-    from posttrain import stages
-    from posttrain.engine.run import read_manifest
 
     tree, ident = _start_config(s, start, parent, out, published)
     cfg = build_stage_config(s, tree, "recipe")
@@ -325,7 +322,6 @@ def _train_metrics(result: dict) -> dict:
 
 def _measure(policy: dict, ev, extra, *, model=None, tokenizer=None) -> dict:
     if model is None:
-        from posttrain.models.loading import load
 
         model, tokenizer = load(policy["model"], adapter=policy["adapter"], device="auto")
         model.eval()
@@ -343,7 +339,6 @@ def _eval_step(s: StageSpec, start: dict, out: Path, lin: Lineage, parent) -> di
     if old.get("key") == key and old.get("status") == "completed":
         _say(f"{s.name}: unchanged (key {key}), skipped")
         return old
-    from posttrain.eval.runner import evaluate
 
     _say(f"{s.name}: evaluating {parent or 'the starting model'} on suite {s.cfg.suite}")
     res = evaluate(start["model"], adapter=start["adapter"], suite=s.cfg.suite, limit=s.cfg.limit,
@@ -359,8 +354,6 @@ def _eval_step(s: StageSpec, start: dict, out: Path, lin: Lineage, parent) -> di
 
 def write_report(recipe: Recipe, lin: Lineage) -> Path:
     """One page with every stage side by side: the measurement table and the training curves."""
-    from posttrain.report import build_report
-
     summary, runs = {}, {}
     if lin.data.get("base"):
         summary["base"] = dict(lin.data["base"]["metrics"])

@@ -20,12 +20,12 @@ import torch
 
 from posttrain.rollout.backend import GeneratedIds
 from posttrain.rollout.sampling import SamplingParams, sample_next
+from posttrain.models.adapters import select
 
 
 def _select(model, names: Optional[list[str]]):
     if names is None:
         return nullcontext()
-    from posttrain.models.adapters import select
 
     return select(model, names[0] if len(set(names)) == 1 else names)
 

@@ -13,6 +13,7 @@ from posttrain.data.collate import model_attention_mask
 from posttrain.engine.trainer import TrainData
 from posttrain.losses.sft import IGNORE_INDEX, next_token_targets, target_nll, token_nll
 from posttrain.stages.common import RunResult, run_training
+from posttrain.data import build_dataset
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -58,8 +59,6 @@ def _item_tokens(item) -> int:
 
 
 def lm_data(cfg: RunConfig, tokenizer) -> TrainData:
-    from posttrain.data import build_dataset
-
     bundle = build_dataset(cfg.data, tokenizer, stage=cfg.stage, seed=cfg.train.seed)
 
     def collate(items):

@@ -10,6 +10,9 @@ from posttrain.models.adapters.peft_format import (
     adapter_size_bytes, count_tensor_params, read_adapter, stored_kind, vllm_problems,
 )
 from posttrain.models.adapters.state import get_state, set_state
+from posttrain.models.adapters.qlora import dequantize_linears
+from posttrain.models.adapters.peft_format import load_adapter
+from posttrain.models import loading  # module import: loading imports this package too
 
 
 def merge(model, name: Optional[str] = None):
@@ -19,8 +22,6 @@ def merge(model, name: Optional[str] = None):
     dequantized first, so the merged model computes what the adapted model computed.
     Prompt and prefix tuning add inputs, not weight deltas, and cannot be merged.
     """
-    from posttrain.models.adapters.qlora import dequantize_linears
-
     st = get_state(model)
     if st is None:
         return model
@@ -44,10 +45,8 @@ def merge(model, name: Optional[str] = None):
 def merge_to_dir(base: Union[str, Path], adapter: Union[str, Path], out_dir: Union[str, Path], *,
                  dtype: str = "fp32", trust_remote_code: bool = False) -> Path:
     """`posttrain merge --model BASE --adapter A --out DIR`: write a merged HF checkpoint (+ tokenizer)."""
-    from posttrain.models.adapters.peft_format import load_adapter
-    from posttrain.models.loading import load
 
-    model, tok = load(base, device="cpu", dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tok = loading.load(base, device="cpu", dtype=dtype, trust_remote_code=trust_remote_code)
     load_adapter(model, adapter)
     merge(model)
     out = Path(out_dir)

@@ -16,14 +16,13 @@ from typing import Union
 import torch
 
 from posttrain.models.adapters.state import get_state
+from posttrain.models.adapters.peft_format import load_adapter
 
 NONE = "none"
 
 
 def load_adapters(model, adapters: dict[str, Union[str, Path]]):
     """Load LoRA/DoRA adapters under the given names; the first one becomes active."""
-    from posttrain.models.adapters.peft_format import load_adapter
-
     if not adapters:
         raise ValueError("load_adapters: give at least one {name: directory}")
     for name, path in adapters.items():

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+from posttrain.models.adapters.lora import linear_names
+from posttrain.models.adapters.lora import LoraWeights
 
 BLOCK = 64
 SCALER_BLOCK = 256
@@ -64,8 +66,6 @@ def quantize_linears(model, paths: Optional[list[str]] = None) -> list[str]:
 
     Returns the quantized paths. A weight whose size is not a multiple of 64 stays as it is.
     """
-    from posttrain.models.adapters.lora import linear_names
-
     paths = linear_names(model) if paths is None else paths
     done, skipped = [], []
     for path in paths:
@@ -96,8 +96,6 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 def linear_weight_bytes(model) -> dict[str, int]:
     """Bytes of the base linear weights (head and adapters excluded) as stored, and in bf16."""
-    from posttrain.models.adapters.lora import LoraWeights
-
     adapter_parts = {id(x) for m in model.modules() if isinstance(m, LoraWeights) for x in m.modules()}
     stored = bf16 = 0
     for m in model.modules():
