@@ -119,3 +119,34 @@ def test_default_guard_uses_the_mix_data(tiny_models, tmp_path):
     assert guards.evaluators == [] and guards.guard is None
     assert guards.drift.text_ref.source == str(general) and len(guards.drift.text_ref.rows) == 6
     assert guards.drift.summary()["checks"] == 0 and guards.drift.summary()["drift_kl"] == 0.0
+
+
+def test_guard_inside_the_engine_rolls_back_a_forgetting_run(tiny_models, tmp_path):
+    """The guard through today's Engine hooks (evaluators at every step + guard), as the stages will call it."""
+    from posttrain.config import load_config
+    from posttrain.models.loading import load
+    from posttrain.stages import sft
+
+    d = tiny_models("qwen2")
+    train = tmp_path / "narrow.jsonl"
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say it {i}"},
+                                                       {"role": "assistant", "content": "yes yes yes yes"}]}) + "\n"
+                             for i in range(32)))
+    cfg = load_config("sft", overrides=[f"model={d}", f"data.train={train}", f"output_dir={tmp_path / 'run'}",
+                                        "train.lr=3e-3", "train.max_steps=30", "train.batch_size=8", "train.eval_every=1",
+                                        "train.schedule=constant", "train.warmup_steps=0", "train.progress=false"])
+    model, tok = load(d, device="cpu")
+    model.requires_grad_(True)
+    g = DriftGuard(model, tok, n_prompts=12, max_new_tokens=6, n_text=8, max_drift_kl=0.2, max_ppl_change=None,
+                   budget=0.9)
+
+    def evaluator(m, step):
+        return g(m, step) if g.due(step, 30) else {}
+
+    res = sft.run(cfg, evaluators=[evaluator], guard=g.check, model=model, tokenizer=tok)
+    reason = res.result["stop_reason"]
+    assert reason.startswith("forgetting guard: drift from the base") and res.result["steps"] < 30, g.history
+    assert f"weights rolled back to step {g.good_step}" in reason
+    assert g._measure(res.model)["drift_kl"] <= 0.2
+    logged = [json.loads(x) for x in (res.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "drift_kl" in r] == [h["step"] for h in g.history]
