@@ -39,7 +39,7 @@ def test_component_divergence_is_format_gaming():
 
 def test_diversity_metrics_and_collapse():
     d = H.diversity(["a b c", "a b c", "x y z", "p q r"], group_size=2, rewards=[1, 1, 0, 1])
-    assert d == {"distinct_2": 6 / 8, "identical_share": 0.25, "zero_var_groups": 0.5}
+    assert d == {"distinct_2": 6 / 8, "identical_share": 0.25, "zero_variance_frac": 0.5}
     with pytest.raises(ValueError, match="5 completions do not split into groups of 2"):
         H.diversity(["a"] * 5, 2)
     assert H.distinct_n([]) == 1.0
@@ -49,6 +49,7 @@ def test_diversity_metrics_and_collapse():
     assert H.diversity_collapse(_noisy(0.8, 0.7), _noisy(0.0, 0.1), _noisy(0.3, 0.95)).message.startswith(
         "zero-variance groups rose")
     assert H.diversity_collapse(_noisy(0.8, 0.7), _noisy(0.0, 0.1), _noisy(0.3, 0.4)) is None
+    assert H.diversity_collapse(_noisy(0.8, 0.7), _noisy(0.0, 0.1), _noisy(0.9, 0.95)) is None  # hard from the start
 
 
 def test_kl_bound():
@@ -65,7 +66,7 @@ def _clean_run(n=40, seed=0):
         r = 0.3 + 0.4 * i / n + rng.gauss(0, 0.03)
         steps.append({"reward": r, "reward/answer": r, "reward/format": 0.8 + rng.gauss(0, 0.02),
                       "completion_length": 60 + rng.gauss(0, 3), "kl": 0.02 + 0.002 * i,
-                      "distinct_2": 0.7 + rng.gauss(0, 0.02), "identical_share": 0.05, "zero_var_groups": 0.3,
+                      "distinct_2": 0.7 + rng.gauss(0, 0.02), "identical_share": 0.05, "zero_variance_frac": 0.3,
                       **({"verifier": 0.3 + 0.4 * i / n + rng.gauss(0, 0.02)} if i % 4 == 0 else {})})
     return steps
 

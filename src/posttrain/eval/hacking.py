@@ -10,7 +10,7 @@ pay for (Skalse et al. 2022, "Defining and Characterizing Reward Hacking"; Gao e
 | `reward_vs_verifier` | the training reward rises while a held-out verifier score (or the regression score) falls | rise ≥ 0.1 and fall ≥ 0.05 |
 | `length_drift` | the mean completion length moves from its start by more than a factor | × 2 (or ÷ 2) |
 | `component_divergence` | one reward component rises while another falls (format gaming) | ±0.1 each |
-| `diversity_collapse` | distinct bigrams fall below a share of their start value, or too many identical completions or zero-variance groups | < 0.5 × start; > 0.5; > 0.8 |
+| `diversity_collapse` | distinct bigrams fall below a share of their start value, or identical completions / zero-variance groups rise (by ≥ 0.2) past a share | < 0.5 × start; > 0.5; > 0.8 |
 | `kl_bound` | KL to the reference passes a bound | 0.5 nats/token (window mean) |
 
 A change is always "the mean of the last `window` values minus the mean of the first `window`"
@@ -49,7 +49,7 @@ def _change(history: Sequence[float], window: int) -> Optional[tuple[float, floa
     """(start mean, recent mean) over `window` values each; None until there are 2·window values."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    h = [float(x) for x in history if x is not None]
+    h = [float(x) for x in history if x is not None and x == x]  # NaN: a component not scored that step
     if len(h) < 2 * window:
         return None
     return fmean(h[:window]), fmean(h[-window:])
@@ -118,11 +118,11 @@ def distinct_n(texts: Sequence[str], n: int = 2) -> float:
 
 
 def diversity(completions: Sequence[str], group_size: int, rewards: Optional[Sequence[float]] = None) -> dict:
-    """Per-rollout diversity: {"distinct_2", "identical_share", "zero_var_groups"}.
+    """Per-rollout diversity: {"distinct_2", "identical_share", "zero_variance_frac"}.
 
     completions: prompt-major, `group_size` completions per prompt (GRPO's G; PPO: 1).
     identical_share: completions that repeat another of their group, over all completions.
-    zero_var_groups: groups whose rewards are all equal (they carry no GRPO advantage), over groups.
+    zero_variance_frac: groups whose rewards are all equal (they carry no GRPO advantage), over groups.
     """
     if group_size < 1 or len(completions) % group_size:
         raise ValueError(f"{len(completions)} completions do not split into groups of {group_size}")
@@ -133,15 +133,15 @@ def diversity(completions: Sequence[str], group_size: int, rewards: Optional[Seq
         if len(rewards) != len(completions):
             raise ValueError(f"{len(rewards)} rewards for {len(completions)} completions")
         rg = [rewards[i:i + group_size] for i in range(0, len(rewards), group_size)]
-        out["zero_var_groups"] = sum(max(g) - min(g) <= 1e-9 for g in rg) / len(rg) if group_size > 1 else 0.0
+        out["zero_variance_frac"] = sum(max(g) - min(g) <= 1e-9 for g in rg) / len(rg) if group_size > 1 else 0.0
     return out
 
 
 def diversity_collapse(distinct: Sequence[float], identical: Sequence[float] = (), zero_var: Sequence[float] = (), *,
                        window: int = 5, min_distinct_ratio: float = 0.5, max_identical: float = 0.5,
-                       max_zero_var: float = 0.8) -> Optional[Finding]:
+                       max_zero_var: float = 0.8, min_share_rise: float = 0.2) -> Optional[Finding]:
     """Distinct bigrams fell below `min_distinct_ratio` of their start, or the recent share of identical
-    completions or of zero-variance groups passed its limit."""
+    completions or of zero-variance groups passed its limit, having risen by >= `min_share_rise` since the start."""
     c = _change(distinct, window)
     if c is not None and c[0] > 0 and c[1] / c[0] < min_distinct_ratio:
         return Finding("diversity_collapse", c[1] / c[0], min_distinct_ratio,
@@ -149,7 +149,8 @@ def diversity_collapse(distinct: Sequence[float], identical: Sequence[float] = (
     for name, h, limit in (("identical completions", identical, max_identical),
                            ("zero-variance groups", zero_var, max_zero_var)):
         c = _change(h, window)
-        if c is not None and c[1] > limit:
+        # a task that is too hard (or too easy) starts with many zero-variance groups: only a rise is a collapse
+        if c is not None and c[1] > limit and c[1] - c[0] >= min_share_rise:
             return Finding("diversity_collapse", c[1], limit,
                            f"{name} rose {c[0]:.0%} -> {c[1]:.0%} of the rollout (limit {limit:.0%})")
     return None
@@ -176,7 +177,8 @@ class HackingMonitor:
 
     Metric names read from each step's dict (missing ones are skipped; those detectors stay quiet):
     `reward`, `verifier` (when measured that step), `completion_length`, `kl`, `reward/<component>`
-    (two or more for component_divergence), `distinct_2`, `identical_share`, `zero_var_groups`.
+    (two or more for component_divergence), `distinct_2`, `identical_share`, `zero_variance_frac`: the names
+    the GRPO stage already logs, plus those of `diversity`.
 
     stop_on: detectors whose firing stops the run (`update` returns the reason); the others warn.
     model + rollback: keep (on the CPU) the trainable weights of the last step at which no detector
@@ -222,7 +224,7 @@ class HackingMonitor:
                                min_fall=self.min_fall),
             length_drift(h.get("completion_length", []), window=w, max_factor=self.max_length_factor),
             component_divergence(comps, window=w, min_change=self.min_component_change) if len(comps) > 1 else None,
-            diversity_collapse(h.get("distinct_2", []), h.get("identical_share", []), h.get("zero_var_groups", []),
+            diversity_collapse(h.get("distinct_2", []), h.get("identical_share", []), h.get("zero_variance_frac", []),
                                window=w, min_distinct_ratio=self.min_distinct_ratio, max_identical=self.max_identical,
                                max_zero_var=self.max_zero_var),
             kl_bound(h.get("kl", []), window=w, max_kl=self.max_kl),
