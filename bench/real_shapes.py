@@ -11,7 +11,7 @@ Variants, each in its own process, alternated round by round:
   (forward, backward, AdamW). The stages do not call it yet (issue #15 is refactoring them), so
   this is the step they will run once wired, not `posttrain sft`.
 - `posttrain_plain`: today's stage paths in the same minimal step: `target_nll` on
-  `logits_to_keep` logits (stages/sft.py), `forward_logps` (stages/reference.py),
+  `logits_to_keep` logits (stages/sft.py), `forward_logps` (engine/reference.py),
   `completion_logprobs` (rollout/logprobs.py).
 - `trl`: `SFTTrainer` / `DPOTrainer` + PEFT at TRL's defaults, except what must match: the same
   tokens (pre-tokenized rows), max_length, LoRA, steps and fp32 (TRL's default is bf16 autocast).
@@ -78,13 +78,26 @@ def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(3, 400, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def shapes(method: str, tokens: int) -> dict:
+def _digits(n: int, seed: int) -> str:
+    """n tokens of text: ' d' (a space and a digit) is one token of the small tokenizer."""
+    import random
+
+    rng = random.Random(seed)
+    return "".join(f" {rng.randint(0, 9)}" for _ in range(n))
+
+
+def shapes(method: str, tokens: int, tok=None) -> dict:
     """The token ids of one step: the same for every variant."""
     if method == "sft":
         return {"prompt": _ids(PROMPT, 1), "completions": [_ids(tokens - PROMPT, 2)]}
     if method == "dpo":
+        # TRL's DPOTrainer takes text only: the same texts, tokenized as it does (completion + EOS)
         half = tokens // 2
-        return {"prompt": _ids(PROMPT, 1), "completions": [_ids(half - PROMPT, 2), _ids(half - PROMPT, 3)]}
+        texts = {"prompt": _digits(PROMPT, 1), "chosen": _digits(half - PROMPT - 1, 2),
+                 "rejected": _digits(half - PROMPT - 1, 3)}
+        eos = [tok.eos_token_id]
+        return {"texts": texts, "prompt": tok(texts["prompt"]).input_ids,
+                "completions": [tok(texts["chosen"]).input_ids + eos, tok(texts["rejected"]).input_ids + eos]}
     per = tokens // GROUP
     return {"prompt": _ids(PROMPT, 1), "completions": [_ids(per - PROMPT, 10 + g) for g in range(GROUP)]}
 
@@ -130,7 +143,7 @@ def child_posttrain(a, data: dict) -> dict:
     from posttrain.models import adapters
     from posttrain.models.head import position_logps, position_nll
     from posttrain.rollout.logprobs import completion_logprobs
-    from posttrain.stages.reference import forward_logps
+    from posttrain.engine.reference import forward_logps
 
     chunked = a.kind == "posttrain"
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
@@ -141,6 +154,7 @@ def child_posttrain(a, data: dict) -> dict:
     opt = torch.optim.AdamW(adapters.trainable_parameters(model), lr=1e-4)
     ids, attn, labels = _rows_batch(data["prompt"], data["completions"])
     inputs = {"input_ids": ids, "attention_mask": attn}
+    P = len(data["prompt"])
 
     def sft_loss():
         positions, targets = next_token_targets(labels)
@@ -164,13 +178,13 @@ def child_posttrain(a, data: dict) -> dict:
 
     # GRPO: left-aligned prompt + completion rows; the completion is the last C positions' targets
     c_len = max(len(c) for c in data["completions"])
-    comp_mask = (labels[:, PROMPT:] != -100).long()
+    comp_mask = (labels[:, P:] != -100).long()
     adv = torch.tensor([1.0, -1.0] * (GROUP // 2))
 
     def grpo_step_loss():
         if chunked:
-            positions = torch.arange(PROMPT - 1, PROMPT + c_len - 1)
-            logps, ent = position_logps(model, inputs, positions, labels[:, PROMPT:], with_entropy=True)
+            positions = torch.arange(P - 1, P + c_len - 1)
+            logps, ent = position_logps(model, inputs, positions, labels[:, P:], with_entropy=True)
         else:
             batch = {**inputs, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0), "completion_mask": comp_mask}
             logps, ent = completion_logprobs(model, batch, with_entropy=True)
@@ -229,9 +243,8 @@ def child_trl(a, data: dict) -> dict:
     elif a.method == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        c, r = data["completions"]
-        ds = Dataset.from_list([{"prompt_ids": data["prompt"], "chosen_ids": c, "rejected_ids": r}] * a.steps)
-        cfg = DPOConfig(max_length=PROMPT + max(len(c), len(r)), **common)
+        ds = Dataset.from_list([data["texts"]] * a.steps)
+        cfg = DPOConfig(max_length=len(data["prompt"]) + max(len(c) for c in data["completions"]), **common)
         tr = DPOTrainer(model=a.model, args=cfg, train_dataset=ds, peft_config=_peft_config(), callbacks=[Clock()])
     else:
         return _trl_grpo_update(a, data, common)
@@ -245,13 +258,13 @@ def _trl_grpo_update(a, data: dict, common: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     c_len = max(len(c) for c in data["completions"])
-    cfg = GRPOConfig(num_generations=GROUP, per_device_train_batch_size=GROUP, max_completion_length=c_len,
-                     **{**common, "per_device_train_batch_size": GROUP})
+    cfg = GRPOConfig(num_generations=GROUP, max_completion_length=c_len, **{**common, "per_device_train_batch_size": GROUP})
     ds = Dataset.from_list([{"prompt": "hi"}] * GROUP)
     tr = GRPOTrainer(model=a.model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=cfg,
                      train_dataset=ds, peft_config=_peft_config())
     model = tr.model
     model.train()
+    tr.current_gradient_accumulation_steps = 1  # set by train(), which this update-only run does not call
     ids, attn, labels = _rows_batch(data["prompt"], data["completions"])
     comp_mask = (labels[:, PROMPT:] != -100).long()
     inputs = {"prompt_ids": ids[:, :PROMPT], "prompt_mask": attn[:, :PROMPT], "completion_ids": ids[:, PROMPT:],
@@ -267,7 +280,9 @@ def child_main(a) -> None:
     torch.manual_seed(0)
     cap = int(a.cap_gib * 2 ** 30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    data = shapes(a.method, a.tokens)
+    from transformers import AutoTokenizer
+
+    data = shapes(a.method, a.tokens, AutoTokenizer.from_pretrained(a.model))
     try:
         res = (child_trl if a.kind == "trl" else child_posttrain)(a, data)
     except (MemoryError, RuntimeError) as e:
