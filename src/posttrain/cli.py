@@ -21,6 +21,7 @@
     posttrain chat MODEL [--adapter DIR]
     posttrain plan --config run.yaml [key=value ...] [--device H100-80GB] [--gpus N] [--json]
     posttrain data check data.train=D [data.eval=E] [model=M] [--json]
+    posttrain advise model=M data.train=D [data.eval=E] [--budget 1xA100-40GB,8h] --no-pilots [--json] [--out DIR]
 """
 
 from __future__ import annotations
@@ -261,6 +262,17 @@ def cmd_data(argv: list[str]) -> int:
         raise UsageError(str(e)) from None
 
 
+def cmd_advise(argv: list[str]) -> int:
+    """Which adaptation for this model and data (prompting, prompt/prefix tuning, LoRA, QLoRA, full, CPT+SFT)."""
+    from posttrain.plan.cli import advise_main
+    from posttrain.plan.shapes import PlanError
+
+    try:
+        return advise_main(argv)
+    except PlanError as e:
+        raise UsageError(str(e)) from None
+
+
 COMMANDS = {
     "launch": cmd_launch,
     "config": cmd_config,
@@ -277,6 +289,7 @@ COMMANDS = {
     "chat": cmd_chat,
     "plan": cmd_plan,
     "data": cmd_data,
+    "advise": cmd_advise,
 }
 
 

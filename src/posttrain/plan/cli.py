@@ -104,3 +104,36 @@ def data_check_main(argv: list[str]) -> int:
                      max_length=cfg.data.max_length, near_threshold=a.near_threshold)
     print(json.dumps(rep.to_json(), indent=2) if a.json else format_report(rep, a.show))
     return 0
+
+
+def advise_main(argv: list[str]) -> int:
+    """`posttrain advise model=M data.train=D [data.eval=E] [--budget 1xA100-40GB,8h] --no-pilots [--json]`."""
+    import sys
+
+    from posttrain.plan.advise import advise, format_advice, parse_budget
+    from posttrain.stages import load_config
+
+    p = argparse.ArgumentParser(prog="posttrain advise", description="Which adaptation (prompting, prompt/prefix "
+                                "tuning, LoRA, QLoRA, full, continued pretraining then SFT) for this model and "
+                                "data: data analysis on the base model, the planner, documented rules of thumb; "
+                                "writes a ready-to-run pipeline recipe (advice.yaml).")
+    p.add_argument("--config", "-c")
+    p.add_argument("--budget", default=None, help="devices and time, e.g. '1xA100-40GB,8h' or 'cpu,30m' "
+                   "(default: this machine, no time limit)")
+    p.add_argument("--no-pilots", action="store_true", help="decide without pilot runs")
+    p.add_argument("--pilot-minutes", type=float, default=None, help="(pilots are not implemented yet)")
+    p.add_argument("--general", default="gym:regression:train", help="general text to compare the answers' loss with")
+    p.add_argument("--domain-text", default=None, help="raw domain text (enables continued pretraining then SFT)")
+    p.add_argument("--out", default="advice", help="directory for advice.yaml and advice.json")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="model=..., data.train=..., data.eval=..., train.*, adapter.*")
+    a = p.parse_args(argv)
+    if not a.no_pilots:
+        print("posttrain advise: pilots are not implemented yet; deciding without them (--no-pilots)",
+              file=sys.stderr)
+    cfg = load_config("sft", a.config, a.overrides)
+    out = Path(a.out)
+    result = advise(cfg, budget=parse_budget(a.budget), out_dir=out, general=a.general, domain_text=a.domain_text)
+    (out / "advice.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) if a.json else format_advice(result))
+    return 0

@@ -1,0 +1,282 @@
+"""`posttrain advise --no-pilots`: which adaptation for this model and this data, from measurements of the
+data and the base model, the planner, and documented rules of thumb (docs/advise.md cites each one).
+
+    report = advise(cfg, budget=parse_budget("1xA100-40GB,8h"), out_dir="advice")
+    report["recommendation"]   # prompting | prompt_tuning | prefix_tuning | lora | qlora | full | cpt+sft
+
+What is measured on the base model (teacher-forced, no training):
+- answer loss: mean NLL per answer token of the training examples, as training renders and masks them;
+- general loss: the same on general text (`--general`, default the gym's plain-text regression set);
+  the domain gap is answer loss minus general loss, in nats per token;
+- already predicted: the share of answer tokens that are the base model's top-1 prediction (format
+  and style a model can pick up from a prompt, against knowledge it does not have).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from posttrain.plan.devices import Device, cpu_device, get_device
+from posttrain.plan.memory import adapter_params
+from posttrain.plan.planner import plan
+from posttrain.plan.shapes import PlanError
+
+METHODS = ("prompting", "prompt_tuning", "prefix_tuning", "lora", "qlora", "full", "cpt+sft")
+
+# rules of thumb; thresholds named here so docs/advise.md and the code say the same
+ALREADY_KNOWN = 0.9  # share of answer tokens the base predicts: prompting is enough
+STYLE_ONLY = 0.6  # ... mostly format/style: a prompt or prefix is enough to learn it
+LITTLE_DATA = 1_000  # examples: prompt/prefix tuning for style
+LORA_DATA = 100_000  # examples: below, LoRA matches full fine-tuning and forgets less
+DOMAIN_GAP = 1.5  # nats/token above general text: continued pretraining first
+PROMPT_TUNING_SCALE = 1e9  # parameters: prompt tuning lags full fine-tuning below this (prefix tuning instead)
+
+# (low, high) peak learning rates as the cited papers used them; docs/advise.md gives the sources
+LEARNING_RATES = {"full": (1e-5, 2e-5), "lora": (1e-4, 2e-4), "qlora": (1e-4, 2e-4), "prompt_tuning": (3e-2, 3e-1),
+                  "prefix_tuning": (5e-5, 1e-4), "cpt+sft": (1e-5, 2e-4)}
+FORGETTING = {"prompting": "none", "prompt_tuning": "low", "prefix_tuning": "low", "lora": "low",
+              "qlora": "low", "full": "high", "cpt+sft": "high"}
+SERVING = {"prompting": "the base model as is, with the prompt",
+           "prompt_tuning": "base + PEFT prompt adapter (posttrain.load, PEFT; vLLM does not serve it)",
+           "prefix_tuning": "base + PEFT prefix adapter (posttrain.load, PEFT; vLLM does not serve it)",
+           "lora": "base + LoRA adapter (vLLM --enable-lora) or merged (posttrain merge)",
+           "qlora": "merged into a 16-bit base (posttrain merge), or base + LoRA adapter",
+           "full": "a new full model", "cpt+sft": "a new full model (or merged adapters)"}
+ADAPTER_OF = {"prompting": None, "prompt_tuning": "prompt", "prefix_tuning": "prefix", "lora": "lora",
+              "qlora": "qlora", "full": "none", "cpt+sft": "lora"}
+
+
+@dataclasses.dataclass
+class Budget:
+    device: Device
+    gpus: int = 1
+    hours: Optional[float] = None
+
+
+def parse_budget(text: Optional[str]) -> Budget:
+    """'1xA100-40GB,8h' -> 1 A100-40GB for 8 hours; 'cpu,30m'; None -> this machine, no time limit."""
+    if not text:
+        return Budget(cpu_device())
+    gpus, dev, hours = 1, None, None
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(h|m|min)", part)
+        if m:
+            hours = float(m.group(1)) / (60 if m.group(2) != "h" else 1)
+            continue
+        m = re.fullmatch(r"(?:(\d+)\s*x\s*)?(.+)", part)
+        gpus, name = int(m.group(1) or 1), m.group(2)
+        try:
+            dev = get_device(name)
+        except KeyError as e:
+            raise PlanError(f"--budget {text!r}: {e.args[0]}") from None
+    if dev is None:
+        raise PlanError(f"--budget {text!r}: name a device, e.g. '1xA100-40GB,8h' or 'cpu,30m'")
+    return Budget(dev, gpus, hours)
+
+
+# ---------------------------------------------------------------- measurements on the base model
+
+
+def base_model_losses(model, tokenizer, items, *, batch_size: int = 8) -> dict:
+    """Mean NLL per labelled token and the share of labelled tokens that are the top-1 prediction."""
+    import torch
+
+    from posttrain.data.collate import collate_padded
+
+    nll, hits, count = 0.0, 0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            batch = collate_padded(items[i:i + batch_size], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            y = batch["labels"][:, 1:]
+            mask = y != -100
+            lp = torch.log_softmax(logits[mask].float(), -1)
+            nll -= float(lp.gather(-1, y[mask][:, None]).sum())
+            hits += int((lp.argmax(-1) == y[mask]).sum())
+            count += int(mask.sum())
+    return {"nll": nll / max(count, 1), "top1": hits / max(count, 1), "tokens": count}
+
+
+def _tokenized(source, tokenizer, max_length: int, limit: int, split: str):
+    from posttrain.data.formats import to_examples
+    from posttrain.data.render import tokenize_examples
+    from posttrain.data.sources import read_records
+
+    records = read_records(source, split=split)
+    return tokenize_examples(to_examples(records[:limit]), tokenizer, max_length=max_length), len(records)
+
+
+def analyse_data(cfg, *, general: str = "gym:regression:train", sample: int = 64) -> dict:
+    """Examples, tokens, answer vs general loss and the share of the answer already predicted."""
+    from posttrain.models.loading import load
+
+    model, tok = load(cfg.model, dtype="fp32", device="cpu", trust_remote_code=cfg.trust_remote_code,
+                      allow_pickle=cfg.allow_pickle)
+    sources = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+    items, rows = [], 0
+    for s in sources:
+        got, n = _tokenized(s, tok, cfg.data.max_length, sample, "train")
+        items += got
+        rows += n
+    gen_items, _ = _tokenized(general, tok, cfg.data.max_length, sample, "train")
+    answer = base_model_losses(model, tok, items)
+    general_loss = base_model_losses(model, tok, gen_items)
+    mean_tokens = sum(len(x.input_ids) for x in items) / max(len(items), 1)
+    loss_share = sum(x.num_loss_tokens for x in items) / max(sum(len(x.input_ids) for x in items), 1)
+    return {"examples": rows, "tokens_estimate": round(rows * mean_tokens), "mean_tokens": mean_tokens,
+            "loss_fraction": loss_share, "answer_nll": answer["nll"], "general_nll": general_loss["nll"],
+            "domain_gap_nats": answer["nll"] - general_loss["nll"], "already_predicted": answer["top1"],
+            "sampled_examples": len(items), "general": general}
+
+
+# ---------------------------------------------------------------- candidates and the decision
+
+
+def _candidate(cfg, method: str, budget: Budget, rows: int, loss_fraction: float) -> dict:
+    kind = ADAPTER_OF[method]
+    out = {"method": method, "expected_score": None, "forgetting_risk": FORGETTING[method],
+           "serving": SERVING[method], "learning_rate": LEARNING_RATES.get(method)}
+    if kind is None:  # prompting: inference only
+        from posttrain.plan.shapes import read_shape
+
+        s = read_shape(cfg.model)
+        out.update(peak_memory_bytes=s.total_params * 2, fits=s.total_params * 2 <= 0.95 * budget.device.memory_bytes,
+                   wall_time_s=0.0, tokens_per_s=None, adapter_bytes=0, trainable_params=0, change=None)
+        return out
+    ov = {"adapter": {**cfg.adapter.model_dump(), "type": kind},
+          "train": {**cfg.train.model_dump(), "precision": "bf16" if budget.device.kind == "gpu" else "fp32"}}
+    c = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update=ov["adapter"]),
+                               "train": cfg.train.model_copy(update=ov["train"])})
+    p = plan(c, budget.device, gpus=budget.gpus, rows=rows, loss_fraction=loss_fraction)
+    change = None
+    peak = p.memory.peak_bytes
+    step = p.step_time_s
+    if not p.fits and p.fix:
+        change, peak, step = p.fix["change"], p.fix["peak_memory_bytes"], p.fix["step_time_s"]
+        if "adapter.type" in change:  # a method change is a different candidate, not a fix of this one
+            change, peak, step = None, p.memory.peak_bytes, p.step_time_s
+    fits = p.fits or change is not None
+    wall = None if p.total_steps is None else p.total_steps * step * (2 if method == "cpt+sft" else 1)
+    out.update(peak_memory_bytes=int(peak), fits=fits, change=change, wall_time_s=wall,
+               tokens_per_s=p.tokens_per_step / step, trainable_params=p.to_json()["params"]["trainable"],
+               adapter_bytes=4 * adapter_params(p.shape, p.spec) if kind != "none" else None)
+    return out
+
+
+def decide(data: dict, candidates: dict[str, dict], *, params: int, domain_text: bool) -> tuple[str, list[str]]:
+    """The recommendation and its reasons, from the rules of thumb in docs/advise.md (in this order)."""
+    fits = {m for m, c in candidates.items() if c["fits"]}
+    n, known, gap = data["examples"], data["already_predicted"], data["domain_gap_nats"]
+    reasons = [f"{n} examples; the base model already predicts {known:.0%} of the answer tokens; "
+               f"answer loss {data['answer_nll']:.2f} vs general text {data['general_nll']:.2f} nats/token "
+               f"(gap {gap:+.2f})"]
+    if known >= ALREADY_KNOWN:
+        return "prompting", reasons + [f"rule 1: at least {ALREADY_KNOWN:.0%} of the answers is predicted already; "
+                                       "a prompt (few-shot examples) is enough, and nothing is forgotten"]
+    if gap >= DOMAIN_GAP and domain_text and "cpt+sft" in fits:
+        return "cpt+sft", reasons + [f"rule 2: the answers are {gap:.1f} nats/token harder than general text "
+                                     "(a new domain): continued pretraining on domain text first, then SFT"]
+    if gap >= DOMAIN_GAP and not domain_text:
+        reasons.append(f"the domain gap is large ({gap:.1f} nats/token): with domain text (--domain-text) "
+                       "continued pretraining then SFT would be advised")
+    if n < LITTLE_DATA and known >= STYLE_ONLY:
+        pick = "prompt_tuning" if params >= PROMPT_TUNING_SCALE else "prefix_tuning"
+        if pick in fits:
+            return pick, reasons + [f"rule 3: little data (< {LITTLE_DATA}) and mostly format/style "
+                                    f"(>= {STYLE_ONLY:.0%} already predicted): {pick.replace('_', ' ')}"
+                                    + ("" if pick == "prompt_tuning" else
+                                       f" (prompt tuning lags below {PROMPT_TUNING_SCALE:.0e} parameters)")]
+    if n >= LORA_DATA and "full" in fits:
+        return "full", reasons + [f"rule 4: {n} examples (>= {LORA_DATA}) and full fine-tuning fits: "
+                                  "with this much data full fine-tuning learns more than LoRA"]
+    if "lora" in fits:
+        return "lora", reasons + [f"rule 5: fewer than {LORA_DATA} examples: LoRA matches full fine-tuning "
+                                  "and forgets less"]
+    if "qlora" in fits:
+        return "qlora", reasons + ["rule 6: LoRA does not fit the budget's memory, QLoRA (NF4 base) does"]
+    if "prompt_tuning" in fits:
+        return "prompt_tuning", reasons + ["nothing with LoRA fits the budget; prompt tuning does"]
+    return "prompting", reasons + ["no training method fits the budget: prompting only"]
+
+
+def write_recipe(path: Path, cfg, method: str, out_dir: Path, domain_text: Optional[str]) -> Path:
+    """A `posttrain pipeline` recipe that runs the recommendation."""
+    data = {k: v for k, v in {"train": cfg.data.train, "eval": cfg.data.eval,
+                              "max_length": cfg.data.max_length}.items() if v is not None}
+    lr = LEARNING_RATES.get(method, (None, None))[1]
+    train = {"lr": lr, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
+             "precision": cfg.train.precision, "gradient_checkpointing": cfg.train.gradient_checkpointing}
+    kind = ADAPTER_OF[method]
+    if method == "prompting":
+        stages = [{"name": "baseline", "stage": "eval", "model": cfg.model}]
+    else:
+        adapter = {"type": kind} if kind != "none" else None
+        sft = {"name": "sft", "stage": "sft", "data": data, "train": train}
+        if adapter:
+            sft["adapter"] = adapter
+        if method == "cpt+sft":
+            cpt = {"name": "cpt", "stage": "cpt", "model": cfg.model,
+                   "data": {"train": domain_text, "max_length": cfg.data.max_length},
+                   "adapter": {"type": "lora"}, "train": {**train, "lr": LEARNING_RATES["lora"][1]}}
+            stages = [cpt, sft]
+        else:
+            sft["model"] = cfg.model
+            stages = [sft]
+    recipe = {"output_dir": str(out_dir / "run"), "stages": stages}
+    head = (f"# written by `posttrain advise`: {method}. Run it with: posttrain pipeline {path}\n"
+            "# learning rate: the top of the cited range for this method (docs/advise.md)\n")
+    path.write_text(head + yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def advise(cfg, *, budget: Budget, out_dir: Path, general: str = "gym:regression:train",
+           domain_text: Optional[str] = None, analysis: Optional[dict] = None) -> dict:
+    """The whole --no-pilots advice as one JSON-ready dict; writes out_dir/advice.yaml and advice.json."""
+    from posttrain.plan.quality import check_data
+    from posttrain.plan.shapes import read_shape
+    from posttrain.data.sources import read_records
+
+    if not cfg.model:
+        raise PlanError("no model given: set model=DIR")
+    if not cfg.data.train:
+        raise PlanError("no training data: set data.train=FILE")
+    shape = read_shape(cfg.model)
+    data = analysis or analyse_data(cfg, general=general)
+    train_records = [r for s in (cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train])
+                     for r in read_records(s, split="train")]
+    held = read_records(cfg.data.eval, split="validation") if isinstance(cfg.data.eval, str) else None
+    quality = check_data(train_records, held)
+    candidates = {m: _candidate(cfg, m, budget, data["examples"], data["loss_fraction"]) for m in METHODS}
+    if budget.hours is not None:
+        for c in candidates.values():
+            if c["wall_time_s"] is not None and c["wall_time_s"] > budget.hours * 3600:
+                c["fits"] = False
+                c["over_time_budget"] = True
+    rec, reasons = decide(data, candidates, params=shape.total_params, domain_text=domain_text is not None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe = write_recipe(out_dir / "advice.yaml", cfg, rec, out_dir, domain_text)
+    return {"recommendation": rec, "reasons": reasons, "candidates": list(candidates.values()),
+            "recipe": str(recipe), "data": data, "quality": quality.counts,
+            "budget": {"device": budget.device.name, "gpus": budget.gpus, "hours": budget.hours},
+            "pilots": None, "expected_score_note": "no pilots run (--no-pilots): no score is predicted"}
+
+
+def format_advice(a: dict) -> str:
+    lines = [f"recommendation: {a['recommendation']}"] + [f"  - {r}" for r in a["reasons"]]
+    lines += ["", f"{'method':<15}{'fits':<6}{'peak GiB':>10}{'time h':>9}  {'forgetting':<11}{'lr':<16}serving"]
+    for c in a["candidates"]:
+        t = "-" if c["wall_time_s"] is None else f"{c['wall_time_s'] / 3600:.2f}"
+        lr = "-" if not c["learning_rate"] else f"{c['learning_rate'][0]:.0e}-{c['learning_rate'][1]:.0e}"
+        lines.append(f"{c['method']:<15}{'yes' if c['fits'] else 'no':<6}{c['peak_memory_bytes'] / 2**30:>10.2f}"
+                     f"{t:>9}  {c['forgetting_risk']:<11}{lr:<16}{c['serving']}")
+    q = a["quality"]
+    lines += ["", f"data: {q['exact_duplicate_examples']} exact duplicates, {q['near_duplicate_pairs']} near-duplicate "
+              f"pairs, {q['contaminated_held_out']} held-out examples overlapping training (posttrain data check: "
+              "details)", f"recipe: {a['recipe']}  (posttrain pipeline {a['recipe']})"]
+    return "\n".join(lines)

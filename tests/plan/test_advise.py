@@ -1,0 +1,76 @@
+"""`posttrain advise --no-pilots`: the budget, each rule of thumb, and the end-to-end run on gym data."""
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.pipeline.recipe import load_recipe
+from posttrain.plan.advise import decide, parse_budget
+from posttrain.plan.shapes import PlanError
+
+
+def test_budget_parsing():
+    b = parse_budget("2xA100-40GB,8h")
+    assert (b.device.name, b.gpus, b.hours) == ("A100-40GB", 2, 8.0)
+    b = parse_budget("L4, 30m")
+    assert (b.device.name, b.gpus, b.hours) == ("L4-24GB", 1, 0.5)
+    with pytest.raises(PlanError, match="unknown device 'Z80'; known: cpu, H100-80GB"):
+        parse_budget("1xZ80,1h")
+    with pytest.raises(PlanError, match="name a device"):
+        parse_budget("8h")
+
+
+def _data(n=2000, known=0.5, gap=0.5):
+    return {"examples": n, "already_predicted": known, "domain_gap_nats": gap, "answer_nll": 2.0 + gap,
+            "general_nll": 2.0}
+
+
+def _cands(*fitting):
+    methods = ("prompting", "prompt_tuning", "prefix_tuning", "lora", "qlora", "full", "cpt+sft")
+    return {m: {"fits": m in fitting} for m in methods}
+
+
+ALL = ("prompting", "prompt_tuning", "prefix_tuning", "lora", "qlora", "full", "cpt+sft")
+
+
+@pytest.mark.parametrize("data, fitting, params, domain, expected", [
+    (_data(known=0.95), ALL, 5e8, False, "prompting"),                    # rule 1: already predicted
+    (_data(gap=2.0), ALL, 5e8, True, "cpt+sft"),                          # rule 2: a new domain, with domain text
+    (_data(gap=2.0), ALL, 5e8, False, "lora"),                            # ... without domain text: SFT only
+    (_data(n=300, known=0.7), ALL, 5e8, False, "prefix_tuning"),          # rule 3: style, small model
+    (_data(n=300, known=0.7), ALL, 7e9, False, "prompt_tuning"),          # rule 3: style, large model
+    (_data(n=200_000), ALL, 5e8, False, "full"),                          # rule 4: much data, full fits
+    (_data(n=200_000), ("prompting", "lora", "qlora"), 5e8, False, "lora"),
+    (_data(), ALL, 5e8, False, "lora"),                                   # rule 5
+    (_data(), ("prompting", "prompt_tuning", "qlora"), 5e8, False, "qlora"),  # rule 6: LoRA does not fit
+])
+def test_rules_of_thumb(data, fitting, params, domain, expected):
+    rec, reasons = decide(data, _cands(*fitting), params=params, domain_text=domain)
+    assert rec == expected
+    assert reasons[0].startswith(f"{data['examples']} examples; the base model already predicts")
+
+
+def test_advise_on_gym_data_writes_a_runnable_recipe(tmp_path):
+    from posttrain import gym
+
+    train = gym.export("instruct", "train", tmp_path / "train.jsonl", n=200)
+    held = gym.export("instruct", "validation", tmp_path / "val.jsonl", n=50)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["advise", f"model={gym.base_model_path()}", f"data.train={train}", f"data.eval={held}",
+                   "data.max_length=128", "--no-pilots", "--json", "--out", str(tmp_path / "adv")])
+    assert rc == 0
+    out = json.loads(buf.getvalue())
+    assert out["recommendation"] == "lora"  # 200 examples of a skill the base half-knows (measured: 51%)
+    assert [c["method"] for c in out["candidates"]] == ["prompting", "prompt_tuning", "prefix_tuning", "lora",
+                                                        "qlora", "full", "cpt+sft"]
+    for c in out["candidates"]:
+        assert {"expected_score", "peak_memory_bytes", "wall_time_s", "fits", "forgetting_risk"} <= set(c)
+    assert out["data"]["examples"] == 200 and 0.3 < out["data"]["already_predicted"] < 0.7
+    recipe = load_recipe(out["recipe"])
+    assert [s.stage for s in recipe.stages] == ["sft"]
+    assert recipe.stages[0].cfg.adapter.type == "lora" and recipe.stages[0].cfg.train.lr == 2e-4
+    assert json.loads((tmp_path / "adv" / "advice.json").read_text())["recommendation"] == "lora"
