@@ -231,8 +231,23 @@ def _(h):
 
 @case("fork_bomb", limits=SandboxLimits(timeout_s=1.0, max_processes=8))
 def _(h):
-    res, report = yield {}
-    assert res.timed_out or res.returncode is not None  # bounded by RLIMIT_NPROC, ended by the timeout
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], len(our_sandbox_processes()))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        res, report = yield {}
+    finally:
+        done.set()
+        sampler.join()
+    assert res.timed_out and res.duration_s < 2.5  # it forks forever; the timeout ends it
+    if os.geteuid() == 0:  # RLIMIT_NPROC: 8, + the reaper, bwrap's monitor and the sweep's helper
+        assert 3 <= peak[0] <= 8 + 3
 
 
 @case("alloc_20gb", limits=SandboxLimits(timeout_s=3.0, memory_mb=256))

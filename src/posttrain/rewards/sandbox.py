@@ -33,17 +33,16 @@ timeout, CPU contention) is listed in docs/security.md.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import math
 import os
-import platform
 import select
 import shutil
 import signal
 import stat
-import struct
 import subprocess
 import sys
 import tempfile
@@ -51,11 +50,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+from posttrain.rewards import bwrap
+
 _UID_BASE = 1_900_000_000  # far above system and container uid ranges
 _uid_counter = itertools.count()
 _uid_lock = threading.Lock()
-
-WORK_DIR = "/tmp/work"  # the program's cwd and HOME inside bwrap, on the private tmpfs
 
 _INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install "
                  "bubblewrap), or pass namespaces='off' to accept a weaker sandbox that shares the host's "
@@ -137,40 +136,6 @@ class SandboxResult:
     layers: tuple[str, ...]  # the isolation layers this run used
 
 
-# seccomp: syscalls that fail with EPERM. SysV IPC objects hold memory that no rlimit counts
-# (the "3 x 200 MB of shm under a 512 MB limit" escape); the rest is kernel attack surface a test
-# program never needs. Numbers from asm/unistd_64.h and asm-generic/unistd.h.
-_DENIED = ("shmget", "semget", "msgget", "unshare", "setns", "mount", "umount2", "pivot_root", "open_tree",
-           "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "keyctl", "add_key",
-           "request_key", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter",
-           "io_uring_register")
-_SYSCALLS = {
-    # machine: (AUDIT_ARCH, first number of a foreign ABI sharing the arch (x32), numbers)
-    "x86_64": (0xC000003E, 0x40000000, dict(zip(_DENIED, (
-        29, 64, 68, 272, 308, 165, 166, 155, 428, 429, 430, 431, 432, 433, 442, 250, 248, 249, 321, 298, 323,
-        425, 426, 427)))),
-    "aarch64": (0xC00000B7, None, dict(zip(_DENIED, (
-        194, 190, 186, 97, 268, 40, 39, 41, 428, 429, 430, 431, 432, 433, 442, 219, 217, 218, 280, 241, 282,
-        425, 426, 427)))),
-}
-
-
-def _seccomp_program(machine: str) -> bytes | None:
-    """A classic-BPF seccomp filter (struct sock_filter[]) for bwrap --seccomp, or None if unknown arch."""
-    if machine not in _SYSCALLS:
-        return None
-    arch, foreign, numbers = _SYSCALLS[machine]
-    LD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
-    ALLOW, KILL, EPERM = 0x7FFF0000, 0x80000000, 0x00050000 | 1
-    checks = ([(JGE, foreign)] if foreign is not None else []) + [(JEQ, n) for n in numbers.values()]
-    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, KILL), (LD, 0, 0, 0)]  # arch, then syscall nr
-    deny = len(prog) + len(checks) + 1  # index of the "ret EPERM" instruction, after "ret ALLOW"
-    for op, k in checks:
-        prog.append((op, deny - (len(prog) + 1), 0, k))
-    prog += [(RET, 0, 0, ALLOW), (RET, 0, 0, EPERM)]
-    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
-
-
 def _check_files(files: dict[str, str]) -> None:
     """``files=`` keys must stay inside the work folder."""
     for name, text in files.items():
@@ -194,34 +159,6 @@ def _interpreter(python: str) -> tuple[str, str]:
     return exe, prefix
 
 
-def _root_view(prefix: str) -> list[str]:
-    """bwrap arguments for the read-only filesystem: /usr, the /bin, /lib... of a merged-/usr
-    system (as symlinks) or split one (read-only), and the interpreter's prefix when elsewhere."""
-    args = ["--ro-bind", "/usr", "/usr"]
-    for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(d):
-            args += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
-            args += ["--ro-bind", d, d]
-    if prefix != "/usr" and not prefix.startswith("/usr/"):
-        args += ["--ro-bind", prefix, prefix]
-    return args
-
-
-def _bwrap_argv(prefix: str, limits: SandboxLimits, file_fds: dict[str, int], seccomp_fd: int | None) -> list[str]:
-    argv = [shutil.which("bwrap"), "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-            "--new-session", "--as-pid-1", *_root_view(prefix), "--proc", "/proc", "--tmpfs", "/dev"]
-    for dev in ("null", "zero", "full", "random", "urandom"):
-        argv += ["--dev-bind", f"/dev/{dev}", f"/dev/{dev}"]
-    argv += ["--symlink", "/proc/self/fd", "/dev/fd", "--symlink", "/tmp", "/dev/shm",
-             "--size", str(limits.tmpfs_mb << 20), "--perms", "1777", "--tmpfs", "/tmp", "--dir", WORK_DIR]
-    for name, fd in file_fds.items():
-        argv += ["--file", str(fd), f"{WORK_DIR}/{name}"]
-    if seccomp_fd is not None:
-        argv += ["--seccomp", str(seccomp_fd)]
-    return argv + ["--chdir", WORK_DIR, "--remount-ro", "/dev", "--remount-ro", "/", "--"]
-
-
 def _new_uid() -> int:
     with _uid_lock:
         return _UID_BASE + (os.getpid() % 100_000) * 1000 + next(_uid_counter) % 1000
@@ -242,16 +179,9 @@ class _Plan:
         if self.bwrap:
             out += ["bwrap", "user-namespace", "no-nested-userns", "net-namespace", "pid-namespace",
                     "ipc-namespace", "mount-namespace", "read-only-root", "private-tmpfs"]
-            if platform.machine() in _SYSCALLS:
+            if bwrap.has_seccomp():
                 out.append("seccomp")
         return tuple(out)
-
-
-def _memfd(name: str, data: bytes) -> int:
-    fd = os.memfd_create(name, 0)  # no MFD_CLOEXEC: bwrap reads it
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
 
 
 def _live_processes(uid: int) -> int:
@@ -288,58 +218,41 @@ def _kill_uid(uid: int, attempts: int = 50) -> None:
 
 def _run(plan: _Plan, program: str, files: dict[str, str], limits: SandboxLimits, block_sockets: bool,
          ) -> SandboxResult:
-    root = os.geteuid() == 0
     uid = _new_uid() if plan.drop_uid else None
     files = {**files, "main.py": program}
-    fds: list[int] = []
-    hostdir = None
-    try:
+    with contextlib.ExitStack() as cleanup:
+        child_fds: list[int] = []  # inherited by the child, closed here as soon as it has started
+        cleanup.callback(lambda: [os.close(fd) for fd in child_fds])  # if it never starts
         if plan.bwrap:
-            workdir = WORK_DIR
-            file_fds = {name: _memfd(name, text.encode()) for name, text in files.items()}
-            fds += file_fds.values()
-            seccomp = _seccomp_program(platform.machine())
-            seccomp_fd = _memfd("seccomp", seccomp) if seccomp is not None else None
-            if seccomp_fd is not None:
-                fds.append(seccomp_fd)
-            wrapper = _bwrap_argv(plan.prefix, limits, file_fds, seccomp_fd)
+            workdir, cwd = bwrap.WORK_DIR, "/"
+            file_fds = {name: _keep(child_fds, bwrap.memfd(name, text.encode())) for name, text in files.items()}
+            seccomp = bwrap.seccomp_program()
+            seccomp_fd = _keep(child_fds, bwrap.memfd("seccomp", seccomp)) if seccomp is not None else None
+            wrapper = bwrap.command(plan.prefix, limits.tmpfs_mb, file_fds, seccomp_fd)
         else:
-            workdir = hostdir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
-            _write_tree(hostdir, files, uid)
+            workdir = cwd = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+            cleanup.callback(shutil.rmtree, workdir, onerror=_force_remove)
+            _write_tree(workdir, files, uid)
             wrapper = []
-        nproc = limits.max_processes + (2 if plan.bwrap else 1)  # + the reaper (+ bwrap's monitor)
-        if not root:  # RLIMIT_NPROC counts every process of our own uid, not only the sandbox's
-            nproc += _live_processes(os.getuid())
-        cpu = limits.cpu_s if limits.cpu_s is not None else math.ceil(limits.timeout_s) + 1
-        mem, fsize = (limits.memory_mb - limits.tmpfs_mb) << 20, limits.max_file_mb << 20
         status_r, status_w = os.pipe()
-        fds += [status_r, status_w]
+        (out_r, out_w), (err_r, err_w) = _output_file(), _output_file()
+        child_fds += [status_w, out_w, err_w]
+        for fd in (status_r, out_r, err_r):
+            cleanup.callback(os.close, fd)
         cfg = {"program": "main.py", "block_sockets": block_sockets, "status_fd": status_w,
-               "no_new_privs": not plan.bwrap, "rlimits": {
-            "RLIMIT_CPU": [cpu, cpu + 1], "RLIMIT_AS": [mem, mem], "RLIMIT_NPROC": [nproc, nproc],
-            "RLIMIT_FSIZE": [fsize, fsize], "RLIMIT_NOFILE": [limits.max_open_files] * 2,
-            "RLIMIT_CORE": [0, 0]}}
-        argv = wrapper + [plan.python, "-I", "-c", _BOOT, json.dumps(cfg)]
+               "no_new_privs": not plan.bwrap, "rlimits": _rlimits(limits, plan)}
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8",
                "PYTHONDONTWRITEBYTECODE": "1"}
         popen = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
-        out_r, out_w = _output_file()
-        err_r, err_w = _output_file()
-        fds += [out_w, err_w]
         start = time.monotonic()
         try:
-            proc = subprocess.Popen(argv, cwd=hostdir or "/", env=env, stdin=subprocess.DEVNULL, stdout=out_w,
-                                    stderr=err_w, start_new_session=True, pass_fds=[f for f in fds if f != status_r],
-                                    **popen)
-        except BaseException:
-            os.close(out_r)
-            os.close(err_r)
-            raise
+            proc = subprocess.Popen([*wrapper, plan.python, "-I", "-c", _BOOT, json.dumps(cfg)], cwd=cwd,
+                                    env=env, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                                    start_new_session=True, pass_fds=child_fds, **popen)
         finally:
-            for fd in fds:
-                if fd != status_r:
-                    os.close(fd)
-            fds = [status_r]
+            for fd in child_fds:
+                os.close(fd)
+            child_fds.clear()
         try:
             timed_out = not _wait(proc, limits.timeout_s)
         finally:
@@ -349,16 +262,25 @@ def _run(plan: _Plan, program: str, files: dict[str, str], limits: SandboxLimits
                 _kill_uid(uid)
         duration = time.monotonic() - start
         status = _read(status_r, 32)
-        fds = []
         stdout, stderr = (_read(fd, limits.max_output_bytes) for fd in (out_r, err_r))
         returncode = None if timed_out else int(status) if status.lstrip("-").isdigit() else proc.returncode
         return SandboxResult(returncode, stdout, stderr, timed_out, duration,
                              plan.layers + (("socket-audit-hook",) if block_sockets else ()))
-    finally:
-        for fd in fds:
-            os.close(fd)
-        if hostdir is not None:
-            shutil.rmtree(hostdir, onerror=_force_remove)
+
+
+def _keep(fds: list[int], fd: int) -> int:
+    fds.append(fd)
+    return fd
+
+
+def _rlimits(limits: SandboxLimits, plan: _Plan) -> dict[str, list[int]]:
+    nproc = limits.max_processes + (2 if plan.bwrap else 1)  # + the reaper (+ bwrap's monitor)
+    if os.geteuid() != 0:  # RLIMIT_NPROC counts every process of our own uid, not only the sandbox's
+        nproc += _live_processes(os.getuid())
+    cpu = limits.cpu_s if limits.cpu_s is not None else math.ceil(limits.timeout_s) + 1
+    mem, fsize = (limits.memory_mb - limits.tmpfs_mb) << 20, limits.max_file_mb << 20
+    return {"RLIMIT_CPU": [cpu, cpu + 1], "RLIMIT_AS": [mem, mem], "RLIMIT_NPROC": [nproc, nproc],
+            "RLIMIT_FSIZE": [fsize, fsize], "RLIMIT_NOFILE": [limits.max_open_files] * 2, "RLIMIT_CORE": [0, 0]}
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> bool:
@@ -412,24 +334,21 @@ def _output_file() -> tuple[int, int]:
 
 
 def _read(fd: int, limit: int) -> str:
-    """Up to ``limit`` bytes from the start of ``fd`` (a file or a finished pipe), then close it."""
-    try:
-        chunks, size = [], 0
-        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-            os.lseek(fd, 0, os.SEEK_SET)
-        os.set_blocking(fd, False)
-        while size < limit:
-            try:
-                chunk = os.read(fd, min(1 << 16, limit - size))
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        return b"".join(chunks).decode("utf-8", errors="replace")
-    finally:
-        os.close(fd)
+    """Up to ``limit`` bytes from the start of ``fd`` (a file or a finished pipe)."""
+    chunks, size = [], 0
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        os.lseek(fd, 0, os.SEEK_SET)
+    os.set_blocking(fd, False)
+    while size < limit:
+        try:
+            chunk = os.read(fd, min(1 << 16, limit - size))
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks).decode("utf-8", errors="replace")
 
 
 def _force_remove(func, path, _exc_info):
