@@ -50,8 +50,7 @@ class LookupGRPO(grpo.GRPOStage):
         t.update(s.logprobs(model, t, reference=self.g.beta > 0, temperature=self.g.temperature))
         zero_var = zero_variance_groups(eps.rewards, G)
         metrics = {"reward": float(eps.rewards.mean()), **eps.metrics(),
-                   "zero_variance_frac": float(zero_var.float().mean()), "rollout_time_s": time.perf_counter() - t0,
-                   **s.update_time(t0)}
+                   "zero_variance_frac": float(zero_var.float().mean()), "rollout_time_s": time.perf_counter() - t0}
         return s.steps(t, len(eps), passes=self.g.iterations, minibatches=self.g.minibatches,
                        micro_batch_size=self.g.micro_batch_size, extra={"rollout_metrics": metrics},
                        keep=self._informative)
