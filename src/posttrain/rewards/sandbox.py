@@ -9,9 +9,10 @@ namespace code of our own. Layers, outermost first (``isolation_report()`` lists
 2. **Unprivileged uid** (when the parent is root): bwrap itself runs as a uid of its own, unused
    by anything else, so the program owns no file of the host, cannot signal the parent, and
    RLIMIT_NPROC counts only this run's processes. Every process of that uid is killed afterwards.
-3. **bwrap namespaces**: user (mapped to that uid only; nested user namespaces disabled), network
-   (no interface up: no TCP, UDP or abstract Unix socket reaches the host), PID (the program is
-   PID 1: when it ends every process inside dies), IPC (SysV objects die with the run), UTS,
+3. **bwrap namespaces** (the command line is ``bwrap.py``'s): user (mapped to that uid only;
+   nested user namespaces disabled), network (only its own loopback: no TCP, UDP or abstract Unix
+   socket reaches the host), PID (our boot script is PID 1 and the program its child: when the
+   program ends, every process inside dies), IPC (SysV objects die with the run), UTS,
    cgroup, and mount: the root is an empty read-only tmpfs holding only ``/usr`` (and the
    interpreter's prefix) read-only, a private ``/proc``, a minimal ``/dev``, and one private tmpfs
    of ``tmpfs_mb`` at ``/tmp`` (``/dev/shm`` points into it) with the work folder ``/tmp/work``.
