@@ -10,7 +10,7 @@ from posttrain.data.render import tokenize_example
 from posttrain.data.sources import Record
 from posttrain.gym.lookup import LookupEnv
 from posttrain.rollout import GeneratedIds, RolloutEngine, SamplingParams
-from posttrain.rollout.episodes import documented_calls, environment_text, run_episodes
+from posttrain.rollout.episodes import documented_calls, environment_text, resolve_environment, run_episodes
 
 LOGP = -0.25  # every scripted token's log-prob
 
@@ -168,3 +168,12 @@ def test_the_documented_python_environment_runs_model_code_in_the_sandbox(tok):
                        max_turns=3)  # the documented parser by default
     assert eps.messages[0][2] == {"role": "tool", "content": "42\n", "error": False}
     assert eps.rewards.tolist() == [1.0] and eps.num_turns == [2]
+
+
+def test_environments_by_name():
+    assert resolve_environment("gym:lookup") is LookupEnv
+    assert resolve_environment("posttrain.gym.lookup:LookupEnv") is LookupEnv
+    with pytest.raises(ValueError, match="environment 'lookup': give a registered name \\(gym:lookup\\) or 'module:Class'"):
+        resolve_environment("lookup")
+    with pytest.raises(ValueError, match="environment 'posttrain.gym.lookup:Nope': cannot import it"):
+        resolve_environment("posttrain.gym.lookup:Nope")

@@ -28,6 +28,7 @@ continue from), or when the history would pass ``max_length`` tokens.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
@@ -131,6 +132,22 @@ class _Episode:
     errors: int = 0
     truncated: bool = False
     done: bool = False
+
+
+ENVIRONMENTS = {"gym:lookup": "posttrain.gym.lookup:LookupEnv"}
+
+
+def resolve_environment(spec: str) -> Callable[[], Environment]:
+    """The environment class (a no-argument factory) named by ``spec``: a registered name
+    (``ENVIRONMENTS``: ``gym:lookup``) or ``module:Class``."""
+    path = ENVIRONMENTS.get(spec, spec)
+    mod, _, cls = path.partition(":")
+    if not mod or not cls:
+        raise ValueError(f"environment {spec!r}: give a registered name ({', '.join(ENVIRONMENTS)}) or 'module:Class'")
+    try:
+        return getattr(importlib.import_module(mod), cls)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"environment {spec!r}: cannot import it ({e})") from None
 
 
 def _render(tokenizer, messages: list[dict], tools, generation_prompt: bool) -> str:
