@@ -5,7 +5,9 @@ A checkpoint is a directory `checkpoints/step-N/` holding:
 - `weights/` and `optim/`: the trainable weights and the optimizer state, saved by
   `torch.distributed.checkpoint` (DCP). Every rank writes its own shards, and DCP reshards
   on load, so a run saved on 2 ranks resumes on 1 (or 4).
-- `extra.pt`: the LR scheduler state and each rank's RNG state.
+- `extra-rank*.pt`: the LR scheduler state, each rank's RNG state and, for RL stages, the stage's
+  sampling state and the optimizer steps still pending from the current rollout (tensors, numbers
+  and strings only: it is read with `torch.load(weights_only=True)`).
 - `trainer_state.json`: step, data position (in samples, so it survives a change of world
   size), best evaluation, and the like.
 
@@ -76,7 +78,7 @@ def _tmp_for(final: Path) -> Path:
 
 
 def save_checkpoint(ckpt_root: Path, name: str, *, model, optimizer=None, scheduler=None,
-                    trainer_state: dict, keep_last: Optional[int] = None) -> Path:
+                    trainer_state: dict, keep_last: Optional[int] = None, stage_state: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Returns the final directory.
 
     A failed write (disk full, permissions) removes the temporary directory, leaves the previous
@@ -85,7 +87,7 @@ def save_checkpoint(ckpt_root: Path, name: str, *, model, optimizer=None, schedu
     final = Path(ckpt_root) / name
     tmp = _tmp_for(final)
     try:
-        _write(tmp, model, optimizer, scheduler, trainer_state)
+        _write(tmp, model, optimizer, scheduler, trainer_state, stage_state)
     except (OSError, RuntimeError, _dcp()[0].CheckpointException) as e:
         # torch.save reports a full disk as a RuntimeError of its zip writer: ask the disk itself
         full = shutil.disk_usage(ckpt_root).free < _FULL
@@ -111,7 +113,7 @@ def save_checkpoint(ckpt_root: Path, name: str, *, model, optimizer=None, schedu
     return final
 
 
-def _write(tmp: Path, model, optimizer, scheduler, trainer_state: dict) -> None:
+def _write(tmp: Path, model, optimizer, scheduler, trainer_state: dict, stage_state: Optional[dict] = None) -> None:
     if is_main():
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -121,7 +123,8 @@ def _write(tmp: Path, model, optimizer, scheduler, trainer_state: dict) -> None:
     dcp.save(sd.get_model_state_dict(model, options=_opts()), checkpoint_id=str(tmp / "weights"))
     if optimizer is not None:
         dcp.save(sd.get_optimizer_state_dict(model, optimizer, options=_opts()), checkpoint_id=str(tmp / "optim"))
-    extra = {"rng": rng_state(), "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    extra = {"rng": rng_state(), "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "stage": stage_state}
     torch.save(extra, tmp / f"extra-rank{rank()}.pt")
     barrier()
     if is_main():
@@ -265,4 +268,5 @@ def load_checkpoint(path: Path, *, model, optimizer=None, scheduler=None, trust:
         if same_world:
             # with a different number of ranks the RNG streams cannot be matched one to one
             set_rng_state(extra["rng"])
+            state["stage_state"] = extra.get("stage")
     return state

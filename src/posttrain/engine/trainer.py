@@ -160,6 +160,10 @@ class Engine:
                 self.step, self.best, self.bad_evals = st["step"], st["best"], st["bad_evals"]
                 self.tokens_seen = st.get("tokens_seen", 0)
                 self.sampler.load_state_dict(st["sampler"])
+                if isinstance(self.stage, RolloutStage) and st.get("stage_state"):
+                    # the rollout's pending steps and the sampling counters: the next steps are the same
+                    self.stage.load_state_dict(st["stage_state"]["stage"])
+                    self._pending = st["stage_state"]["pending"]
                 resumed_from = self.step
         mon = Monitor(self.out, total_steps=self.total_steps, progress=self.t.progress,
                       report_to=tuple(self.t.report_to), resume_step=resumed_from, run_name=self.stage.name)
@@ -339,10 +343,13 @@ class Engine:
                                         f"for {pat} evaluations")
 
     def _save(self, name: str, keep: bool = True) -> None:
+        rl = {"stage": self.stage.state_dict(), "pending": self._pending} \
+            if keep and isinstance(self.stage, RolloutStage) else None
         ckpt.save_checkpoint(self.ckpt_root, name, model=self.model,
                              optimizer=self.optimizer if keep else None,
                              scheduler=self.scheduler if keep else None,
-                             trainer_state=self._state(), keep_last=self.t.keep_last if keep else None)
+                             trainer_state=self._state(), keep_last=self.t.keep_last if keep else None,
+                             stage_state=rl)
 
     def _restore_best(self) -> None:
         best_dir = self.ckpt_root / "best"

@@ -116,7 +116,7 @@ class PPOStage(RolloutStage):
         pl, m = ppo_policy_loss(logps, batch["logprobs"], batch["advantages"], mask, clip=self.p.clip)
         vl = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, clip=self.p.value_clip)
         u = torch.where(mask, batch["logprobs"] - logps.detach(), 0.0)  # for approx_kl_old, 0.5 E[(log r)^2]
-        m.update(policy_loss=float(pl), value_loss=float(vl), entropy=float(masked_mean(entropy.detach(), mask)),
+        m.update(policy_loss=float(pl.detach()), value_loss=float(vl.detach()), entropy=float(masked_mean(entropy.detach(), mask)),
                  approx_kl_old=float(masked_mean(0.5 * u ** 2, mask)), **batch["rollout_metrics"])
         return (pl + self.p.vf_coef * vl) * self.num_loss_units(batch), m
 
