@@ -121,3 +121,91 @@ def test_errors_have_openai_shape(client, server):
     r = httpx.post(server[1] + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"] == {
         "message": "model: field required", "type": "invalid_request_error", "param": "model", "code": None}
+
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("choice", ["auto", "required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_calls_parsed(client, choice):
+    r = chat(client, BASE, "What is the weather in Paris?", tools=WEATHER, tool_choice=choice, max_tokens=40)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls"
+    call = c.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(json.loads(call.function.arguments)) == {"city"}
+    # streamed: the same call, in one delta at the end
+    chunks = list(chat(client, BASE, "What is the weather in Paris?", tools=WEATHER, tool_choice=choice,
+                       max_tokens=40, stream=True))
+    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [(t.function.name, t.function.arguments) for t in calls] == [("get_weather", call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_errors(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, BASE, "hi", tools=WEATHER, tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert e.value.body["param"] == "tool_choice.function.name"
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, BASE, "hi", tool_choice="required")
+    assert e.value.body["message"] == "tool_choice 'required' needs 'tools'"
+
+
+def test_load_and_unload_adapter_while_serving(client, server, served_adapters):
+    url = server[1] + "/v1"
+    r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "dora", "lora_path": str(served_adapters["dora"])})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'dora' added successfully."
+    assert "dora" in [m.id for m in client.models.list().data]
+    text = chat(client, "dora", "What is 2 plus 3?").choices[0].message.content
+    assert text != chat(client, BASE, "What is 2 plus 3?").choices[0].message.content
+    r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "dora", "lora_path": str(served_adapters["dora"])})
+    assert (r.status_code, r.json()["error"]["message"]) == (400, "The model 'dora' is already loaded")
+    r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent"})
+    assert r.status_code == 400 and "adapter_config.json is missing" in r.json()["error"]["message"]
+    r = httpx.post(url + "/unload_lora_adapter", json={"lora_name": "dora"})
+    assert r.status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        chat(client, "dora", "hi")
+    r = httpx.post(url + "/unload_lora_adapter", json={"lora_name": "dora"})
+    assert r.status_code == 404
+    # the LoRA left behind still answers as before the load
+    assert [m.id for m in client.models.list().data] == [BASE, "lora-a", "prefix"]
+
+
+def _wait_for(cond, timeout=20.0):
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.02)
+
+
+def test_disconnect_cancels_generation(server):
+    srv, url = server
+    engine = srv.engine
+    body = {"model": "lora-a", "prompt": "The", "max_tokens": 200, "temperature": 1.5, "seed": 1,
+            "stop": None}
+    before = engine.stats["cancelled"]
+    with httpx.Client(timeout=30) as h:
+        with h.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass
+    _wait_for(lambda: engine.stats["cancelled"] == before + 1 and engine.num_running == 0)
+    # a plain (non-streaming) request whose client gives up is cancelled too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, timeout=0.3)
+    _wait_for(lambda: engine.stats["cancelled"] == before + 2 and engine.num_running == 0)
+
+
+def test_api_key(server):
+    srv, url = server
+    srv.api_key = "s3cret"
+    try:
+        r = httpx.get(url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(url + "/health").status_code == 200
+    finally:
+        srv.api_key = None

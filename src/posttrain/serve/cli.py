@@ -40,9 +40,14 @@ def _default_name(path: str) -> str:
 def build_engine(model: str, adapters: dict[str, str], *, max_batch: int = 64, dtype: str = "fp32",
                  device: str = "auto", trust_remote_code: bool = False) -> Engine:
     """Load MODEL (a finished run, an HF directory or a hub name) and every adapter on it."""
-    from posttrain.models.adapters import AdapterFormatError
+    from posttrain.models.adapters import AdapterFormatError, read_adapter
     from posttrain.models.loading import load
 
+    for name, path in adapters.items():  # a wrong directory fails before the model loads
+        try:
+            read_adapter(path)
+        except AdapterFormatError as e:
+            raise ServeError(f"--adapter {name}={path}: {e}") from None
     m, tok = load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     engine = Engine(m, tok, max_batch=max_batch)
     for name, path in adapters.items():

@@ -8,8 +8,8 @@ a model trained on tool conversations is prompted and parsed the way it was trai
 
 ``tool_choice``: ``auto`` (the default with tools) offers the tools and parses calls; ``none``
 leaves the tools out of the prompt and parses nothing; ``required`` and a named function start
-the answer with ``<tool_call>{"name": "`` (and the name), the call format of the fallback, Qwen
-and Hermes templates, so the model can only continue a call.
+the answer with ``<tool_call>{"name": "`` (and the function's name, less its closing quote), the
+call format of the fallback, Qwen and Hermes templates, so the model can only continue a call.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def render(tokenizer, body: ChatRequest) -> tuple[str, str]:
         if name not in offered:
             raise APIError(400, f"tool_choice names function {name!r}, which is not in tools ({offered})",
                            param="tool_choice.function.name")
-        forced = CALL_OPEN + json.dumps({"name": name})[:-1] + ', "arguments": '
+        # stop inside the name's closing quote: a forced text that ends where the model's own tokens would
+        # not end (after `"get_weather"`, or after `"arguments": `) was measured to lead the bundled model astray
+        forced = CALL_OPEN + json.dumps({"name": name})[:-2]
     return prompt + forced, forced
 
 
