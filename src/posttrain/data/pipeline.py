@@ -13,7 +13,8 @@ from posttrain.data.formats import Example, to_examples
 from posttrain.data.mixing import mix_general
 from posttrain.data.packing import pack_bfd, packing_efficiency
 from posttrain.data.render import Tokenized, tokenize_examples
-from posttrain.data.sources import GYM_PREFIX, DataError, file_sha256, read_records, records_sha256
+from posttrain.data.hub import as_list, describe, load_records
+from posttrain.data.sources import DataError
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +51,20 @@ def build_dataset(data_cfg, tokenizer, *, stage: str, seed: int = 0) -> DatasetB
 
     hashes: dict = {}
     stats: dict = {"stage": stage, "max_length": data_cfg.max_length, "overflow": data_cfg.overflow}
-    train = _load(data_cfg.train, data_cfg.format, "train", hashes)
+    # data.columns / data.streaming: read with getattr until DataConfig declares them (posttrain.data.hub)
+    hub = dict(columns=getattr(data_cfg, "columns", None), streaming=getattr(data_cfg, "streaming", False))
+    train = _load(data_cfg.train, data_cfg.format, "train", hashes, limit=data_cfg.limit, **hub)
     if data_cfg.limit:
         train = train[:data_cfg.limit]
     if data_cfg.eval:
-        held = _load(data_cfg.eval, data_cfg.format, "validation", hashes)
+        held = _load(data_cfg.eval, data_cfg.format, "validation", hashes, **hub)
     elif data_cfg.eval_fraction > 0:
         train, held = _split(train, data_cfg.eval_fraction, seed)
     else:
         held = None
     stats["rows"] = len(train)
     if data_cfg.mix is not None:
-        general = _load(data_cfg.mix.data, "auto", "train", hashes)
+        general = _load(data_cfg.mix.data, "auto", "train", hashes, streaming=hub["streaming"])
         train, info = mix_general(train, general, data_cfg.mix.ratio, seed)
         stats.update(info)
         if info["mix_with_replacement"]:
@@ -94,11 +97,14 @@ def build_dataset(data_cfg, tokenizer, *, stage: str, seed: int = 0) -> DatasetB
     return DatasetBundle(train_items, eval_items, stats, collate, hashes, packed)
 
 
-def _load(sources, fmt: str, split: str, hashes: dict) -> list[Example]:
+def _load(sources, fmt: str, split: str, hashes: dict, *, columns=None, streaming: bool = False,
+          limit: Optional[int] = None) -> list[Example]:
     out: list[Example] = []
-    for src in [sources] if isinstance(sources, str) else list(sources):
-        records = read_records(src, split=split)
-        hashes[str(src)] = records_sha256(records) if str(src).startswith(GYM_PREFIX) else file_sha256(src)
+    for src in as_list(sources):
+        # a streamed source stops after `limit` rows (a row may still be dropped later by validation)
+        records, digest = load_records(src, split=split, columns=columns, streaming=streaming,
+                                       limit=limit if streaming else None)
+        hashes[str(describe(src))] = digest
         out.extend(to_examples(records, fmt))  # the format is detected per source file
     return out
 
