@@ -226,7 +226,7 @@ def _(h):
 @case("infinite_loop", limits=SandboxLimits(timeout_s=1.0))
 def _(h):
     res, report = yield {}
-    assert res.timed_out and res.returncode is None and res.duration_s < 2.5
+    assert res.timed_out and res.returncode is None and res.duration_s < 3.0  # 1 s + the kill, on a busy machine
 
 
 @case("fork_bomb", limits=SandboxLimits(timeout_s=1.0, max_processes=8))
@@ -245,7 +245,7 @@ def _(h):
     finally:
         done.set()
         sampler.join()
-    assert res.timed_out and res.duration_s < 2.5  # it forks forever; the timeout ends it
+    assert res.timed_out and res.duration_s < 3.0  # it forks forever; the timeout ends it
     if os.geteuid() == 0:  # RLIMIT_NPROC: 8, + the reaper, bwrap's monitor and the sweep's helper
         assert 3 <= peak[0] <= 8 + 3
 
