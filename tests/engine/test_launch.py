@@ -18,8 +18,8 @@ def listening(root: psutil.Process) -> set[tuple[str, int]]:
     found = set()
     for proc in [root, *root.children(recursive=True)]:
         try:
-            found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp")
-                      if c.status == psutil.CONN_LISTEN}
+            connections = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6 has the latter
+            found |= {(c.laddr.ip, c.laddr.port) for c in connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
         except psutil.Error:  # it ended between the listing and the look
             pass
     return found
