@@ -38,6 +38,10 @@ RUNS = {
     "F full 2e-4 2ep": ["adapter.type=none", "train.lr=2e-4", "train.epochs=2"],
     "G full 1e-3 3ep": ["adapter.type=none", "train.lr=1e-3", "train.epochs=3", "train.schedule=constant"],
     "H lora 3e-3 3ep": ["adapter.type=lora", "train.lr=3e-3", "train.epochs=3", "train.schedule=constant"],
+    # the guarded recipe of `posttrain demo --forgetting` (it keeps the regression score): a good run
+    # that trains longer, which the default limit must let through
+    "I lora 2e-4 3ep+mix": ["adapter.type=lora", "train.lr=2e-4", "train.epochs=3", "data.mix.data={general}",
+                            "data.mix.ratio=0.2"],
 }
 COMMON = ["train.batch_size=16", "data.max_length=256", "train.progress=false", "train.warmup_steps=5",
           "data.limit=1000"]
@@ -115,7 +119,8 @@ def main() -> None:
         run = out / name.split()[0]
         t1 = time.perf_counter()
         if not (run / "manifest.json").exists():
-            _cli("sft", f"model={base}", f"data.train={data / 'train.jsonl'}", f"output_dir={run}", *common, *overrides)
+            _cli("sft", f"model={base}", f"data.train={data / 'train.jsonl'}", f"output_dir={run}", *common,
+                 *(o.format(general=data / "general.jsonl") for o in overrides))
         t_train = time.perf_counter() - t1
         score = _regression(run, run / "eval-regression")
         model, _ = posttrain.load(str(run))
