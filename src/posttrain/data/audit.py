@@ -222,15 +222,16 @@ def _examples(data_cfg, tokenizer, limit: Optional[int]) -> list[Example]:
         raise DataError("no training data: set data.train (a file, a list of files, or gym:TASK)")
     sources = data_cfg.train if isinstance(data_cfg.train, list) else [data_cfg.train]
     records = [r for s in sources for r in read_records(s)]
-    n = limit or data_cfg.limit
+    n = min(x for x in (limit, data_cfg.limit) if x) if (limit or data_cfg.limit) else None
     if data_cfg.chat_template:
         tokenizer.chat_template = data_cfg.chat_template
     return [to_example(r, data_cfg.format) for r in (records[:n] if n else records)]
 
 
-def audit_dataset(data_cfg, tokenizer, *, limit: Optional[int] = None, strict: bool = True) -> AuditReport:
-    """The audit of a run's training data (`data.train`, first `limit` rows): a DataError on any
-    violation, or with `strict=False` a logged warning. The call every stage makes before training."""
+def audit_dataset(data_cfg, tokenizer, *, limit: Optional[int] = 1000, strict: bool = True) -> AuditReport:
+    """The audit of a run's training data (`data.train`, its first `limit` rows: a template or mask
+    mistake shows in any row, and 1000 rows take about 3 s): a DataError on any violation, or with
+    `strict=False` a logged warning. The call every stage with SFT-format data makes before training."""
     examples = _examples(data_cfg, tokenizer, limit)
     report = audit_examples(examples, tokenizer, max_length=data_cfg.max_length, overflow=data_cfg.overflow)
     report.raise_if_any() if strict else report.warn()
