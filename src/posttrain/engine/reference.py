@@ -20,7 +20,7 @@ from posttrain.engine import dist
 from posttrain.engine.precision import autocast
 from posttrain.losses.sft import next_token_targets
 from posttrain.models import adapters
-from posttrain.models.head import takes_logits_to_keep
+from posttrain.models.head import position_logps, takes_logits_to_keep
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -41,15 +41,17 @@ def forward_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """
     inputs = _model_inputs(model, batch)
     if takes_logits_to_keep(model):
+        # the head a chunk of positions at a time (posttrain.models.head): no [tokens, vocab] logits held
         positions, targets = next_token_targets(batch["labels"])
-        logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
+        mask = targets != -100
+        tok = position_logps(model, inputs, positions, targets)[0][mask]
         seg_at = (lambda seg: seg[:, 1:][:, positions])
     else:
         logits = model(**inputs, use_cache=False).logits[:, :-1]
         targets = batch["labels"][:, 1:]
+        mask = targets != -100
+        tok = -F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
         seg_at = (lambda seg: seg[:, 1:])
-    mask = targets != -100
-    tok = -F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
     if "segment_ids" in batch:
         seq, n = seg_at(batch["segment_ids"])[mask], 2 * int(batch["num_pairs"])
     else:

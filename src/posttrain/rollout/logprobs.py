@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.losses.sft import IGNORE_INDEX
+from posttrain.models.head import position_logps
+
 
 def completion_logits(model, batch: dict) -> torch.Tensor:
     """Logits [N, C, V] that predict each completion token (prompt length P = total - C)."""
@@ -19,20 +22,15 @@ def completion_logprobs(model, batch: dict, *, temperature: float = 1.0,
 
     This is what a rollout's `policy_logprobs` hold at sampling time; the two agree up to the
     numerical difference between a cached step-by-step pass and one full pass (measured in
-    tests/rollout). With `with_entropy` also returns the per-token entropy [N, C] (detached).
+    tests/rollout). With `with_entropy` also returns the per-token entropy [N, C] (detached). The
+    head runs a chunk of positions at a time (posttrain.models.head): no [N, C, vocab] logits held.
     """
     if temperature <= 0:
         raise ValueError(f"completion_logprobs: temperature must be > 0, got {temperature}")
-    logits = completion_logits(model, batch).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    ids = batch["input_ids"][:, -logits.shape[1]:]
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
-    mask = batch["completion_mask"].bool()
-    logp = torch.where(mask, logp, torch.zeros_like(logp))
-    if not with_entropy:
-        return logp
-    with torch.no_grad():
-        p = torch.softmax(logits, -1)
-        ent = torch.logsumexp(logits, -1) - (p * logits).sum(-1)
-    return logp, torch.where(mask, ent, torch.zeros_like(ent))
+    ids, mask = batch["input_ids"], batch["completion_mask"].bool()
+    C, T = mask.shape[1], ids.shape[1]
+    positions = torch.arange(T - C - 1, T - 1, device=ids.device)  # each predicts the next (completion) token
+    targets = torch.where(mask, ids[:, -C:], torch.full_like(ids[:, -C:], IGNORE_INDEX))
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"]}
+    logp, ent = position_logps(model, inputs, positions, targets, temperature=temperature, with_entropy=with_entropy)
+    return (logp, ent.detach()) if with_entropy else logp

@@ -6,12 +6,11 @@ loss token of the optimizer step (see `posttrain.losses.sft.token_nll`).
 
 from __future__ import annotations
 
-import inspect
-
 from posttrain.config import RunConfig
 from posttrain.data.collate import model_attention_mask
 from posttrain.engine.trainer import TrainData
-from posttrain.losses.sft import IGNORE_INDEX, next_token_targets, target_nll, token_nll
+from posttrain.losses.sft import IGNORE_INDEX, next_token_targets, token_nll
+from posttrain.models.head import position_nll, takes_logits_to_keep
 from posttrain.stages.common import RunResult, run_training
 from posttrain.data import build_dataset
 
@@ -29,27 +28,17 @@ class LMStage:
         if inputs.get("attention_mask") is not None and inputs["attention_mask"].dim() == 4:
             # packed rows: eager attention would add a bool mask as 1.0 instead of masking
             inputs["attention_mask"] = model_attention_mask(inputs["attention_mask"], model)
-        if not _takes_logits_to_keep(model):
+        if not takes_logits_to_keep(model):
             out = model(**inputs, use_cache=False)
             return token_nll(out.logits, batch["labels"])[0], {}
-        # the output head runs only where a loss falls (not on prompt or padding tokens)
+        # the output head runs only where a loss falls (not on prompt or padding tokens), a chunk of
+        # positions at a time: no [tokens, vocab] logits are held (posttrain.models.head)
         positions, targets = next_token_targets(batch["labels"])
-        out = model(**inputs, use_cache=False, logits_to_keep=positions)
-        loss_sum, _ = target_nll(out.logits, targets)
-        return loss_sum, {}
+        return position_nll(model, inputs, positions, targets)[0], {}
 
     def num_loss_units(self, batch) -> int:
         # token_nll predicts labels[:, 1:]
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def _takes_logits_to_keep(model) -> bool:
-    """Whether the model's forward accepts `logits_to_keep` (transformers' *ForCausalLM classes do)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    # DistributedDataParallel's own forward takes *args, **kwargs and hides the model's signature
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
-    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
 def _item_tokens(item) -> int:
