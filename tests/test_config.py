@@ -54,3 +54,15 @@ def test_cpt_is_always_packed_and_patience_needs_eval():
     assert load_config("cpt", overrides=["model=m"]).data.packing is True
     with pytest.raises(ConfigError, match="early_stopping_patience needs train.eval_every"):
         load_config("sft", overrides=["train.early_stopping_patience=2"])
+
+
+def test_padding_free_is_on_by_default_where_it_applies():
+    # fast by default (issue 20): same batches and loss, fewer tokens; off where it cannot apply
+    assert load_config("sft").data.padding_free is True
+    assert load_config("dpo").data.padding_free is True
+    assert load_config("sft", overrides=["data.packing=true"]).data.padding_free is False
+    assert load_config("sft", overrides=["adapter.type=prefix"]).data.padding_free is False
+    assert load_config("cpt").data.padding_free is False
+    assert load_config("reward").data.padding_free is False
+    assert load_config("kto").data.padding_free is False
+    assert load_config("sft", overrides=["data.padding_free=false"]).data.padding_free is False
