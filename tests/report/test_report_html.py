@@ -26,6 +26,7 @@ class _Page(HTMLParser):
     def __init__(self):
         super().__init__()
         self.tables, self.imgs, self.links, self._cell = [], [], [], None
+        self.headings, self._heading = [], None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -37,15 +38,22 @@ class _Page(HTMLParser):
             self._cell = []
         elif tag == "img":
             self.imgs.append(a)
+        elif tag in ("h1", "h2", "h3", "h4"):
+            self._heading = [tag]
         if tag in ("link", "script") or a.get("href", "").startswith("http"):
             self.links.append((tag, a))
 
     def handle_endtag(self, tag):
+        if tag in ("h1", "h2", "h3", "h4") and self._heading:
+            self.headings.append(" ".join(self._heading) if tag != "h1" else "h1")
+            self._heading = None
         if tag in ("td", "th"):
             self.tables[-1][-1].append(" ".join("".join(self._cell).split()))
             self._cell = None
 
     def handle_data(self, data):
+        if self._heading is not None:
+            self._heading.append(data.strip())
         if self._cell is not None:
             self._cell.append(data)
 
@@ -125,8 +133,12 @@ def test_report_table_numbers_and_pngs(make_run):
     assert 'class="d up">-2.250' in html_text  # lower loss is better
 
     alts = [i["alt"] for i in page.imgs]
+    # grouped by meaning: losses, target metric, forgetting checks, optimization, throughput
     assert alts == ["loss", "task accuracy", "regression score", "learning rate",
-                    "elapsed s", "grad norm", "tokens per s"]
+                    "grad norm", "elapsed s", "tokens per s"]
+    assert page.headings == ["h1", "h2 Summary", "h2 Curves", "h3 sft", "h4 losses", "h4 target metric",
+                             "h4 forgetting checks", "h4 optimization", "h4 throughput", "h2 Last logged values",
+                             "h2 Runs"]
     for img in page.imgs:
         pixels = decode_png(img["src"])
         assert pixels.shape == (320, 500, 3)
@@ -146,7 +158,7 @@ def test_report_table_numbers_and_pngs(make_run):
     assert "metrics.jsonl line 111: not valid JSON" in html_text
     assert "<summary>sft: config.yaml (resolved config)</summary>" in html_text
     assert "name: &lt;adamw&gt;" in html_text  # config shown escaped
-    assert "&quot;status&quot;: &quot;completed&quot;" in html_text
+    assert "&#34;status&#34;: &#34;completed&#34;" in html_text  # Jinja2's escape of '"' 
 
 
 @pytest.mark.parametrize("value, text", [
@@ -263,7 +275,10 @@ def test_reads_what_the_engine_monitor_writes(tmp_path):
     assert steps == [1, 2, 3, 4] and loss[:2] == [2.0, 1.5] and math.isnan(loss[2]) and loss[3] == 1.0
     assert s["eval"]["task_accuracy"] == ([4], [0.75])
     page = parse(build_report([tmp_path]))
-    # no one-point plots of dataset statistics: they are in the last-values table
-    assert [i["alt"] for i in page.imgs] == ["loss", "task accuracy", "regression score", "learning rate", "elapsed s"]
+    # no one-point plots (dataset statistics, a single evaluation): they are in the last-values table
+    # (elapsed s is drawn only when the four log calls did not land on the same clock tick)
+    assert [i["alt"] for i in page.imgs][:2] == ["loss", "learning rate"]
+    assert {"task accuracy", "regression score", "rows"}.isdisjoint(i["alt"] for i in page.imgs)
     last = page.tables[0]
+    assert last[1][last[0].index("eval/task_accuracy")] == "0.750"
     assert last[1][last[0].index("train/lr")] == "0.0004" and last[1][last[0].index("data/rows")] == "1000"
