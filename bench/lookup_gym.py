@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import posttrain
 from posttrain import gym
 from posttrain.eval.episodes import lookup_eval
 from posttrain.gym.lookup import MAX_TURNS, LookupEnv
-from posttrain.losses.rl import group_advantages, zero_variance_groups
+from posttrain.losses.grpo import group_advantages, zero_variance_groups
 from posttrain.rollout import RolloutEngine
 from posttrain.rollout.episodes import run_episodes
 from posttrain.rollout.prompts import prompt_data
@@ -37,13 +38,16 @@ from posttrain.stages.common import run_training
 class LookupGRPO(grpo.GRPOStage):
     """GRPO whose rollout is a batch of gym:lookup episodes (G per prompt)."""
 
+    lookup_credit = 0.0  # LookupEnv's per-turn shaping reward for looking up a country the question names
+
     def rollout(self, model, batch: dict) -> list[list[dict]]:
         rows, G = batch["rows"], self.g.num_generations
         t0 = time.perf_counter()
         s = self.session
         params = dataclasses.replace(s.params, n=1, seed=s.seed * 100_003 + s.rollouts)
         s.rollouts += 1
-        eps = run_episodes(RolloutEngine(model, s.tokenizer, batch_size=self.g.rollout_batch_size), rows, LookupEnv,
+        env = functools.partial(LookupEnv, lookup_credit=self.lookup_credit)
+        eps = run_episodes(RolloutEngine(model, s.tokenizer, batch_size=self.g.rollout_batch_size), rows, env,
                            params, group_size=G, max_turns=MAX_TURNS, max_length=1024)
         t = eps.batch()
         t["advantages"] = group_advantages(eps.rewards, G, estimator=self.g.advantage)
@@ -93,10 +97,12 @@ def main() -> None:
     p.add_argument("--sft-steps", type=int, default=40)
     p.add_argument("--grpo-steps", type=int, default=60)
     p.add_argument("--n-eval", type=int, default=200)
+    p.add_argument("--lookup-credit", type=float, default=0.0, help="per-turn reward for a right lookup (shaping)")
     p.add_argument("overrides", nargs="*", help="extra grpo overrides, e.g. grpo.advantage=rloo")
     a = p.parse_args()
     out = Path(a.out)
-    res = {}
+    LookupGRPO.lookup_credit = a.lookup_credit
+    res = {"args": vars(a)}
     t0 = time.perf_counter()
     sft_dir = Path(a.sft) if a.sft else run_sft(gym.base_model_path(), out, a.sft_steps)
     res["sft_s"] = round(time.perf_counter() - t0, 1)

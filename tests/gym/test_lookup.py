@@ -52,3 +52,16 @@ def test_environment_plays_the_trace_and_rewards_the_final_answer():
         msgs = msgs + [row["messages"][i]] + new
     assert env.step(msgs, row["messages"][-1]) == ([], 1.0, True)
     assert env.step(msgs, {"role": "assistant", "content": "Answer: 999"}) == ([], 0.0, True)
+
+
+def test_lookup_credit_rewards_each_named_country_once():
+    row = next(r for r in gym.load_task_rows("lookup", "validation", n=20) if len(r["messages"]) == 8)
+    env = LookupEnv(lookup_credit=0.25)
+    msgs = env.reset(row)
+    first, second = row["messages"][1], row["messages"][3]
+    assert env.step(msgs, first)[1] == 0.25 and env.step(msgs, first)[1] == 0.0  # once per country
+    assert env.step(msgs, second)[1] == 0.25
+    wrong = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "lookup", "arguments": {"country": "Atlantis"}}}]}
+    assert env.step(msgs, wrong)[1] == 0.0
+    assert LookupEnv().step(env.reset(row), first)[1] == 0.0  # no shaping by default

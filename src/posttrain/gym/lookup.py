@@ -108,29 +108,41 @@ def run_tool(name: str, arguments: dict) -> tuple[str, bool]:
 
 class LookupEnv:
     """One lookup episode: tool calls are executed, and a turn without a call is the final answer,
-    rewarded 1.0 when its `Answer: N` is right (0.0 otherwise)."""
+    rewarded 1.0 when its `Answer: N` is right (0.0 otherwise).
+
+    `lookup_credit` > 0 adds a per-turn reward (shaping): that much for each lookup of a country
+    the question names, once per country. The episode reward is the sum over turns.
+    """
 
     tools = TOOLS
 
-    def __init__(self):
+    def __init__(self, lookup_credit: float = 0.0):
         self.answer: str | None = None
+        self.lookup_credit = lookup_credit
+        self.named: set[str] = set()
 
     def reset(self, row: dict) -> list[dict]:
         self.answer = row["answer"]
         msgs = row["messages"]
         first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant") if len(msgs) > 1 else len(msgs)
+        question = msgs[0]["content"]
+        self.named = {c.name for c in countries() if c.name in question.replace("?", " ").replace(".", " ").split()}
         return [dict(m) for m in msgs[:first]]
 
     def step(self, messages: list[dict], assistant_turn: dict) -> tuple[list[dict], float, bool]:
         calls = assistant_turn.get("tool_calls") or []
         if not calls:
             return [], float(final_answer(assistant_turn.get("content") or "") == self.answer), True
-        out = []
+        out, reward = [], 0.0
         for c in calls:
             fn = c.get("function", c)
-            text, err = run_tool(fn["name"], fn.get("arguments") or {})
+            args = fn.get("arguments") or {}
+            text, err = run_tool(fn["name"], args)
             out.append({"role": "tool", "content": text, **({"error": True} if err else {})})
-        return out, 0.0, False
+            if fn["name"] == "lookup" and args.get("country") in self.named:
+                self.named.discard(args["country"])
+                reward += self.lookup_credit
+        return out, reward, False
 
 
 # ------------------------------------------------------------------ questions and traces
