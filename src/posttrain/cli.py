@@ -180,12 +180,30 @@ def cmd_export(argv: list[str]) -> int:
     from posttrain.engine.export import export_checkpoint
 
     p = argparse.ArgumentParser(prog="posttrain export",
-                                description="Write a training checkpoint as an HF model (or PEFT adapter).")
-    p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step-N")
+                                description="Export a finished run or pipeline output as a merged HF model with a "
+                                "model card (README.md), optionally GGUF and a Hub upload; or write a training "
+                                "checkpoint as an HF model (or PEFT adapter).")
+    p.add_argument("checkpoint", help="a finished run or pipeline output directory, or RUN_DIR/checkpoints/step-N")
     p.add_argument("--out", required=True)
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load a checkpoint whose files could run code (docs/security.md, Checkpoints)")
+    p.add_argument("--gguf", action="append", choices=["f16", "q8_0"], default=[],
+                   help="also write model-TYPE.gguf for llama.cpp/Ollama (repeatable; llama and qwen2 models)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the exported folder to this Hub model repository")
+    p.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    p.add_argument("--license", default="other", help="licence id for the model card (default: other)")
     a = p.parse_args(argv)
+    if not (Path(a.checkpoint) / "weights").is_dir():  # a run or pipeline output, not a checkpoint
+        from posttrain.export import ExportError, export_run
+
+        try:
+            res = export_run(a.checkpoint, a.out, gguf=tuple(a.gguf), push_to_hub=a.push_to_hub, private=a.private,
+                             license=a.license)
+        except ExportError as e:
+            raise UsageError(str(e)) from None
+        print(f"posttrain: wrote {res['out']} ({', '.join(res['files'])})" +
+              (f"; uploaded: {res['url']}" if res["url"] else ""))
+        return 0
     print(f"posttrain: wrote {export_checkpoint(a.checkpoint, a.out, trust_checkpoint=a.trust_checkpoint)}")
     return 0
 
@@ -301,7 +319,7 @@ SUMMARIES = {
     "demo": "post-train the bundled base model offline and print a before/after table",
     "config": "print a stage's resolved config (--doc: with each key's type and description)",
     "merge": "merge an adapter into its base model",
-    "export": "write a checkpoint as an HF model or PEFT adapter",
+    "export": "a run as a merged HF model with a model card (+ GGUF, --push-to-hub), or a checkpoint as HF",
     "adapters": "inspect an adapter (adapters show DIR)",
     "report": "rebuild the HTML report of one or more runs",
     "gym": "export gym tasks (verifiable data in the standard formats)",
