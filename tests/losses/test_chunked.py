@@ -123,3 +123,16 @@ def test_default_chunk_and_errors():
         chunked_logps(h, w, y[:3])
     with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
         chunked_logps(h, w, y, temperature=0)
+
+
+@pytest.mark.slow  # torch.compile of the chunk functions: ~30 s of inductor compilation on 2 cores
+def test_compiled_chunks_match_eager():
+    h, w, b, y = _leaves(n=37, d=16, v=50, seed=5, bias=True, dtype=torch.float32)
+    e = torch.randn(h.shape[0])
+    out = {}
+    for compile in (False, True):
+        lp, ent = chunked_logps(h, w, y, bias=b, softcap=3.0, temperature=0.9, with_entropy=True, chunk_size=8,
+                                compile=compile)
+        out[compile] = (lp, ent, *torch.autograd.grad((lp + ent * e).sum(), [h, w, b]))
+    for a, c in zip(out[False], out[True]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
