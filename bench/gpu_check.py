@@ -268,7 +268,7 @@ def posttrain_generation(a, sh, dev, tok) -> float:
 def posttrain_grpo_update(a, sh, dev, tok) -> float:
     import torch
 
-    from posttrain.losses.rl import policy_loss
+    from posttrain.losses.policy import policy_loss
     from posttrain.models.head import position_logps
 
     model, opt = _posttrain_model(a, sh, dev, tok, True)

@@ -138,7 +138,7 @@ def child_posttrain(a, data: dict) -> dict:
 
     from posttrain.config import AdapterConfig
     from posttrain.losses.preference import dpo_loss
-    from posttrain.losses.rl import policy_loss
+    from posttrain.losses.policy import policy_loss
     from posttrain.losses.sft import next_token_targets, target_nll
     from posttrain.models import adapters
     from posttrain.models.head import position_logps, position_nll

@@ -141,7 +141,7 @@ def test_grpo_keeps_each_group_on_one_rank(setup, tmp_path, monkeypatch):
     """FSDP2, KL to the reference on: every rank samples all G completions of its own prompts, so the
     group-relative advantages are computed over whole groups; the two ranks' prompts are disjoint."""
     from posttrain.engine.sampler import BatchSampler
-    from posttrain.losses.rl import grpo_advantages
+    from posttrain.losses.grpo import grpo_advantages
 
     d = _probe(setup, monkeypatch, "grpo")
     out = tmp_path / "grpo"

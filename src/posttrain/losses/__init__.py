@@ -2,10 +2,14 @@
 
 - ``sft``: next-token NLL and per-sequence log-probs.
 - ``preference``: DPO (sigmoid, ipo, hinge, robust), KTO, ORPO, SimPO, reward model.
-- ``rl``: GAE, PPO policy/value losses, GRPO advantages and loss, KL estimators; RLOO, REINFORCE++,
-  GSPO and CISPO.
+- ``rl``: masked statistics, KL estimators, GAE, PPO's policy/value losses and advantages.
+- ``grpo``: group advantages (GRPO, Dr. GRPO, RLOO, REINFORCE++) and GRPO's clipped surrogate.
+- ``policy``: GSPO, CISPO and the policy losses by name (`policy_loss`).
 - ``distill``: per-token reverse KL, forward KL and generalised JSD between student and teacher.
+- ``chunked``: log-probs, NLL and entropy of the output head a chunk of rows at a time.
 """
+
+from posttrain.losses.chunked import chunked_logps, chunked_nll
 
 from posttrain.losses.distill import DIVERGENCES, distill_loss, token_divergence
 from posttrain.losses.preference import (
@@ -20,31 +24,31 @@ from posttrain.losses.preference import (
     reward_model_loss,
     simpo_loss,
 )
-from posttrain.losses.rl import (
+from posttrain.losses.grpo import (
     ADVANTAGE_ESTIMATORS,
     GRPO_ADVANTAGE_SCALES,
     GRPO_AGGREGATIONS,
-    KL_ESTIMATORS,
-    POLICY_LOSSES,
-    cispo_loss,
-    entropy_from_logits,
-    explained_variance,
-    gae,
     grpo_advantages,
     group_advantages,
     grpo_loss,
-    gspo_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    zero_variance_groups,
+)
+from posttrain.losses.policy import POLICY_LOSSES, cispo_loss, gspo_loss, policy_loss
+from posttrain.losses.rl import (
+    KL_ESTIMATORS,
+    entropy_from_logits,
+    explained_variance,
+    gae,
     kl_penalty,
     masked_mean,
     masked_var,
-    policy_loss,
+    ppo_advantages,
     ppo_policy_loss,
     ppo_value_loss,
-    reinforce_pp_advantages,
-    rloo_advantages,
     token_rewards,
     whiten,
-    zero_variance_groups,
 )
 from posttrain.losses.sft import IGNORE_INDEX, next_token_targets, sequence_logps, target_nll, token_nll
 
@@ -79,6 +83,8 @@ __all__ = [
     "explained_variance",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "ppo_advantages",
+    # grpo
     "grpo_advantages",
     "zero_variance_groups",
     "grpo_loss",
@@ -94,4 +100,7 @@ __all__ = [
     "DIVERGENCES",
     "token_divergence",
     "distill_loss",
+    # the output head in chunks
+    "chunked_logps",
+    "chunked_nll",
 ]

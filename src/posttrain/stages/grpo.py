@@ -17,10 +17,9 @@ from pydantic import Field, model_validator
 
 from posttrain.config import RunConfig, register_stage_schema
 from posttrain.engine.trainer import RolloutStage
-from posttrain.losses.rl import (
-    ADVANTAGE_ESTIMATORS, GRPO_AGGREGATIONS, POLICY_LOSSES, group_advantages, masked_mean, policy_loss,
-    zero_variance_groups,
-)
+from posttrain.losses.grpo import ADVANTAGE_ESTIMATORS, GRPO_AGGREGATIONS, group_advantages, zero_variance_groups
+from posttrain.losses.policy import POLICY_LOSSES, policy_loss
+from posttrain.losses.rl import masked_mean
 from posttrain.rollout import completion_logprobs
 from posttrain.rollout.prompts import columns, prompt_data
 from posttrain.rollout.session import RolloutSession
