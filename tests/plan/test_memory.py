@@ -13,7 +13,7 @@ from posttrain.models.adapters.qlora import linear_weight_bytes
 from posttrain.models.loading import load
 from posttrain.plan.memory import (
     NF4_BYTES_PER_WEIGHT, RunSpec, activation_bytes, adapter_params, autocast_copy_bytes, base_weight_bytes,
-    estimate_memory, gradient_bytes, logits_bytes, optimizer_bytes,
+    estimate_memory, gradient_bytes, logits_bytes, logits_saved_bytes, optimizer_bytes,
 )
 from posttrain.plan.shapes import read_shape
 from posttrain.stages.sft import LMStage
@@ -132,8 +132,11 @@ def test_saved_activations_and_logits(model_dir, kind, precision):
     got = saved_bytes(_model(model_dir, kind), precision)
     spec = RunSpec(adapter=kind, r=8, num_virtual_tokens=4, batch_size=B, seq_len=T, precision=precision)
     # the formula leaves out tensors of a few numbers per token (RMSNorm's rsqrt, ids, masks, cos/sin)
-    assert got["activations"] == pytest.approx(activation_bytes(shape, spec), rel=0.08)
-    assert got["logits"] == logits_bytes(shape, spec) / 3  # the log-softmax of the labelled rows
+    want = activation_bytes(shape, spec) + logits_saved_bytes(shape, spec)
+    assert got["activations"] == pytest.approx(want, rel=0.08)
+    assert got["logits"] == 0  # the chunked head saves no [N, V] logits
+    chunk_rows = min(spec.loss_tokens, 2 ** 23 // shape.vocab)
+    assert logits_bytes(shape, spec) - logits_saved_bytes(shape, spec) == 4 * chunk_rows * shape.vocab * 4
     if precision == "bf16" and kind == "none":
         assert got["weight_copies"] == autocast_copy_bytes(shape, spec)
 
@@ -144,7 +147,8 @@ def test_checkpointing_saves_each_layer_input(tiny_models):
     model, _ = load(path, dtype="fp32", device="cpu", gradient_checkpointing=True)
     got = saved_bytes(model.requires_grad_(True).train())
     spec = RunSpec(batch_size=B, seq_len=T, gradient_checkpointing=True)
-    one_layer = activation_bytes(shape, RunSpec(batch_size=B, seq_len=T)) - 3 * shape.hidden * 4 * B * T
+    got["activations"] -= logits_saved_bytes(shape, spec)
+    one_layer = activation_bytes(shape, RunSpec(batch_size=B, seq_len=T)) - 2 * shape.hidden * 4 * B * T
     one_layer /= shape.layers
     # the forward saves inputs only; the formula adds the one layer recomputed during backward
     assert got["activations"] == pytest.approx(activation_bytes(shape, spec) - one_layer, rel=0.05)

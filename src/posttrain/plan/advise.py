@@ -157,10 +157,9 @@ def _candidate(cfg, method: str, budget: Budget, rows: int, loss_fraction: float
     change = None
     peak = p.memory.peak_bytes
     step = p.step_time_s
-    if not p.fits and p.fix:
+    if not p.fits and p.fix and p.fix["load_fits"] and "adapter.type" not in p.fix["change"]:
+        # a method change is a different candidate, not a fix of this one
         change, peak, step = p.fix["change"], p.fix["peak_memory_bytes"], p.fix["step_time_s"]
-        if "adapter.type" in change:  # a method change is a different candidate, not a fix of this one
-            change, peak, step = None, p.memory.peak_bytes, p.step_time_s
     fits = p.fits or change is not None
     wall = None if p.total_steps is None else p.total_steps * step * (2 if method == "cpt+sft" else 1)
     out.update(peak_memory_bytes=int(peak), fits=fits, change=change, wall_time_s=wall,

@@ -12,8 +12,8 @@ Every term models what posttrain itself does (read, not guessed):
   tensor), the multi-tensor one on GPU (one copy of every trainable tensor);
 - activations: the tensors autograd saves, per token and layer (see `saved_per_token`), or only
   each layer's input under gradient checkpointing (plus one layer recomputed during backward);
-- logits: the output head runs only at loss positions (`stages.sft`, `losses.sft.target_nll`):
-  the head output, its rows at labelled tokens and their log-softmax, then as many gradients;
+- logits: the output head runs only at loss positions, a chunk of rows at a time (`models.head`,
+  `losses.chunked`): the hidden states at those positions plus a few [chunk, V] buffers;
 - autocast copies: bf16 autocast keeps a bf16 copy of each matmul weight for backward;
 - reference model: a second fp32 copy for `reference: copy` (a disabled adapter costs nothing);
 - KV cache of the rollouts (PPO/GRPO); FSDP2 shards weights, gradients and moments over N ranks and
@@ -22,8 +22,8 @@ Every term models what posttrain itself does (read, not guessed):
   `bench/plan_accuracy.py`).
 
 Training peak = weights + adapter + optimizer + reference + KV cache + runtime + the largest of
-(1) end of forward: activations + logits (+ gradients when accumulating), (2) backward at the head:
-activations + the head's gradient, (3) end of backward and the optimizer step: gradients + step
+(1) end of forward: activations + logits (+ gradients when accumulating), (2) backward through the
+head: the same plus the head's gradient, (3) end of backward and the optimizer step: gradients + step
 temporaries. Loading peaks separately: posttrain loads fp32 weights onto the device before
 quantizing them for QLoRA.
 """
@@ -90,9 +90,16 @@ class RunSpec:
 
 
 def base_weight_bytes(s: ModelShape, spec: RunSpec) -> float:
-    """The base model as stored during training: fp32, or NF4 decoder linears under QLoRA."""
+    """The base model as stored during training: fp32, or NF4 decoder linears under QLoRA.
+
+    On the CPU the fp32 weights are pages of the memory-mapped safetensors file; under QLoRA that
+    mapping stays (the embeddings still use it), so its pages count on top of the NF4 copies.
+    """
     if spec.adapter == "qlora":
-        return s.linear_params * NF4_BYTES_PER_WEIGHT + (s.total_params - s.linear_params) * FP32
+        nf4 = s.linear_params * NF4_BYTES_PER_WEIGHT
+        if spec.device_kind == "cpu":
+            return nf4 + s.total_params * FP32
+        return nf4 + (s.total_params - s.linear_params) * FP32
     return s.total_params * FP32
 
 
@@ -142,8 +149,9 @@ def saved_per_token(s: ModelShape, spec: RunSpec) -> float:
 
     What is saved depends on what requires grad: a frozen linear saves no input; RoPE's products
     save only cos/sin. fp32, full fine-tuning: each RMSNorm its input, normalized input and output
-    (3d, twice), the rotated q and k and v (he + 2ke), the attention output and its contiguous copy
-    for o_proj (2he), the log-sum-exp (h), the MLP's gate, SiLU, up and product (4f).
+    (3d, twice), the rotated q and k and v (he + 2ke), the attention output, which o_proj saves too
+    (flash attention returns it in [B, T, H, D] order: the transpose is free) (he), the log-sum-exp
+    (h), the MLP's gate, SiLU, up and product (4f).
     Adapters: the norms save input and output only (4d), the rest as above plus LoRA's rank-r
     activations (7r). Prompt/prefix tuning: no linear saves anything (2d + 2he + 2ke + h + 3f).
     bf16 autocast: norms stay fp32, each linear saves its own bf16 cast of its input, outputs are bf16.
@@ -155,29 +163,49 @@ def saved_per_token(s: ModelShape, spec: RunSpec) -> float:
         if prompt:
             return FP32 * 2 * d + BF16 * (2 * he + 2 * ke + 3 * f) + FP32 * h
         norms = FP32 * (4 * d if spec.trains_base else 2 * d)
-        casts = BF16 * (5 * d + he + f)  # q, k, v, gate, up each cast the norm output; o and down their input
+        casts = BF16 * (5 * d + f)  # q, k, v, gate, up each cast the norm output; down its input
         extra = BF16 * 7 * spec.r if lora else 0
         return norms + casts + BF16 * (2 * he + 2 * ke + 3 * f) + FP32 * h + extra
     if prompt:
         return FP32 * (2 * d + 2 * he + 2 * ke + h + 3 * f)
     norms = 6 * d if spec.trains_base else 4 * d
     extra = 7 * spec.r if lora else 0
-    return FP32 * (norms + 3 * he + 2 * ke + h + 4 * f + extra)
+    return FP32 * (norms + 2 * he + 2 * ke + h + 4 * f + extra)
 
 
 def activation_bytes(s: ModelShape, spec: RunSpec) -> float:
     """Saved activations of all layers (or, with checkpointing, each layer's input plus one layer recomputed)."""
     per_layer = saved_per_token(s, spec) * spec.tokens
-    final_norm = (3 if spec.trains_base else 1) * s.hidden * FP32 * spec.tokens
+    # the final norm's input (and normalized input when its weight trains); its output goes to the head
+    final_norm = (2 if spec.trains_base else 1) * s.hidden * FP32 * spec.tokens
     if spec.gradient_checkpointing:
         return s.layers * s.hidden * FP32 * spec.tokens + per_layer + final_norm
     return s.layers * per_layer + final_norm
 
 
+CHUNK_ELEMENTS = 2 ** 23  # posttrain.losses.chunked: fp32 numbers per [rows, V] chunk buffer
+CHUNK_BUFFERS = 4  # chunk buffers alive at once: logits, scaled logits, softmax, gradient (backward)
+
+
+def logits_saved_bytes(s: ModelShape, spec: RunSpec) -> float:
+    """What the chunked head keeps for backward: the hidden states at the loss positions ([N, d]; a
+    trained head also keeps the gathered [B, K, d] it was called on) and a log-sum-exp per token."""
+    if spec.distributed == "fsdp":
+        return spec.loss_tokens * s.vocab * FP32  # plain path: the log-softmax [N, V]
+    copies = 2 if spec.trains_base else 1
+    return spec.loss_tokens * (copies * s.hidden + 1) * FP32
+
+
 def logits_bytes(s: ModelShape, spec: RunSpec) -> float:
-    """The loss path: head output at loss positions, its labelled rows in fp32 and their log-softmax
-    (forward), or the log-softmax and two gradients of it (backward): three [N, V] fp32 tensors."""
-    return 3 * spec.loss_tokens * s.vocab * FP32
+    """The loss path. posttrain runs the output head at loss positions only, a chunk of rows at a time
+    (`models.head`, `losses.chunked`: about 2^23 fp32 numbers per [rows, V] buffer, recomputed in
+    backward), so no [N, V] logits are held: the saved hidden states plus a few chunk buffers.
+    A head sharded by FSDP2 takes the plain path: the head output at the labelled tokens in fp32,
+    its log-softmax, then as many gradients (three [N, V] fp32 tensors)."""
+    if spec.distributed == "fsdp":
+        return 3 * spec.loss_tokens * s.vocab * FP32
+    rows = min(spec.loss_tokens, max(1, CHUNK_ELEMENTS // s.vocab))
+    return logits_saved_bytes(s, spec) + CHUNK_BUFFERS * rows * s.vocab * FP32
 
 
 def autocast_copy_bytes(s: ModelShape, spec: RunSpec) -> float:
@@ -229,7 +257,7 @@ def estimate_memory(s: ModelShape, spec: RunSpec) -> MemoryEstimate:
     accum_grads = grads if spec.grad_accum > 1 else 0.0
     phases = {
         "forward_end": acts + logits + copies + accum_grads,
-        "backward_head": acts + head_grad + copies + accum_grads,
+        "backward_head": acts + logits + head_grad + copies + accum_grads,  # the head's gradient fills chunk by chunk
         "optimizer_step": grads + temp + ddp_buckets,
     }
     phase = max(phases, key=phases.get)
@@ -238,7 +266,7 @@ def estimate_memory(s: ModelShape, spec: RunSpec) -> MemoryEstimate:
     if phase == "optimizer_step":
         moving = {"gradients": grads, "optimizer_step_temp": temp, "ddp_buckets": ddp_buckets}
     else:
-        moving = {"activations": acts, "logits": logits if phase == "forward_end" else 0.0,
+        moving = {"activations": acts, "logits": logits,
                   "autocast_weight_copies": copies,
                   "gradients": accum_grads + (head_grad if phase == "backward_head" else 0.0)}
     breakdown = {k: float(v) for k, v in {**fixed, **moving}.items()}

@@ -112,22 +112,32 @@ def _alternatives(spec: RunSpec) -> list[tuple[str, str, RunSpec]]:
     for kind in ("lora", "qlora"):
         if spec.adapter in ("none", "lora", "dora") and kind != spec.adapter:
             out.append(("method", f"adapter.type={kind}", dataclasses.replace(spec, adapter=kind)))
-            out.append(("method", f"adapter.type={kind} train.gradient_checkpointing=true",
-                        dataclasses.replace(spec, adapter=kind, gradient_checkpointing=True)))
+            b = spec.batch_size
+            while True:
+                accum = spec.grad_accum * math.ceil(spec.batch_size / b)
+                micro = f" train.batch_size={b} train.grad_accum={accum}" if b != spec.batch_size else ""
+                out.append(("method", f"adapter.type={kind} train.gradient_checkpointing=true{micro}",
+                            dataclasses.replace(spec, adapter=kind, gradient_checkpointing=True, batch_size=b,
+                                                grad_accum=accum)))
+                if b == 1:
+                    break
+                b //= 2
     return out
 
 
 def cheapest_fix(shape: ModelShape, spec: RunSpec, device: Device) -> Optional[dict]:
-    """The fitting alternative with the shortest step time, same method preferred over a method change."""
+    """The alternative whose training fits with the shortest step time, same method preferred over a
+    method change. `load_fits` says whether loading fits too (posttrain loads fp32 weights first)."""
     found = []
     for group, change, alt in _alternatives(spec):
         mem = estimate_memory(shape, alt)
-        if fits(mem, device):
+        if mem.train_peak_bytes <= HEADROOM * device.memory_bytes:
             found.append((group != "same", step_time(shape, alt, device), change, mem))
     if not found:
         return None
     _, t, change, mem = min(found, key=lambda x: (x[0], x[1]))
-    return {"change": change, "peak_memory_bytes": int(mem.peak_bytes), "step_time_s": t}
+    return {"change": change, "peak_memory_bytes": int(mem.peak_bytes), "train_peak_bytes": int(mem.train_peak_bytes),
+            "step_time_s": t, "load_fits": fits(mem, device)}
 
 
 def plan(cfg, device: Device, *, gpus: int = 1, rows: Optional[int] = None,
@@ -179,7 +189,10 @@ def format_plan(p: Plan) -> str:
         lines.append(f"verdict    fits ({m.peak_bytes / p.device.memory_bytes:.0%} of the device)")
     elif p.fix:
         lines.append(f"verdict    does not fit; cheapest change: {p.fix['change']} "
-                     f"(peak {p.fix['peak_memory_bytes'] / 2**30:.2f} GiB, {p.fix['step_time_s']:.3g} s/step)")
+                     f"(training peak {p.fix['train_peak_bytes'] / 2**30:.2f} GiB, {p.fix['step_time_s']:.3g} s/step)")
+        if not p.fix["load_fits"]:
+            lines.append(f"           but loading still needs {p.fix['peak_memory_bytes'] / 2**30:.2f} GiB: posttrain "
+                         "loads fp32 weights onto the device before quantizing or sharding")
     else:
         lines.append("verdict    does not fit, and no single change here makes it fit: use more devices "
                      "(--gpus N with train.distributed=fsdp) or a smaller model")
