@@ -83,6 +83,7 @@ def load_run(name: str, path: Path, manifest_override: dict | None = None, *, wa
         except json.JSONDecodeError as e:
             if warn:
                 warnings.warn(f"{path / 'summary.json'}: not valid JSON ({e.msg}); ignored", UserWarning, stacklevel=3)
+    run["config_data"] = cfg
     run["stage"] = str((manifest or {}).get("stage") or cfg.get("stage") or "run")
     run["model"] = str((manifest or {}).get("base_model") or cfg.get("model") or "–")
     run["glance"] = glance(run)
@@ -127,7 +128,15 @@ def glance(run: dict) -> dict:
         "status": run["status"], "stage": run["stage"], "model": run["model"],
         "started": started.strftime("%Y-%m-%d %H:%M UTC") if started else "–",
         "duration_s": duration, "last_step": max(steps) if steps else None, "headline": headline,
-        "guard": (str(reason) if reason and "guard" in str(reason) else
-                  "passed" if "regression score" in headline else "not run"),
+        "guard": _guard(reason, (run.get("config_data") or {}).get("eval") or {}, "regression score" in headline),
         "error": m.get("error"),
     }
+
+
+def _guard(reason, eval_cfg: dict, measured: bool) -> str:
+    """The forgetting guard's verdict in a few words."""
+    if reason and "guard" in str(reason):
+        return str(reason)
+    if isinstance(eval_cfg, dict) and eval_cfg.get("regression_max_drop"):
+        return f"on (max drop {eval_cfg['regression_max_drop']}): did not stop the run"
+    return "off (regression score measured)" if measured else "off"
