@@ -19,6 +19,7 @@
     posttrain cai critique|compare --model M --prompts P --constitution C --out F
     posttrain serve MODEL [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     posttrain chat MODEL [--adapter DIR]
+    posttrain studio [--runs DIR] [--host 127.0.0.1] [--port 7860] [--api-key KEY]
     posttrain plan --config run.yaml [key=value ...] [--device H100-80GB] [--gpus N] [--json]
     posttrain data check data.train=D [data.eval=E] [model=M] [--json]
     posttrain advise model=M data.train=D [data.eval=E] [--budget 1xA100-40GB,8h] --no-pilots [--json] [--out DIR]
@@ -266,6 +267,16 @@ def cmd_chat(argv: list[str]) -> int:
     return chat_main(argv)
 
 
+def cmd_studio(argv: list[str]) -> int:
+    """A local web app: runs, live curves, compare, a launch form, a playground (docs/studio.md)."""
+    from posttrain.studio.cli import StudioError, studio_main
+
+    try:
+        return studio_main(argv)
+    except StudioError as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_data(argv: list[str]) -> int:
     """`posttrain data check ...`: data quality with origins (more actions may join it)."""
     from posttrain.plan.cli import data_check_main
@@ -305,6 +316,7 @@ COMMANDS = {
     "cai": cmd_cai,
     "serve": cmd_serve,
     "chat": cmd_chat,
+    "studio": cmd_studio,
     "plan": cmd_plan,
     "data": cmd_data,
     "advise": cmd_advise,
