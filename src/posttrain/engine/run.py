@@ -33,11 +33,6 @@ class RunDirError(RuntimeError):
     """An output directory posttrain may not use; the message says what is there and what to do."""
 
 
-# What a stage writes into output_dir before it claims it (safety: its generated data; dpo: its
-# self-rejected pairs). Until those stages claim first, a directory holding only these is still fresh.
-PRE_CLAIM = ("safety_data", "self_rejected.jsonl")
-
-
 def read_manifest(out: Path) -> Optional[dict]:
     """The run's manifest; None when there is none, `{"status": "corrupt"}` when it cannot be read."""
     p = Path(out) / MANIFEST
@@ -83,7 +78,7 @@ def claim(cfg: RunConfig, resume: bool) -> Path:
                           "otherwise choose another output_dir")
     if m and m.get("status") == "completed":
         raise RunDirError(f"{out} already holds a completed run; choose another output_dir (nothing was changed)")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in PRE_CLAIM) if out.is_dir() else []
+    foreign = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if foreign and m is None and not _is_our_config(out):
         raise RunDirError(f"output_dir {out} is not empty and is not a posttrain run (no manifest.json or config.yaml "
                           f"written by posttrain); it holds {_listing(out, foreign)}. posttrain never writes over "
