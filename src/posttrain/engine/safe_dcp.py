@@ -55,7 +55,8 @@ class MetadataUnpickler(pickle.Unpickler):
     """`pickle.Unpickler` that resolves only the globals in `ALLOWED` (and torch dtypes)."""
 
     def find_class(self, module: str, name: str):
-        if (module, name) in ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        # torch.__dict__, not getattr: torch's module __getattr__ would import submodules by name
+        if (module, name) in ALLOWED or (module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype)):
             return super().find_class(module, name)
         raise UnsafeCheckpoint(module, name)
 
