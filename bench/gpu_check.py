@@ -215,7 +215,7 @@ def posttrain_sft(a, sh, dev, tok, lora: bool) -> float:
 def posttrain_dpo(a, sh, dev, tok) -> float:
     import torch
 
-    from posttrain.losses.preference import dpo_loss
+    from posttrain.losses.dpo import dpo_loss
     from posttrain.losses.sft import next_token_targets
     from posttrain.models import adapters
     from posttrain.models.head import position_logps

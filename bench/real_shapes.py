@@ -137,7 +137,7 @@ def child_posttrain(a, data: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     from posttrain.config import AdapterConfig
-    from posttrain.losses.preference import dpo_loss
+    from posttrain.losses.dpo import dpo_loss
     from posttrain.losses.policy import policy_loss
     from posttrain.losses.sft import next_token_targets, target_nll
     from posttrain.models import adapters

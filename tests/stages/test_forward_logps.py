@@ -56,6 +56,11 @@ def test_padding_free_pairs_give_the_padded_loss_and_gradients(tiny_models, tmp_
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
     for n, g in out[0][1].items():
         assert torch.allclose(g, out[1][1][n], atol=1e-6, rtol=1e-4), n
+    # the pairs keep their order: sequence k of the padding-free batch is sequence k of the padded one
+    # (precomputed reference log-probs are stored per position; a reordering gave each pair another's)
+    with torch.no_grad():
+        padded = forward_logps(model, collate_preference(items, tok.pad_token_id))[0]
+        assert torch.allclose(forward_logps(model, pf)[0], padded, atol=1e-4)
 
 
 def test_padding_free_is_refused_where_it_cannot_apply():

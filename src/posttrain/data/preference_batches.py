@@ -101,40 +101,48 @@ def pack_pairs(items: list, row_len: int, stats: dict) -> list[list]:
     return [[items[i] for i in row] for row in rows]
 
 
-def collate_preference(items, pad_id: int, row_len: Optional[int] = None) -> dict:
+def collate_preference(items, pad_id: int, row_len: Optional[int] = None, order: Optional[list[int]] = None) -> dict:
     """Pairs, or packed rows of pairs (lists), as one batch. Packed rows hold c1 r1 c2 r2 ... with
     attention kept inside each sequence (`collate_packed`); `segment_ids` [B,T] say which of the 2P
-    sequences (chosen k -> k, rejected k -> P + k) each token belongs to."""
+    sequences each token belongs to: the pair in slot k gives chosen k and rejected P + k. Slots
+    follow the rows (row-major) unless `order` gives the slot of each pair in that order."""
     if not items or not isinstance(items[0], list):
         return collate_pairs(items, pad_id)
     pairs = [p for row in items for p in row]
     P = len(pairs)
+    slots = list(range(P)) if order is None else list(order)
     batch = collate_packed([[x for p in row for x in (p.chosen, p.rejected)] for row in items], pad_id, row_len)
     seg = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
     k = 0
     for b, row in enumerate(items):
         s = 0
         for p in row:
-            for side, x in ((k, p.chosen), (P + k, p.rejected)):
+            for side, x in ((slots[k], p.chosen), (P + slots[k], p.rejected)):
                 seg[b, s:s + len(x)] = side
                 s += len(x)
             k += 1
     batch.update(segment_ids=seg, num_pairs=P, num_real_tokens=int((seg >= 0).sum()))
-    return _with_ref(batch, pairs)
+    in_slots = [None] * P
+    for k, p in enumerate(pairs):
+        in_slots[slots[k]] = p
+    return _with_ref(batch, in_slots)
 
 
 def collate_pairs_padding_free(items, pad_id: int) -> dict:
     """The batch's pairs without padding to the longest sequence (`data.padding_free`): the same
-    pairs and loss as `collate_pairs`, packed best-fit-decreasing into rows of twice the longest pair.
+    pairs, in the same order, and the same loss as `collate_pairs`, packed best-fit-decreasing into
+    rows of twice the longest pair.
 
     One row of the whole batch would have no padding at all, but its dense [T, T] attention mask
     makes attention cost grow with the batch; rows of two longest pairs keep padding small (BFD)
     and attention close to the padded cost (DPO bench: 1.9x TRL's speed, docs/benchmarks.md).
+    The pairs keep their slots (the precomputed reference log-probs are stored per slot).
     """
     lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in items]
     cap = min(2 * max(lengths), sum(lengths))
-    rows = [[items[i] for i in row] for row in pack_bfd(lengths, cap)]
-    return collate_preference(rows, pad_id, row_len=cap)
+    bfd = pack_bfd(lengths, cap)
+    rows = [[items[i] for i in row] for row in bfd]
+    return collate_preference(rows, pad_id, row_len=cap, order=[i for row in bfd for i in row])
 
 
 def collate_unpaired(items, pad_id: int, max_length: int) -> dict:

@@ -1,7 +1,8 @@
 """Pure loss functions over tensors: the public ``posttrain.losses`` API.
 
 - ``sft``: next-token NLL and per-sequence log-probs.
-- ``preference``: DPO (sigmoid, ipo, hinge, robust), KTO, ORPO, SimPO, reward model.
+- ``dpo``: DPO (sigmoid, ipo, hinge, robust) and RPO's chosen NLL.
+- ``preference``: KTO, ORPO, SimPO, the reward model.
 - ``rl``: masked statistics, KL estimators, GAE, PPO's policy/value losses and advantages.
 - ``grpo``: group advantages (GRPO, Dr. GRPO, RLOO, REINFORCE++) and GRPO's clipped surrogate.
 - ``policy``: GSPO, CISPO and the policy losses by name (`policy_loss`).
@@ -12,10 +13,8 @@
 from posttrain.losses.chunked import chunked_logps, chunked_nll
 
 from posttrain.losses.distill import DIVERGENCES, distill_loss, token_divergence
+from posttrain.losses.dpo import DPO_LOSS_TYPES, chosen_nll, dpo_loss
 from posttrain.losses.preference import (
-    DPO_LOSS_TYPES,
-    chosen_nll,
-    dpo_loss,
     kto_kl_estimate,
     kto_loss,
     log1mexp,

@@ -19,7 +19,7 @@ from posttrain.engine import run as rundir
 from posttrain.engine.reference import Reference, forward_logps
 from posttrain.engine.setup import load_for_training
 from posttrain.eval.preference import implicit_reward_score, pair_accuracy_evaluator
-from posttrain.losses.preference import DPO_LOSS_TYPES, chosen_nll, dpo_loss
+from posttrain.losses.dpo import DPO_LOSS_TYPES, chosen_nll, dpo_loss
 from posttrain.rollout.self_rejected import self_rejected_source
 from posttrain.stages.common import RunResult
 from posttrain.stages.preference import check_reference, pair_metrics, resolve_reference, run_pairwise
