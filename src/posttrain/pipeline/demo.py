@@ -130,6 +130,7 @@ def run_demo(out: Path, *, stages=DEFAULT_STAGES, n_task: int = 200, n_reg: int 
     print(format_table(summary))
     print(f"\nwall time: {wall:.0f} s; summary: {summary_path}; report: {out / 'report.html'}; "
           f"lineage: {out / 'lineage.json'}")
+    print(f"look at the runs, compare them and chat with the adapters: posttrain studio --runs {out}")
     return summary
 
 
