@@ -24,6 +24,7 @@ from posttrain.pipeline import forgetting
 from posttrain.pipeline.recipe import SIDE_STAGES, load_recipe
 from posttrain.pipeline.runner import run_pipeline
 from posttrain.report import build_report
+from posttrain.report.table import format_summary_table
 
 RECIPE = Path(gym.__file__).resolve().parent / "recipes" / "demo.yaml"
 
@@ -75,17 +76,20 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# a row whose regression score falls more than this below the base's is flagged (the guard's 2 points, docs/eval.md)
+REGRESSION_LIMIT = 0.02
+
+
 def format_table(summary: dict) -> str:
-    cols = ["task_accuracy", "regression_score"]
-    extra = sorted({k for v in summary.values() for k in v if k not in cols and isinstance(v[k], (int, float))})
-    head = ["stage"] + cols + extra
-    rows = [head]
-    for name, m in summary.items():
-        rows.append([name] + [f"{m[c]:.3f}" if isinstance(m.get(c), float) else str(m.get(c, "")) for c in cols + extra])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """The closing table in at most 100 columns (`report.table`), each row's regression delta against
+    the base beside it, and a line naming every row that forgot more than `REGRESSION_LIMIT`."""
+    table = format_summary_table(summary)
+    flagged = [f"{name} ({row['regression_delta']:+.3f})" for name, row in summary.items()
+               if row.get("regression_delta", 0.0) < -REGRESSION_LIMIT]
+    if flagged:
+        table += (f"\nforgetting: regression fell more than {REGRESSION_LIMIT:.2f} below the base in "
+                  + ", ".join(flagged) + " (posttrain demo --forgetting shows the guard; docs/eval.md)")
+    return table
 
 
 def run_demo(out: Path, *, stages=DEFAULT_STAGES, n_task: int = 200, n_reg: int = 200, extra_overrides: tuple = (),
@@ -118,6 +122,8 @@ def run_demo(out: Path, *, stages=DEFAULT_STAGES, n_task: int = 200, n_reg: int 
         loss = _last(Path(e["run_dir"]), "train", "loss")
         if loss == loss:  # not NaN: the stage logs a training loss
             row["final_train_loss"] = round(loss, 4)
+        if "regression_score" in row and "regression_score" in summary.get("base", {}):
+            row["regression_delta"] = round(row["regression_score"] - summary["base"]["regression_score"], 4)
         summary[name] = row
         runs[name] = Path(e["run_dir"])
         _say(f"[demo] {name}: {row}")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import textwrap
 
 WIDTH = 100
-COMMON = {"task_accuracy": "task acc", "regression_score": "regression", "train_time_s": "train s",
-          "final_train_loss": "final loss"}
+COMMON = {"task_accuracy": "task acc", "regression_score": "regression", "regression_delta": "vs base",
+          "train_time_s": "train s", "final_train_loss": "final loss"}
 
 
 def _cell(key: str, value) -> str:
@@ -25,6 +25,8 @@ def _cell(key: str, value) -> str:
         return "-"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return str(value)
+    if key == "regression_delta":
+        return f"{value:+.3f}"
     return f"{value:.0f}" if key == "train_time_s" else f"{value:.3f}"
 
 
