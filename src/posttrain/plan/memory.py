@@ -31,6 +31,7 @@ quantizing them for QLoRA.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from posttrain.plan.shapes import ModelShape
 
@@ -48,6 +49,7 @@ class RunSpec:
 
     adapter: str = "none"
     r: int = 16
+    targets: Optional[tuple[str, ...]] = None  # LoRA target linears (q_proj, ...); None: all-linear
     num_virtual_tokens: int = 20
     batch_size: int = 8  # rows per micro-batch, per device
     seq_len: int = 1024  # tokens per row
@@ -105,7 +107,8 @@ def base_weight_bytes(s: ModelShape, spec: RunSpec) -> float:
 
 def adapter_params(s: ModelShape, spec: RunSpec) -> int:
     if spec.adapter in ("lora", "qlora", "dora"):
-        per_layer = sum(spec.r * (i + o) + (o if spec.adapter == "dora" else 0) for i, o in s.linear_shapes())
+        per_layer = sum(spec.r * (i + o) + (o if spec.adapter == "dora" else 0)
+                        for i, o in s.linear_shapes(spec.targets))
         return s.layers * per_layer
     if spec.adapter == "prompt":
         return spec.num_virtual_tokens * s.hidden
@@ -122,7 +125,7 @@ def largest_trainable_tensor(s: ModelShape, spec: RunSpec) -> int:
     if spec.trains_base:
         return max(s.embedding_params, max(i * o for i, o in s.linear_shapes()))
     if spec.adapter in ("lora", "qlora", "dora"):
-        return max(spec.r * max(i, o) for i, o in s.linear_shapes())
+        return max(spec.r * max(i, o) for i, o in s.linear_shapes(spec.targets))
     return adapter_params(s, spec)
 
 
@@ -164,12 +167,12 @@ def saved_per_token(s: ModelShape, spec: RunSpec) -> float:
             return FP32 * 2 * d + BF16 * (2 * he + 2 * ke + 3 * f) + FP32 * h
         norms = FP32 * (4 * d if spec.trains_base else 2 * d)
         casts = BF16 * (5 * d + f)  # q, k, v, gate, up each cast the norm output; down its input
-        extra = BF16 * 7 * spec.r if lora else 0
+        extra = BF16 * len(s.linear_shapes(spec.targets)) * spec.r if lora else 0
         return norms + casts + BF16 * (2 * he + 2 * ke + 3 * f) + FP32 * h + extra
     if prompt:
         return FP32 * (2 * d + 2 * he + 2 * ke + h + 3 * f)
     norms = 6 * d if spec.trains_base else 4 * d
-    extra = 7 * spec.r if lora else 0
+    extra = len(s.linear_shapes(spec.targets)) * spec.r if lora else 0
     return FP32 * (norms + 2 * he + 2 * ke + h + 4 * f + extra)
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 from posttrain.plan.devices import Device
 from posttrain.plan.memory import MemoryEstimate, RunSpec, estimate_memory, trainable_params
-from posttrain.plan.shapes import ModelShape, PlanError, read_shape
+from posttrain.plan.shapes import LINEAR_NAMES, ModelShape, PlanError, read_shape
 from posttrain.plan.speed import UTILISATION, step_time
 
 PAIR_STAGES = ("dpo", "orpo", "simpo", "reward", "kto")  # a row is a chosen and a rejected sequence
@@ -41,13 +41,25 @@ def spec_from_config(cfg, *, device: Device, gpus: int = 1, loss_fraction: Optio
     if gpus > 1:
         distributed = {"auto": "ddp", "none": "ddp"}.get(t.distributed, t.distributed)
     return RunSpec(
-        adapter=a.type, r=a.r, num_virtual_tokens=a.num_virtual_tokens,
+        adapter=a.type, r=a.r, num_virtual_tokens=a.num_virtual_tokens, targets=_targets(a.targets),
         batch_size=t.batch_size * (1 if stage not in RL_STAGES else getattr(getattr(cfg, stage), "num_generations", 1)),
         seq_len=cfg.data.max_length + (rollout_len - cfg.data.max_length if stage in RL_STAGES else 0),
         loss_fraction=1.0 if loss_fraction is None else loss_fraction, grad_accum=t.grad_accum,
         precision=t.precision, gradient_checkpointing=t.gradient_checkpointing, sequences_per_row=seqs,
         reference=reference, rollout_rows=rollout_rows, rollout_len=rollout_len, gpus=gpus,
         distributed=distributed, cpu_offload=t.cpu_offload, device_kind=device.kind)
+
+
+def _targets(targets) -> Optional[tuple[str, ...]]:
+    """LoRA targets as the decoder's linear names; None for all-linear (a regex: all-linear, said in the docs)."""
+    if targets == "all-linear" or isinstance(targets, str):
+        return None
+    names = tuple(t for t in targets if t in LINEAR_NAMES)
+    unknown = [t for t in targets if t not in LINEAR_NAMES]
+    if unknown:
+        raise PlanError(f"adapter.targets: the planner knows the decoder linears {', '.join(LINEAR_NAMES)}; "
+                        f"got {', '.join(unknown)}")
+    return names
 
 
 @dataclass

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Sequence, Union
 
 
 class PlanError(ValueError):
     """Input the planner cannot use; the message says what and where."""
 
 
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
 
@@ -80,10 +81,11 @@ class ModelShape:
     def total_params(self) -> int:
         return self.linear_params + self.norm_params + self.embedding_params + self.head_params
 
-    def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in, out) of the seven linears of one layer: q, k, v, o, gate, up, down."""
+    def linear_shapes(self, names: Optional[Sequence[str]] = None) -> list[tuple[int, int]]:
+        """(in, out) of the linears of one layer: q, k, v, o, gate, up, down (or those in `names`)."""
         d, he, ke, f = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return [(d, he), (d, ke), (d, ke), (he, d), (d, f), (d, f), (f, d)]
+        shapes = dict(zip(LINEAR_NAMES, [(d, he), (d, ke), (d, ke), (he, d), (d, f), (d, f), (f, d)]))
+        return [shapes[n] for n in (LINEAR_NAMES if names is None else names)]
 
 
 def shape_from_config(cfg: dict, where: str = "config.json") -> ModelShape:
