@@ -5,10 +5,12 @@
 Each configuration runs in its own child process (one OpenMP thread): posttrain's own training
 path (`load_for_training`, the SFT data pipeline, `Engine.fit`) for a few optimizer steps.
 
-Measured memory = peak RSS of the child during loading and training (`ru_maxrss`) minus its RSS
-just before the model is built (after imports, tokenizer and nothing else). Measured step time =
-the median of the engine's `step_time_s` over the steps after the first (the first pays lazy
-initialisation). Prints one JSON object per configuration and a summary with the errors; the
+Measured memory = peak RSS of the child during loading and training (VmHWM, reset just before the
+model is built) minus its RSS at that moment (after imports and nothing else). Measured step time =
+the median over the steps after the first (the first pays lazy initialisation) of the training
+thread's CPU time per optimizer step (one OpenMP thread, so all compute runs on that thread): on a
+shared machine the wall clock also counts the time other processes hold the core; the wall-clock
+medians (`measured_wall_step_s`) are printed beside it. Prints one JSON object per configuration and a summary with the errors; the
 utilisation factors are fitted on the calibration runs (`calibrate: true`) and the summary reports
 the errors of the other runs separately.
 """
@@ -121,14 +123,23 @@ def child(spec: dict) -> dict:
     model, tok = load_for_training(cfg, torch.device("cpu"))
     load_peak = peak_rss_bytes()
     data = lm_data(cfg, tok)
+    cpu_at_step = []  # this thread's CPU time at each optimizer step: the step time an idle core would see
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    hook = register_optimizer_step_post_hook(
+        lambda *_: cpu_at_step.append(time.thread_time()))
     reset_peak_rss()  # from here VmHWM is the training peak alone
+    start = time.thread_time()
     Engine(model, LMStage("sft"), data, cfg, device=torch.device("cpu")).fit()
     peak = max(load_peak, peak_rss_bytes())
+    hook.remove()
+    cpu_steps = [b - a for a, b in zip([start] + cpu_at_step, cpu_at_step)]
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     times = [m["step_time_s"] for m in steps if m.get("split") == "train"]
     return {"measured_peak_bytes": peak - before, "measured_load_peak_bytes": load_peak - before,
-            "rss_before_model": before, "step_times_s": times,
-            "measured_step_s": statistics.median(times[1:] if len(times) > 1 else times)}
+            "rss_before_model": before, "step_times_s": times, "step_cpu_s": cpu_steps,
+            "measured_wall_step_s": statistics.median(times[1:] if len(times) > 1 else times),
+            "measured_step_s": statistics.median(cpu_steps[1:] if len(cpu_steps) > 1 else cpu_steps)}
 
 
 def predict(spec: dict, work: Path, utilisation=None) -> dict:
