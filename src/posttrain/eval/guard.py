@@ -132,7 +132,7 @@ def from_config(cfg, tokenizer, *, model=None, baseline: Optional[float] = None)
 
 # Default limits, chosen from the gym calibration (docs/eval.md, "Calibration"): see the reasons there.
 DEFAULT_MAX_DRIFT_KL = 0.5
-DEFAULT_MAX_PPL_CHANGE = 0.25
+DEFAULT_MAX_PPL_CHANGE = 1.0
 DEFAULT_BUDGET = 0.10
 DEFAULT_PROMPTS = 64
 
