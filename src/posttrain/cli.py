@@ -331,13 +331,16 @@ SUMMARIES = {
     "demo": "post-train the bundled base model offline and print a before/after table",
     "config": "print a stage's resolved config (--doc: with each key's type and description)",
     "merge": "merge an adapter into its base model",
-    "export": "a run as a merged HF model with a model card (+ GGUF, --push-to-hub), or a checkpoint as HF",
+    "export": "a run as a merged HF model + model card (GGUF, --push-to-hub); a checkpoint as HF",
     "adapters": "inspect an adapter (adapters show DIR)",
     "report": "rebuild the HTML report of one or more runs",
     "gym": "export gym tasks (verifiable data in the standard formats)",
     "launch": "run a stage under torchrun, one process per GPU",
     "cai": "constitutional AI data: critique-and-revision rows, RLAIF pairs",
     "plan": "estimate a run before it starts",
+    "serve": "an OpenAI-compatible HTTP server over a model and its adapters",
+    "chat": "a terminal chat with a model (and an adapter)",
+    "data": "check data: quality with origins, rendered examples with their loss tokens, the mask audit",
 }
 
 
