@@ -89,3 +89,30 @@ def test_cli_export_and_its_errors(lora_run, tmp_path, capsys):
     assert capsys.readouterr().err == f"posttrain: error: {out} is not empty; export into a new directory\n"
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "is neither a finished run (manifest.json) nor a pipeline output (lineage.json)" in capsys.readouterr().err
+
+
+def test_a_pipeline_output_exports_its_last_stage_with_measures_against_the_base(lora_run, tmp_path):
+    """lineage.json as the pipeline writes it (docs/pipeline.md): the card lists the stages and the deltas."""
+    manifest = json.loads((lora_run / "manifest.json").read_text())
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    lineage = {
+        "base_model": {"model": manifest["base_model"], "key": "k0"},
+        "base": {"metrics": {"regression_score": 0.5, "task_accuracy": 0.25}},
+        "stages": {
+            "sft": {"stage": "sft", "status": "completed", "output": {"run_dir": str(lora_run)},
+                    "policy": {"model": manifest["base_model"], "adapter": str(lora_run / manifest["model_dir"])},
+                    "measures": {"regression_score": 0.625, "task_accuracy": 0.75}},
+            "check": {"stage": "eval", "status": "completed", "output": {"run_dir": str(tmp_path / "check")},
+                      "measures": {"regression_score": 0.625}},
+        }}
+    (pipe / "lineage.json").write_text(json.dumps(lineage))
+    res = export_run(pipe, tmp_path / "out", license="mit")
+    card = (res["out"] / "README.md").read_text()
+    assert "from `" + manifest["base_model"] + "`: `sft`." in card  # the eval step is not a training stage
+    assert "| regression_score | 0.5 | 0.625 | +0.125 |" in card and "| task_accuracy | 0.25 | 0.75 | +0.5 |" in card
+    ids = torch.tensor([[1, 5, 9, 33]])
+    adapted, _ = load(lora_run, device="cpu")
+    merged, _ = load(res["out"], device="cpu")
+    with torch.no_grad():
+        assert (merged(ids).logits - adapted(ids).logits).abs().max().item() < 1e-5
