@@ -22,6 +22,7 @@
     posttrain studio [--runs DIR] [--host 127.0.0.1] [--port 7860] [--api-key KEY]
     posttrain plan --config run.yaml [key=value ...] [--device H100-80GB] [--gpus N] [--json]
     posttrain data check data.train=D [data.eval=E] [model=M] [--json]
+    posttrain data inspect CONFIG [key=value ...] [--show N] [--limit N]
     posttrain advise model=M data.train=D [data.eval=E] [--budget 1xA100-40GB,8h] --no-pilots [--json] [--out DIR]
 """
 
@@ -277,12 +278,33 @@ def cmd_studio(argv: list[str]) -> int:
         raise UsageError(str(e)) from None
 
 
+def cmd_data_inspect(argv: list[str]) -> int:
+    """`posttrain data inspect CONFIG [key=value ...]`: a rendered example with its loss tokens marked,
+    the counts, and the loss-mask / template audit (exit 1 on a violation). See docs/data.md."""
+    from posttrain.data.audit import inspect
+    from posttrain.models.loading import load_tokenizer
+    from posttrain.stages import load_config
+
+    p = argparse.ArgumentParser(prog="posttrain data inspect", description=cmd_data_inspect.__doc__)
+    p.add_argument("config", help="a run's YAML config (its data.* keys and model or tokenizer)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for a stage")
+    p.add_argument("--stage", default="sft", help="the stage whose config schema reads the file (default: sft)")
+    p.add_argument("--show", type=int, default=1, help="examples to print rendered (default: 1)")
+    p.add_argument("--limit", type=int, help="audit only the first N rows")
+    a = p.parse_intermixed_args(argv)
+    cfg = load_config(a.stage, a.config, a.overrides)
+    if not (cfg.tokenizer or cfg.model):
+        raise UsageError("posttrain data inspect: the config names no model or tokenizer to render with")
+    tok = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
+    return 1 if inspect(cfg.data, tok, show=a.show, limit=a.limit).violations else 0
+
+
 def cmd_data(argv: list[str]) -> int:
     """`posttrain data check ...`: data quality with origins (more actions may join it)."""
     from posttrain.plan.cli import data_check_main
     from posttrain.plan.shapes import PlanError
 
-    actions = {"check": data_check_main}
+    actions = {"check": data_check_main, "inspect": cmd_data_inspect}
     if not argv or argv[0] not in actions:
         raise UsageError(f"usage: posttrain data {{{','.join(actions)}}} ...")
     try:
