@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from typing import Optional
 
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from posttrain.rollout import SamplingParams
 from posttrain.serve import responses
@@ -146,7 +146,8 @@ def create_app(server: Server) -> FastAPI:
         shape = responses.ChatShape(body, server.tokenizer, forced)
         if body.stream:
             return _stream(request, reqs, shape)
-        await _wait(request, reqs)
+        if not await _wait(request, reqs):
+            return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
         return shape.response(reqs)
 
     @app.post("/v1/completions")
@@ -166,7 +167,8 @@ def create_app(server: Server) -> FastAPI:
         shape = responses.CompletionShape(body, server.tokenizer)
         if body.stream:
             return _stream(request, reqs, shape)
-        await _wait(request, reqs)
+        if not await _wait(request, reqs):
+            return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
         return shape.response(reqs)
 
     return app
@@ -195,8 +197,8 @@ def _requests(server: Server, body, ids, adapter, limit: int, logprobs: Optional
     return out
 
 
-async def _wait(http: HTTPRequest, reqs: list[Request]) -> None:
-    """Wait for every request to finish; cancel them all if the client disconnects first."""
+async def _wait(http: HTTPRequest, reqs: list[Request]) -> bool:
+    """Wait for every request to finish (True); cancel them all if the client disconnects first (False)."""
 
     async def finished():
         for r in reqs:
@@ -216,9 +218,10 @@ async def _wait(http: HTTPRequest, reqs: list[Request]) -> None:
     if gone_task in done:
         for r in reqs:
             r.cancel()
-        raise asyncio.CancelledError
+        return False
     if any(r.finish_reason == "error" for r in reqs):
         raise APIError(500, "generation failed on the server; see its log")
+    return True
 
 
 def _stream(http: HTTPRequest, reqs: list[Request], shape) -> StreamingResponse:
