@@ -194,8 +194,40 @@ def main() -> None:
     summarize(rows, work)
 
 
+def fit(rows: list[dict], work: Path) -> dict:
+    """The CPU constants fitted on the calibration runs only: the runtime memory term (the median of
+    measured minus predicted-without-it) and the matmul and attention utilisation (least squares of
+    the measured step time on the two FLOP counts, after the streamed bytes)."""
+    import numpy as np
+
+    from posttrain.plan import memory
+    from posttrain.plan.devices import cpu_device
+    from posttrain.plan.memory import RunSpec, estimate_memory
+    from posttrain.plan.shapes import read_shape
+    from posttrain.plan.speed import UTILISATION, step_flops, trainable_params
+
+    cal = [r for r in rows if r["calibrate"]]
+    dev = cpu_device(threads=1)
+    extra, A, y = [], [], []
+    for r in cal:
+        shape = read_shape(work / r["shape"])
+        rs = RunSpec(adapter=r["adapter"], batch_size=r["batch"], seq_len=r["seq_len"], precision=r["precision"],
+                     gradient_checkpointing=r["ckpt"], device_kind="cpu")
+        mem = estimate_memory(shape, rs)
+        extra.append(r["measured_peak_bytes"] - (mem.peak_bytes - memory.CPU_RUNTIME))
+        f = step_flops(shape, rs)
+        stream = (f.streamed_bytes + 28 * trainable_params(shape, rs)) / (dev.bandwidth * UTILISATION["cpu"]["stream"])
+        A.append([f.matmul / dev.peak_flops(r["precision"]), f.attention / dev.peak_flops(r["precision"])])
+        y.append(r["measured_step_s"] - stream)
+    (a, b), *_ = np.linalg.lstsq(np.array(A), np.array(y), rcond=None)
+    return {"cpu_runtime_bytes": float(np.median(extra)), "matmul": 1 / a if a > 0 else None,
+            "attention": 1 / b if b > 0 else None, "calibration_runs": len(cal)}
+
+
 def summarize(rows: list[dict], work: Path) -> None:
     from posttrain.plan.speed import UTILISATION
+
+    print(json.dumps({"fitted_on_calibration_runs": fit(rows, work)}))
 
     table = []
     for r in rows:
@@ -208,6 +240,8 @@ def summarize(rows: list[dict], work: Path) -> None:
                       "measured_MiB": round(r["measured_peak_bytes"] / 2**20),
                       "predicted_MiB": round(pred["predicted_peak_bytes"] / 2**20),
                       "mem_err": round(mem_err, 3), "measured_step_s": round(r["measured_step_s"], 3),
+                      "measured_wall_step_s": round(r.get("measured_wall_step_s", float("nan")), 3),
+                      "load_average_1min": round(r["load_average"][0], 1),
                       "predicted_step_s": round(pred["predicted_step_s"], 3), "time_err": round(t_err, 3),
                       "phase": pred["predicted_phase"]})
     for t in table:

@@ -84,3 +84,20 @@ def test_clear_errors(tmp_path):
     assert rc == 2 and "missing vocab_size, num_hidden_layers, num_attention_heads, intermediate_size" in err
     rc, _, err = _run(["plan", f"model={tmp_path}", "--device", "TPU"])
     assert rc == 2 and "unknown device 'TPU'; known: cpu, H100-80GB" in err
+
+
+def test_dpo_reference_copy_and_the_adapter_fix(llama7b):
+    rc, out, _ = _run(["plan", "--stage", "dpo", f"model={llama7b}", "train.precision=bf16",
+                       "train.gradient_checkpointing=true", "data.max_length=1024", "train.batch_size=4",
+                       "--device", "H100-80GB", "--json"])
+    p = json.loads(out)
+    b = p["memory_breakdown"]
+    assert b["reference_model"] == b["weights"] == 4 * 6_738_415_616  # dpo.reference defaults to a copy
+    assert p["fix"]["change"] == "adapter.type=lora"
+    # with LoRA the reference is the adapter disabled: no second copy of the weights
+    assert p["fix"]["train_peak_bytes"] < 2 * b["weights"]
+
+
+def test_advise_errors():
+    rc, _, err = _run(["advise", "data.train=x.jsonl", "--no-pilots"])
+    assert rc == 2 and "no model given: set model=DIR" in err

@@ -121,16 +121,18 @@ def _alternatives(spec: RunSpec) -> list[tuple[str, str, RunSpec]]:
     if spec.gpus > 1:
         out.append(("same", "train.distributed=fsdp train.cpu_offload=true",
                     dataclasses.replace(spec, distributed="fsdp", cpu_offload=True)))
+    # with an adapter the default reference is the adapter disabled, not a second copy
+    ref = "adapter" if spec.reference == "copy" else spec.reference
     for kind in ("lora", "qlora"):
         if spec.adapter in ("none", "lora", "dora") and kind != spec.adapter:
-            out.append(("method", f"adapter.type={kind}", dataclasses.replace(spec, adapter=kind)))
+            out.append(("method", f"adapter.type={kind}", dataclasses.replace(spec, adapter=kind, reference=ref)))
             b = spec.batch_size
             while True:
                 accum = spec.grad_accum * math.ceil(spec.batch_size / b)
                 micro = f" train.batch_size={b} train.grad_accum={accum}" if b != spec.batch_size else ""
                 out.append(("method", f"adapter.type={kind} train.gradient_checkpointing=true{micro}",
                             dataclasses.replace(spec, adapter=kind, gradient_checkpointing=True, batch_size=b,
-                                                grad_accum=accum)))
+                                                grad_accum=accum, reference=ref)))
                 if b == 1:
                     break
                 b //= 2
