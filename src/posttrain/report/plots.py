@@ -12,15 +12,9 @@ import io
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-# The metrics the issue asks for come first; everything else follows alphabetically.
-_FIRST = ["loss", "task_accuracy", "regression_score", "lr", "learning_rate"]
+# Which metrics are drawn, and in which order, is `posttrain.report.groups`.
 _TITLES = {"lr": "learning rate", "learning_rate": "learning rate"}
 _STYLE = {"train": "-", "eval": "--"}
-
-
-def metric_order(keys) -> list[str]:
-    keys = set(keys)
-    return [k for k in _FIRST if k in keys] + sorted(keys - set(_FIRST))
 
 
 def title_of(key: str) -> str:

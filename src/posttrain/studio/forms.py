@@ -18,7 +18,7 @@ from posttrain.config import ConfigError
 from posttrain.stages import load_config, schema
 
 # Shown open at the top of the form; every other key is in its section, folded.
-BASICS = ["model", "data.train", "data.eval", "output_dir", "adapter.type", "train.max_steps", "train.lr",
+BASICS = ["model", "data.train", "data.eval", "data.limit", "output_dir", "adapter.type", "train.max_steps", "train.lr",
           "train.batch_size", "train.eval_every", "eval.regression_every"]
 
 

@@ -70,7 +70,7 @@ const Studio = (() => {
   function followRun(rid) {
     const root = document.getElementById("curves");
     const status = document.getElementById("status"), msg = document.getElementById("jobmsg");
-    let last = -1, timer = null;
+    let last = -1, timer = null, wasRunning = false;
     async function tick() {
       const r = await fetch(`/api/runs/${rid}/metrics`);
       if (!r.ok) return;
@@ -87,7 +87,12 @@ const Studio = (() => {
       if (d.job && d.job !== "running") msg.textContent = "process " + d.job;
       document.getElementById("evaluate").hidden = d.status !== "completed";
       const running = d.status === "running" || d.job === "running";
-      if (!running && timer) { clearInterval(timer); timer = null; }
+      if (running) wasRunning = true;
+      if (!running && timer) {
+        clearInterval(timer); timer = null;
+        // the summary above the curves (stage, model, duration, headline) was rendered before the run ended
+        if (wasRunning) location.reload();
+      }
     }
     tick();
     timer = setInterval(tick, 1000);
