@@ -108,7 +108,7 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(1)
     from posttrain.config import load_config
     from posttrain.engine.trainer import Engine
-    from posttrain.stages.common import load_for_training
+    from posttrain.engine.setup import load_for_training
     from posttrain.stages.sft import LMStage, lm_data
 
     work, out = Path(spec["work"]), Path(spec["out"])

@@ -2,7 +2,7 @@
 
 Every term models what posttrain itself does (read, not guessed):
 
-- weights: fp32 master weights always (`stages.common.load_for_training`; bf16 runs use autocast);
+- weights: fp32 master weights always (`engine.setup.load_for_training`; bf16 runs use autocast);
   QLoRA stores the decoder's linear weights as NF4: 4-bit codes, an 8-bit scale per block of 64 and
   an fp32 factor per 256 scales (`models.adapters.qlora`), 0.516 bytes per weight;
 - adapter: LoRA A [r, in] and B [out, r] per target linear (`all-linear`: the seven of each layer),
