@@ -65,7 +65,8 @@ class AuditReport:
     def _summary(self, show: int) -> str:
         per = {c: sum(v.check == c for v in self.violations) for c in CHECKS}
         head = ", ".join(f"{c}: {n}" for c, n in per.items() if n)
-        lines = [f"data audit: {len(self.violations)} violation(s) in {self.counts.get('examples', 0)} examples ({head})"]
+        n = self.counts.get("examples", 0)
+        lines = [f"data audit: {len(self.violations)} violation(s) in {n} examples ({head})"]
         lines += [f"  {v}" for v in self.violations[:show]]
         if len(self.violations) > show:
             lines.append(f"  ... and {len(self.violations) - show} more (posttrain data inspect CONFIG shows them all)")
@@ -126,7 +127,8 @@ def _audit_chat(ex: Example, ids, labels, tokenizer) -> list[Violation]:
         if marker_ids and ([ids[t] for t in last] != marker_ids or any(labels[t] == IGNORE_INDEX for t in last)):
             out.append(Violation(ex.origin, "eos_trained", f"assistant turn {k + 1} does not end with the trained "
                                  f"end-of-turn marker {marker!r} as tokens of its own (its trained tokens end "
-                                 f"{tokenizer.decode([ids[t] for t in toks[-3:]])!r}); the model may never learn to stop"))
+                                 f"{tokenizer.decode([ids[t] for t in toks[-3:]])!r}); the model may never learn "
+                                 "to stop"))
 
     # no loss on system / user / tool content
     cursor = 0
@@ -146,8 +148,9 @@ def _audit_chat(ex: Example, ids, labels, tokenizer) -> list[Violation]:
         hit = [t for t, (s, e) in enumerate(offsets)
                if s < end and e > pos and labels[t] != IGNORE_INDEX and full[max(s, pos):min(e, end)].strip()]
         if hit:
+            shown = tokenizer.decode(list(ids[hit[0]:hit[min(7, len(hit) - 1)] + 1]))
             out.append(Violation(ex.origin, "no_loss_on_context", f"{len(hit)} token(s) of messages[{i}] "
-                                 f"({m['role']}) carry loss: {tokenizer.decode(list(ids[hit[0]:hit[min(7, len(hit) - 1)] + 1]))!r}"))
+                                 f"({m['role']}) carry loss: {shown!r}"))
 
     # the inference-time prompt is what training put before each assistant turn
     trained_idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"][-len(spans):] if spans else []
@@ -177,9 +180,11 @@ def _audit_chat(ex: Example, ids, labels, tokenizer) -> list[Violation]:
     return out
 
 
-def audit_examples(examples: Sequence[Example], tokenizer, *, max_length: int, overflow: str = "truncate") -> AuditReport:
+def audit_examples(examples: Sequence[Example], tokenizer, *, max_length: int,
+                   overflow: str = "truncate") -> AuditReport:
     """Render every example as training does and run every check; counts and violations in a report."""
-    report = AuditReport(counts={"examples": 0, "tokens": 0, "loss_tokens": 0, "truncated": 0, **dict.fromkeys(CHECKS, 0)})
+    report = AuditReport(counts={"examples": 0, "tokens": 0, "loss_tokens": 0, "truncated": 0,
+                                 **dict.fromkeys(CHECKS, 0)})
     for ex in examples:
         c = report.counts
         c["examples"] += 1
@@ -250,7 +255,8 @@ def inspect(data_cfg, tokenizer, *, show: int = 1, limit: Optional[int] = None, 
     report = audit_examples(examples, tokenizer, max_length=data_cfg.max_length, overflow=data_cfg.overflow)
     c = report.counts
     out(f"--- {c['examples']} examples, {c['tokens']} tokens, {c['loss_tokens']} with loss "
-        f"({c['loss_tokens'] / max(c['tokens'], 1):.1%}), {c['truncated']} truncated to data.max_length={data_cfg.max_length}")
+        f"({c['loss_tokens'] / max(c['tokens'], 1):.1%}), {c['truncated']} truncated to "
+        f"data.max_length={data_cfg.max_length}")
     out("checks: " + ", ".join(f"{k} {'ok' if not c[k] else str(c[k]) + ' violation(s)'}" for k in CHECKS))
     for v in report.violations:
         out(f"  {v}")

@@ -195,7 +195,8 @@ def _pad_id(tokenizer) -> int:
 
 
 @torch.inference_mode()
-def build_drift_reference(model, tokenizer, *, prompts: Optional[Sequence[dict]] = None, n_prompts: Optional[int] = None,
+def build_drift_reference(model, tokenizer, *, prompts: Optional[Sequence[dict]] = None,
+                          n_prompts: Optional[int] = None,
                           max_new_tokens: int = 32, top_k: int = 64, batch_size: int = 16,
                           cache: bool = True, prompts_path: Union[str, Path] = GENERAL_PROMPTS) -> DriftReference:
     """The base's greedy continuations and top-k distributions (from the cache when present).
@@ -211,7 +212,8 @@ def build_drift_reference(model, tokenizer, *, prompts: Optional[Sequence[dict]]
     rows = subset(prompts if prompts is not None else load_prompts(prompts_path), n_prompts)
     settings = {"v": CACHE_VERSION, "max_new_tokens": max_new_tokens, "top_k": top_k,
                 "prompts": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()}
-    key = hashlib.sha256((fingerprint(model, tokenizer) + json.dumps(settings, sort_keys=True)).encode()).hexdigest()[:32]
+    key = fingerprint(model, tokenizer) + json.dumps(settings, sort_keys=True)
+    key = hashlib.sha256(key.encode()).hexdigest()[:32]
     path = cache_dir() / f"{key}.safetensors"
     if cache and path.exists():
         ref = _load(path)
@@ -223,7 +225,8 @@ def build_drift_reference(model, tokenizer, *, prompts: Optional[Sequence[dict]]
         with adapters.disabled(model):
             prompt_ids = encode_prompts(tokenizer, rows)
             if not prompt_ids:
-                raise ValueError("no drift prompts could be encoded (empty prompts, or only chat rows and no chat template)")
+                raise ValueError("no drift prompts could be encoded (empty prompts, or only chat rows and no "
+                                 "chat template)")
             engine = RolloutEngine(model, tokenizer, batch_size=batch_size)
             ro = engine.generate(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=0))
             sequences, n_cont = [], []
@@ -348,7 +351,8 @@ class TextReference:
     source: str
 
 
-def general_text_rows(tokenizer, source=None, *, n: int = 64, max_length: int = 256) -> tuple[list[list[int]], list[int], str]:
+def general_text_rows(tokenizer, source=None, *, n: int = 64,
+                      max_length: int = 256) -> tuple[list[list[int]], list[int], str]:
     """Token rows of held-out general text: `source` (a data file or rows, e.g. `data.mix.data`),
     else the bundled paragraphs. At most `n` rows, spread evenly over the source. Rows are rendered
     as training renders them (data/render.py), and only their loss tokens are scored, so a chat row's

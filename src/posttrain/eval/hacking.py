@@ -68,7 +68,8 @@ def reward_vs_verifier(reward: Sequence[float], verifier: Sequence[float], *, wi
     rise, fall = r[1] - r[0], v[0] - v[1]
     if rise >= min_rise and fall >= min_fall:
         return Finding("reward_vs_verifier", fall, min_fall,
-                       f"reward rose {r[0]:.3f} -> {r[1]:.3f} while the held-out verifier fell {v[0]:.3f} -> {v[1]:.3f}")
+                       f"reward rose {r[0]:.3f} -> {r[1]:.3f} while the held-out verifier fell "
+                       f"{v[0]:.3f} -> {v[1]:.3f}")
     return None
 
 
@@ -82,7 +83,8 @@ def length_drift(lengths: Sequence[float], *, window: int = 5, max_factor: float
     factor = c[1] / c[0]
     if factor > max_factor or factor < 1 / max_factor:
         return Finding("length_drift", factor, max_factor,
-                       f"mean completion length went {c[0]:.1f} -> {c[1]:.1f} tokens (x{factor:.2f}; limit x{max_factor} "
+                       f"mean completion length went {c[0]:.1f} -> {c[1]:.1f} tokens "
+                       f"(x{factor:.2f}; limit x{max_factor} "
                        f"either way)")
     return None
 
@@ -164,7 +166,8 @@ def kl_bound(kl: Sequence[float], *, window: int = 5, max_kl: float = 0.5) -> Op
     recent = fmean(h[-window:])
     if recent > max_kl:
         return Finding("kl_bound", recent, max_kl,
-                       f"KL to the reference {recent:.3f} nats/token (mean of the last {window} steps) > bound {max_kl}")
+                       f"KL to the reference {recent:.3f} nats/token (mean of the last {window} steps) "
+                       f"> bound {max_kl}")
     return None
 
 
