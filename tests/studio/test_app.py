@@ -54,7 +54,8 @@ def test_runs_list_statuses_pipeline_row_and_evaluations(runs):
     done = table["done"]
     assert done[3:5] == ["sft", "–"] and done[7] == "40"
     assert done[6] == "20 s"  # 0.5 s per step in write_run's clock, steps 1..40: 19.5 s, rounded
-    assert done[8] == "final train loss 1.320 · final eval loss 1.623 · task accuracy 1.000"  # 2.5e^-1+0.4, 2.5e^-0.8+0.5
+    # 2.5 e^-1 + 0.4 and 2.5 e^-0.8 + 0.5
+    assert done[8] == "final train loss 1.320 · final eval loss 1.623 · task accuracy 1.000"
     assert table["pipe (pipeline)"][3] == "sft completed"  # its stage inside the row, not a row of its own
     assert "pipe/sft" not in table
     api = {e["id"]: e for e in c.get("/api/runs").json()}
@@ -102,7 +103,8 @@ def test_launch_form_shows_errors_inline_and_never_leaves_the_runs_folder(runs):
     assert "unknown key &#39;train.max_stepz&#39; (did you mean &#39;train.max_steps&#39;?)" in r.text
     assert 'value="-1"' in r.text  # what was typed is kept
     r = c.post("/launch", data={"_stage": "sft", "output_dir": "../outside"})
-    assert r.status_code == 422 and f"output_dir: must be a folder name under {runs}, got &#39;../outside&#39;" in r.text
+    assert r.status_code == 422
+    assert f"output_dir: must be a folder name under {runs}, got &#39;../outside&#39;" in r.text
     r = c.post("/launch", data={"_stage": "sft", "output_dir": "done"})
     assert "output_dir: done already holds a run; pick a new name" in r.text
     assert c.post("/launch", data={"_stage": "rm -rf"}).status_code == 400
@@ -125,3 +127,27 @@ def test_api_key_is_required_on_every_page(runs):
     assert c.get("/api/runs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert c.get("/?key=s3cret").status_code == 200  # the browser way: the key then rides in a cookie
     assert c.get("/api/runs").status_code == 200
+
+
+def test_an_adviser_result_is_launched_from_its_page(runs):
+    from posttrain.plan.advise import write_recipe
+    from posttrain.stages import load_config
+
+    adv = runs / "advice"
+    adv.mkdir()
+    cfg = load_config("sft", None, ["model=/models/base", "data.train=gym:instruct", "train.batch_size=4"])
+    write_recipe(adv / "advice.yaml", cfg, "lora", adv, None)
+    (adv / "advice.json").write_text(json.dumps({"recommendation": "lora", "reasons": ["small data"]}))
+    c = TestClient(create_app(Studio(runs)))
+    row = {r[1]: r for r in rows_of(c.get("/").text, "runs")}["advice (adviser result)"]
+    assert row[4] == "recommends lora · launch it"
+    page = c.get("/runs/advice").text
+    assert '<b id="recommendation">lora</b>' in page and 'href="/launch?advice=advice"' in page
+    form = c.get("/launch?advice=advice").text
+    filled = dict(re.findall(r'<input name="([^"]+)" id="[^"]+" value="([^"]*)"', form))
+    assert filled["model"] == "/models/base" and filled["data.train"] == "gym:instruct"
+    assert filled["train.batch_size"] == "4" and filled["train.lr"] == "0.0002"  # the adviser's LoRA rate
+    assert re.search(r'<option value="lora" selected>', form)  # adapter.type
+    assert "from " in form and "stage &#39;sft&#39;" in form
+    assert filled["output_dir"].startswith("sft-")  # a fresh folder, not the adviser's
+    assert c.get("/launch?advice=nope").status_code == 404

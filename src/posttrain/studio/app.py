@@ -77,7 +77,7 @@ def curves(rows: list[dict]) -> list[dict]:
 
 
 def compare_table(entries) -> dict:
-    """Rows of (measure, column values ± se): eval results (base as the first column) and the runs' headline numbers."""
+    """Rows of (measure, value ± se per column): eval results (the base first) and the runs' headline numbers."""
     columns, rows = [], {}
     base_done = False
     for e in entries:
@@ -183,9 +183,11 @@ def create_app(studio: Studio) -> FastAPI:
         if e.kind == "run":
             return _page("run.html", title=rid, e=e, g=glance_data([e.run])[0]["g"], job=job,
                          adapter=adapter_dir(e.path) is not None)
+        if e.kind == "advice":
+            return _page("advice.html", title=rid, e=e, a=e.results or {})
         if e.kind == "eval":
             return _page("compare.html", title=f"Evaluation {rid}", table=compare_table([e]), selected=[rid],
-                         choices=[x.rid for x in studio.scan()], job=job)
+                         choices=[x.rid for x in studio.scan() if x.kind in ("run", "eval")], job=job)
         return _page("pipeline.html", title=rid, e=e, glance=glance_data([s.run for s in e.stages]))
 
     @app.get("/api/runs/{rid:path}/metrics")
@@ -219,10 +221,10 @@ def create_app(studio: Studio) -> FastAPI:
     @app.get("/compare", response_class=HTMLResponse)
     async def compare_page(request: Request):
         selected = request.query_params.getlist("run")
-        entries = [e for e in (studio.entry(r) for r in selected) if e is not None and e.kind != "pipeline"]
+        entries = [e for e in (studio.entry(r) for r in selected) if e is not None and e.kind in ("run", "eval")]
+        choices = [e.rid for e in studio.scan() if e.kind in ("run", "eval")]
         return _page("compare.html", title="Compare", table=compare_table(entries) if entries else None,
-                     selected=[e.rid for e in entries], choices=[e.rid for e in studio.scan() if e.kind != "pipeline"],
-                     job=None)
+                     selected=[e.rid for e in entries], choices=choices, job=None)
 
     @app.post("/api/evaluate/{rid:path}")
     async def evaluate_api(rid: str, request: Request):
@@ -245,18 +247,29 @@ def create_app(studio: Studio) -> FastAPI:
         return {"state": job.state(), "log": job.log_tail(2000)}
 
     @app.get("/launch", response_class=HTMLResponse)
-    async def launch_page(stage: str = "sft"):
+    async def launch_page(stage: str = "sft", advice: str | None = None):
+        notes: list[str] = []
+        values: dict[str, str] = {}
+        if advice is not None:  # an adviser result's recipe fills the form
+            e = studio.entry(advice)
+            if e is None or e.kind != "advice":
+                return _page("error.html", title="Launch", message=f"no adviser result {advice!r}", status_code=404)
+            try:
+                stage, values, notes = forms.from_recipe(e.path / "advice.yaml")
+            except (OSError, ValueError) as ex:
+                return _page("error.html", title="Launch", message=str(ex), status_code=422)
+            values.pop("output_dir", None)
         if stage not in STAGES:
             return _page("error.html", title="Launch", message=f"unknown stage {stage!r}; known: "
                          f"{', '.join(sorted(STAGES))}", status_code=404)
-        return _launch_form(stage, {}, {})
+        return _launch_form(stage, values, {}, notes=notes)
 
-    def _launch_form(stage, values, errors, status_code=200):
+    def _launch_form(stage, values, errors, status_code=200, notes=()):
         default_out = f"{stage}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
         values = {"output_dir": default_out, **values}
         return _page("launch.html", title="Launch", stage=stage, stages=sorted(STAGES), values=values, errors=errors,
                      groups=forms.form_fields(stage), doc=(schema(stage).__doc__ or "").strip(),
-                     status_code=status_code)
+                     notes=list(notes), status_code=status_code)
 
     @app.post("/launch")
     async def launch_submit(request: Request):

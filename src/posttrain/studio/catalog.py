@@ -2,7 +2,8 @@
 
 A run is a directory with a ``config.yaml``, ``manifest.json`` or ``metrics.jsonl``; a pipeline
 is one with a ``lineage.json`` (its stage directories are shown inside its row, not again on
-their own); an evaluation is one with a ``results.json`` (``posttrain eval --out``).
+their own); an evaluation is one with a ``results.json`` (``posttrain eval --out``); an adviser result is one
+with an ``advice.json`` (``posttrain advise --out``), launchable from its page.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ LIVE_S = 60.0  # an unfinished run whose metrics.jsonl changed this recently is 
 @dataclass
 class Entry:
     rid: str  # the path under the runs folder, with "/"
-    kind: str  # "run" | "pipeline" | "eval"
+    kind: str  # "run" | "pipeline" | "eval" | "advice"
     path: Path
     run: dict | None = None  # report.runs.load_run(...) for runs
     stages: list["Entry"] = field(default_factory=list)  # a pipeline's stage runs
-    results: dict | None = None  # results.json of an evaluation
+    results: dict | None = None  # results.json of an evaluation, advice.json of an adviser result
 
     @property
     def status(self) -> str:
@@ -36,6 +37,8 @@ class Entry:
                 "completed" if sts and all(s == "completed" for s in sts) else (sts[-1] if sts else "empty")
         if self.kind == "eval":
             return "completed" if (self.results or {}).get("passed", True) else "regression"
+        if self.kind == "advice":
+            return "advice"
         status = self.run["status"]
         if status == UNFINISHED:
             m = self.path / "metrics.jsonl"
@@ -79,6 +82,8 @@ def scan(root: Path, *, running: set[str] = frozenset()) -> list[Entry]:
             found.append(e)
         elif (p / "results.json").is_file():
             found.append(_eval_entry(root, p))
+        elif (p / "advice.json").is_file():
+            found.append(_json_entry(root, p, "advice", "advice.json"))
         elif _is_run(p):
             found.append(run_entry(root, p, running))
         else:  # a folder of runs (runs/group/run)
@@ -104,12 +109,16 @@ def run_entry(root: Path, p: Path, running) -> Entry:
     return e
 
 
-def _eval_entry(root: Path, p: Path) -> Entry:
+def _json_entry(root: Path, p: Path, kind: str, name: str) -> Entry:
     try:
-        res = json.loads((p / "results.json").read_text())
+        res = json.loads((p / name).read_text())
     except (OSError, json.JSONDecodeError):
         res = {}
-    return Entry(_rid(root, p), "eval", p, results=res if isinstance(res, dict) else {})
+    return Entry(_rid(root, p), kind, p, results=res if isinstance(res, dict) else {})
+
+
+def _eval_entry(root: Path, p: Path) -> Entry:
+    return _json_entry(root, p, "eval", "results.json")
 
 
 def find(root: Path, rid: str, *, running: set[str] = frozenset()) -> Entry:
@@ -122,6 +131,8 @@ def find(root: Path, rid: str, *, running: set[str] = frozenset()) -> Entry:
         return next(e for e in scan(root, running=running) if e.path.resolve() == p)
     if (p / "results.json").is_file():
         return _eval_entry(root, p)
+    if (p / "advice.json").is_file():
+        return _json_entry(root, p, "advice", "advice.json")
     if _is_run(p):
         return run_entry(root, p, running)
     raise KeyError(rid)

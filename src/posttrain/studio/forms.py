@@ -122,3 +122,35 @@ def validate(stage: str, overrides: list[str]) -> tuple[object | None, dict[str,
                 key = line.split(": ", 1)[0]
             errors.setdefault(key, []).append(line)
         return None, errors
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """A nested config mapping as ``{dotted key: value as typed}`` (to fill the form)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = show(v)
+    return out
+
+
+def from_recipe(path) -> tuple[str, dict[str, str], list[str]]:
+    """The last training stage of a pipeline recipe (an adviser's ``advice.yaml``) as
+    (stage, form values, notes): the form starts from what the adviser recommends."""
+    from pathlib import Path
+
+    from posttrain.stages import STAGES
+
+    recipe = yaml.safe_load(Path(path).read_text()) or {}
+    stages = [s for s in recipe.get("stages") or [] if isinstance(s, dict) and s.get("stage") in STAGES]
+    if not stages:
+        raise ValueError(f"{path}: no training stage to launch (the advice is to prompt the base model)")
+    st = stages[-1]
+    values = flatten({k: v for k, v in st.items() if k not in ("name", "stage")})
+    notes = [f"from {path}: stage {st.get('name', st['stage'])!r}"]
+    if len(stages) > 1:
+        earlier = ", ".join(repr(s.get("name", s["stage"])) for s in stages[:-1])
+        notes.append(f"the recipe runs {earlier} first: run it whole with `posttrain pipeline {path}`, or launch "
+                     "that stage first and set model to its run")
+    return st["stage"], values, notes
