@@ -50,7 +50,7 @@ def test_ctrl_c_drains_open_requests_then_exits():
             assert time.monotonic() - t0 < 120
             time.sleep(0.2)
         result = {}
-        body = {"model": "base", "prompt": "The", "max_tokens": 120, "temperature": 1.5, "seed": 3}
+        body = {"model": "base", "prompt": "The", "max_tokens": 300, "ignore_eos": True}
         t = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/v1/completions", json=body,
                                                                        timeout=120)))
         t.start()
@@ -61,9 +61,9 @@ def test_ctrl_c_drains_open_requests_then_exits():
         assert proc.wait(60) == 0
         r = result["r"]
         assert r.status_code == 200
-        # the request that was running when Ctrl-C came finished normally
-        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
-        assert r.json()["usage"]["completion_tokens"] > 0
+        # the request that was running when Ctrl-C came finished in full
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        assert r.json()["usage"]["completion_tokens"] == 300
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -188,7 +188,7 @@ def _requests(server: Server, body, ids, adapter, limit: int, logprobs: Optional
         params = SamplingParams(max_new_tokens=limit, temperature=body.temperature, top_p=body.top_p,
                                 stop=body.stops(), seed=None if body.seed is None else body.seed + i)
         q: asyncio.Queue = asyncio.Queue()
-        req = Request(list(ids), params, adapter, logprobs=logprobs, stream=body.stream,
+        req = Request(list(ids), params, adapter, logprobs=logprobs, stream=body.stream, ignore_eos=body.ignore_eos,
                       on_delta=lambda d, q=q: loop.call_soon_threadsafe(q.put_nowait, d))
         req.sink = q
         out.append(req)

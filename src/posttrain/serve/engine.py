@@ -62,6 +62,7 @@ class Request:
     adapter: Optional[ServedAdapter] = None
     logprobs: Optional[int] = None  # None: no log-probs; k: the token's and the top k
     stream: bool = False  # deltas after every token (else one delta at the end)
+    ignore_eos: bool = False  # keep going past end-of-sequence tokens until max_new_tokens
     on_delta: Callable[[Delta], None] = lambda d: None  # called on the engine thread; must not block
     sink: Any = None  # the caller's own handle (the HTTP layer keeps its asyncio queue here)
     # filled in by the engine
@@ -360,7 +361,7 @@ class Engine:
 
     def _advance(self, req: Request, tok: int) -> None:
         req.tokens.append(tok)
-        if tok in self.stop_ids:
+        if tok in self.stop_ids and not req.ignore_eos:
             req.finish_reason = "stop"
         elif len(req.tokens) >= req.params.max_new_tokens:
             req.finish_reason = "length"

@@ -47,6 +47,7 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (load tests)
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
