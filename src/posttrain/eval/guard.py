@@ -183,9 +183,10 @@ class DriftGuard:
                                                          max_new_tokens=max_new_tokens, batch_size=batch_size)
         self.text_ref = drift_mod.text_reference(model, tokenizer, text_source, n=n_text, batch_size=batch_size)
         self.setup_s = clock() - t0
+        # snapshots and roll-back go through the model given here: a DDP wrapper the engine calls the
+        # guard with shares its parameters but prefixes their names with "module."
         self.model = model
-        self.good = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad} \
-            if rollback else None
+        self.good = self._snapshot() if rollback else None
         self.good_step = 0
         self.history: list[dict] = []
         # the starting model's check: its cost sets the cadence (and its drift is 0 unless the
@@ -221,14 +222,16 @@ class DriftGuard:
         self.check_s = self.clock() - t0
         self.spent_s += self.check_s
         self._last = self.clock()  # the check's own time is not training time
-        self.model = model
         m["guard_time_share"] = self.spent_s / max(self.train_s + self.spent_s, 1e-9)
         if self._reason(m) is None:
             self.good_step = step
             if self.rollback:
-                self.good = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+                self.good = self._snapshot()
         self.history.append({"step": step, **m})
         return m
+
+    def _snapshot(self) -> dict:
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _reason(self, m: dict) -> Optional[str]:
         # limits apply to the change since the start: a run that continues an adapter starts with
