@@ -16,7 +16,7 @@ import re
 from typing import Callable
 
 from posttrain.eval import ifeval, lm, stats
-from posttrain.eval.refusal import is_refusal
+from posttrain.data.refusal import is_refusal
 from posttrain.eval.tasks import Task, prompt_of, resolve_callable
 
 # metrics where lower is better; every other metric is better higher
