@@ -74,6 +74,9 @@ def test_run_metrics_api_groups_curves_like_the_report(runs):
     assert (loss["lines"][1]["steps"], loss["lines"][1]["values"]) == tuple(map(list, series(rows)["eval"]["loss"]))
     page = c.get("/runs/done").text
     assert "Studio.followRun(\"done\")" in page and "stage: sft" in page
+    # its evaluation against the base (made by "Evaluate vs base") is linked from the run
+    assert 'href="/compare?run=.studio/evals/done&amp;run=done" id="evaluation"' in page
+    assert 'id="evaluation"' not in c.get("/runs/broken").text
     assert c.get("/runs/nope").status_code == 404
     assert c.get("/runs/../../etc").status_code == 404  # an id never leaves the runs folder
     assert c.get("/api/runs/nope/metrics").json() == {"error": "no run 'nope'"}

@@ -211,8 +211,8 @@ def build_report(
     """Write one self-contained HTML report for one or several runs and return its path.
 
     ``run_dirs`` are run directories (see docs/architecture.md); ``stages`` maps a stage name to
-    its run directory (a pipeline or the demo) and is shown after them. Curves of all runs share
-    axes, one colour per run. ``summary`` (``{stage: {metric: value}}``) fills the stage table;
+    its run directory (a pipeline or the demo) and is shown after them. Curves of runs of the same
+    stage kind share axes, one colour per run (`curve_groups`). ``summary`` (``{stage: {metric: value}}``) fills the stage table;
     without it the ``summary.json`` files found in the run directories are merged. ``out``
     defaults to ``<first run dir>/report.html``. ``sections`` (see `Section`) follow the summary
     table; a report made of sections only (an evaluation, no training run) needs ``out``.

@@ -181,8 +181,10 @@ def create_app(studio: Studio) -> FastAPI:
                          status_code=404)
         job = studio.jobs.get(rid)
         if e.kind == "run":
+            ev = f"{catalog.STUDIO_DIR}/evals/{rid.replace('/', '__')}"
             return _page("run.html", title=rid, e=e, g=glance_data([e.run])[0]["g"], job=job,
-                         adapter=adapter_dir(e.path) is not None)
+                         adapter=adapter_dir(e.path) is not None,
+                         evaluation=ev if (studio.runs / ev / "results.json").is_file() else None)
         if e.kind == "advice":
             return _page("advice.html", title=rid, e=e, a=e.results or {})
         if e.kind == "eval":
@@ -234,7 +236,7 @@ def create_app(studio: Studio) -> FastAPI:
             return JSONResponse({"error": f"{rid}: only a completed run can be evaluated"}, status_code=409)
         body = await request.json() if request.headers.get("content-type", "").startswith("application/json") else {}
         base = e.run["model"]
-        out = f"{catalog.STUDIO_DIR}/evals/{rid.replace('/', '__')}"
+        out = f"{catalog.STUDIO_DIR}/evals/{rid.replace('/', '__')}"  # the run page links it back
         studio.jobs.evaluate(out, str(e.path), base, suite=str(body.get("suite") or "regression"),
                              limit=body.get("limit") or 20)
         return {"eval": out}
