@@ -104,7 +104,6 @@ def test_a_missing_package_is_skipped_with_what_to_install(tmp_path, monkeypatch
         Monitor(tmp_path, total_steps=1, progress=False, report_to=("comet",))
 
 
-@pytest.mark.slow  # a real sft run: about 15 s idle, 27 s on the shared machine
 def test_a_training_run_reports_to_tensorboard_with_its_resolved_config(tiny_models, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
