@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from posttrain.report.metrics import series
 from posttrain.studio.app import Studio, create_app
 from posttrain.studio.cli import StudioError, check_host
-from tests.report.report_runs import write_run
+from tests.report.report_runs import DEMO_SUMMARY, write_run
 
 
 def rows_of(page: str, table_id: str) -> list[list[str]]:
@@ -154,3 +154,15 @@ def test_an_adviser_result_is_launched_from_its_page(runs):
     assert "from " in form and "stage &#39;sft&#39;" in form
     assert filled["output_dir"].startswith("sft-")  # a fresh folder, not the adviser's
     assert c.get("/launch?advice=nope").status_code == 404
+
+
+def test_compare_a_pipelines_stages_with_its_base_row(runs):
+    (runs / "pipe" / "summary.json").write_text(json.dumps(DEMO_SUMMARY))  # the demo's shape
+    c = TestClient(create_app(Studio(runs)))
+    assert 'href="/compare?run=pipe"' in c.get("/runs/pipe").text
+    page = c.get("/compare?run=pipe").text
+    head = re.search(r'<table id="compare"><thead><tr>(.*?)</tr>', page).group(1)
+    assert re.findall(r"<th[^>]*>(.*?)</th>", head) == ["measure", "base", "pipe: sft"]
+    table = {r[0]: r[1:] for r in rows_of(page, "compare")}
+    assert table["task_accuracy"] == ["0.062", "0.938 +0.877"]  # 0.9383 - 0.0617
+    assert table["train_time_s"] == ["–", "41"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hmac
 import html
+import json
 import re
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -95,6 +96,20 @@ def compare_table(entries) -> dict:
                 for task, res in ((e.results or {}).get("tuned") or {}).items():
                     if isinstance(res, dict) and isinstance(res.get("value"), (int, float)):
                         rows.setdefault(f"{task}", {})[e.rid] = (res["value"], res.get("stderr"))
+        elif e.kind == "pipeline":  # the demo's summary.json: a base row and one row per stage
+            summary = _summary(e.path)
+            for name, measures in summary.items():
+                col = "base" if name == "base" and not base_done else f"{e.rid}: {name}"
+                for k, v in measures.items():
+                    value, se = (v.get("value"), v.get("stderr")) if isinstance(v, dict) else (v, None)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        rows.setdefault(k, {})[col] = (value, se)
+                if col == "base":
+                    columns.insert(0, "base")
+                    base_done = True
+                else:
+                    columns.append(col)
+            continue
         else:
             for k, v in e.run["glance"]["headline"].items():
                 rows.setdefault(k, {})[e.rid] = (v, None)
@@ -117,6 +132,14 @@ def compare_table(entries) -> dict:
             cells.append({"text": text, "delta": delta})
         table.append({"measure": key, "cells": cells})
     return {"columns": columns, "rows": table}
+
+
+def _summary(path: Path) -> dict:
+    try:
+        s = json.loads((path / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: v for k, v in s.items() if isinstance(v, dict)} if isinstance(s, dict) else {}
 
 
 _MARK = re.compile(r"\[\[(.*?)\]\]", re.S)
@@ -190,7 +213,8 @@ def create_app(studio: Studio) -> FastAPI:
         if e.kind == "eval":
             return _page("compare.html", title=f"Evaluation {rid}", table=compare_table([e]), selected=[rid],
                          choices=[x.rid for x in studio.scan() if x.kind in ("run", "eval")], job=job)
-        return _page("pipeline.html", title=rid, e=e, glance=glance_data([s.run for s in e.stages]))
+        return _page("pipeline.html", title=rid, e=e,
+                     stages=list(zip(glance_data([s.run for s in e.stages]), e.stages)))
 
     @app.get("/api/runs/{rid:path}/metrics")
     async def metrics_api(rid: str):
@@ -223,8 +247,8 @@ def create_app(studio: Studio) -> FastAPI:
     @app.get("/compare", response_class=HTMLResponse)
     async def compare_page(request: Request):
         selected = request.query_params.getlist("run")
-        entries = [e for e in (studio.entry(r) for r in selected) if e is not None and e.kind in ("run", "eval")]
-        choices = [e.rid for e in studio.scan() if e.kind in ("run", "eval")]
+        entries = [e for e in (studio.entry(r) for r in selected) if e is not None and e.kind in ("run", "eval", "pipeline")]
+        choices = [e.rid for e in studio.scan() if e.kind in ("run", "eval", "pipeline")]
         return _page("compare.html", title="Compare", table=compare_table(entries) if entries else None,
                      selected=[e.rid for e in entries], choices=choices, job=None)
 
