@@ -166,3 +166,13 @@ def test_compare_a_pipelines_stages_with_its_base_row(runs):
     table = {r[0]: r[1:] for r in rows_of(page, "compare")}
     assert table["task_accuracy"] == ["0.062", "0.938 +0.877"]  # 0.9383 - 0.0617
     assert table["train_time_s"] == ["–", "41"]
+
+
+def test_the_runs_folder_itself_is_a_pipeline(runs):
+    """`posttrain studio --runs demo-out`: the demo's folder holds lineage.json and its stages."""
+    pipe = runs / "pipe"
+    (pipe / "summary.json").write_text(json.dumps(DEMO_SUMMARY))
+    c = TestClient(create_app(Studio(pipe)))
+    assert [r[1:3] for r in rows_of(c.get("/").text, "runs")] == [["pipe (pipeline)", "completed"]]
+    assert "Compare the stages with the base" in c.get("/runs/pipe").text
+    assert c.get("/runs/sft").status_code == 200 and c.get("/api/runs/sft/metrics").json()["last_step"] == 10

@@ -48,7 +48,8 @@ class Entry:
 
 
 def _rid(root: Path, p: Path) -> str:
-    return p.relative_to(root).as_posix()
+    # the folder itself is a pipeline (`posttrain studio --runs demo-out`): it goes by its name
+    return root.name if p == root else p.relative_to(root).as_posix()
 
 
 def _is_run(p: Path) -> bool:
@@ -56,15 +57,17 @@ def _is_run(p: Path) -> bool:
 
 
 def scan(root: Path, *, running: set[str] = frozenset()) -> list[Entry]:
-    """Every run, pipeline and evaluation under `root` (two levels deep), newest first.
+    """Every run, pipeline and evaluation under `root` (two levels deep), newest first; `root`
+    itself when it is a pipeline (the demo's output folder).
 
     `running` holds the ids of runs the studio launched and whose process is alive: they are
     "running" whatever their files say.
     """
-    root = Path(root)
+    root = Path(root).resolve()
     found: list[Entry] = []
     claimed: set[Path] = set()
-    candidates = sorted(p for p in root.glob("*") if p.is_dir() and p.name != STUDIO_DIR)
+    candidates = [root] if (root / "lineage.json").is_file() else []
+    candidates += sorted(p for p in root.glob("*") if p.is_dir() and p.name != STUDIO_DIR)
     candidates += sorted(p for p in root.glob(f"{STUDIO_DIR}/evals/*") if p.is_dir())
     for p in candidates:
         if (p / "lineage.json").is_file():
@@ -125,7 +128,9 @@ def find(root: Path, rid: str, *, running: set[str] = frozenset()) -> Entry:
     """The entry `rid` (a path under `root`); KeyError when it is not a run under `root`."""
     root = Path(root).resolve()
     p = (root / rid).resolve()
-    if root not in p.parents or not p.is_dir():  # ".." in an id never leaves the folder
+    if rid == root.name and not p.exists() and (root / "lineage.json").is_file():
+        p = root  # the folder itself is the pipeline
+    elif root not in p.parents or not p.is_dir():  # ".." in an id never leaves the folder
         raise KeyError(rid)
     if (p / "lineage.json").is_file():
         return next(e for e in scan(root, running=running) if e.path.resolve() == p)
