@@ -66,3 +66,13 @@ def test_cli_rejects_a_bad_significance(capsys):
         main(["--model", "m", "--baseline", "b", "--fail-on-regression", "--significance", "0.7"])
     assert e.value.code == 2
     assert "--significance must be in (0, 0.5), got 0.7" in capsys.readouterr().err
+
+
+def test_the_training_guard_uses_the_same_rule_for_a_drop_equal_to_its_limit():
+    from posttrain.eval.guard import regression_guard
+    from posttrain.models.tiny import build_tokenizer
+
+    _, guard = regression_guard(build_tokenizer(), "regression", every=1, max_drop=0.02, baseline=0.98)
+    assert guard({"regression_score": 0.96, "regression_drop": 0.98 - 0.96}) is None  # 0.020000000000000018
+    assert guard({"regression_score": 0.95, "regression_drop": 0.98 - 0.95}).startswith(
+        "forgetting guard: regression score 0.950 is 0.030 below the reference 0.980 (limit 0.02)")

@@ -34,6 +34,7 @@ import torch
 
 from posttrain.eval import drift as drift_mod
 
+from posttrain.eval.compare import beyond
 from posttrain.eval.runner import run_suite
 from posttrain.eval.suites import load_suite
 
@@ -82,13 +83,13 @@ def regression_guard(tokenizer, suite="regression", every: int = 1, max_drop: Op
         drop = state["reference"] - score["value"]
         state["model"] = model
         state["history"].append((step, score["value"]))
-        if max_drop is None or drop <= max_drop:
+        if max_drop is None or not beyond(drop, max_drop):  # equal to the limit up to rounding is within it
             state["good"], state["good_step"] = _trainable_state(model), step
         return {"regression_score": score["value"], "regression_score_stderr": score["stderr"],
                 "regression_drop": drop}
 
     def guard(metrics: dict) -> Optional[str]:
-        if max_drop is None or "regression_drop" not in metrics or metrics["regression_drop"] <= max_drop:
+        if max_drop is None or "regression_drop" not in metrics or not beyond(metrics["regression_drop"], max_drop):
             return None
         reason = (f"forgetting guard: regression score {metrics['regression_score']:.3f} is "
                   f"{metrics['regression_drop']:.3f} below the reference {state['reference']:.3f} "
