@@ -147,7 +147,8 @@ def curve_groups(runs: list[dict]) -> list[dict]:
                 (name, split, *s[split][key])
                 for name, s in per_run
                 for split in sorted(s, key=lambda x: (x != "train", x != "eval", x))
-                if key in s[split]
+                # wall-clock time is one clock: the train split's line says it, an eval copy is noise
+                if key in s[split] and not (key == "elapsed_s" and split != "train" and "train" in s)
             ]
             if not worth_plotting([values for *_, values in lines]):
                 continue

@@ -71,7 +71,8 @@ def curves(rows: list[dict]) -> list[dict]:
     for key in metric_order(keys):
         lines = [{"split": split, "steps": s[split][key][0],
                   "values": [v if v == v and abs(v) != float("inf") else None for v in s[split][key][1]]}
-                 for split in sorted(s, key=lambda x: (x != "train", x != "eval", x)) if key in s[split]]
+                 for split in sorted(s, key=lambda x: (x != "train", x != "eval", x))
+                 if key in s[split] and not (key == "elapsed_s" and split != "train" and "train" in s)]
         if worth_plotting([ln["values"] for ln in lines if ln["values"]]) or key == "loss":
             groups.setdefault(group_of(key), []).append({"key": key, "title": title_of(key), "lines": lines})
     return [{"name": g, "metrics": m} for g, m in groups.items()]
