@@ -108,3 +108,31 @@ def test_damaged_checkpoint_names_the_file(saved, damage, message):
         ckpt.load_checkpoint(path, model=model, optimizer=opt)
     assert message in str(e.value)
     assert str(path) in str(e.value)
+
+
+def test_resume_through_the_cli_refuses_a_crafted_checkpoint_unless_trusted(tiny_models, tmp_path, capsys):
+    """`posttrain sft --resume` reads the run's latest checkpoint: a crafted `.metadata` there runs
+    nothing and names the file; `--trust-checkpoint` reaches the loader (the payload then runs)."""
+    import json
+
+    from posttrain.cli import main
+    from posttrain.stages import load_config, sft
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f" a{i}"}) + "\n" for i in range(16)))
+    out = tmp_path / "run"
+    args = [f"model={tiny_models('qwen2')}", f"data.train={data}", f"output_dir={out}", "train.max_steps=2",
+            "train.save_every=1", "train.batch_size=4", "train.progress=false"]
+    sft.run(load_config("sft", overrides=args))
+    (out / "manifest.json").unlink()  # as a kill after the step-1 checkpoint leaves it (no manifest, no model)
+    (out / "model").rename(tmp_path / "model-moved")
+    meta = sorted((out / "checkpoints").glob("step-*"))[-1] / "weights" / ".metadata"
+    marker = tmp_path / "marker"
+    meta.write_bytes(pickle.dumps(_Payload(marker)))
+    assert main(["sft", "--resume", *args]) == 2
+    err = capsys.readouterr().err
+    assert ".metadata" in err and "--trust-checkpoint" in err and "Traceback" not in err
+    assert not marker.exists()
+    # trusted, the payload runs (it is no metadata object, so the load then fails with a clear error)
+    assert main(["sft", "--resume", "--trust-checkpoint", *args]) == 2
+    assert marker.read_text() == "ran"

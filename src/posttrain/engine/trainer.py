@@ -145,7 +145,7 @@ class Engine:
 
     # ------------------------------------------------------------ the loop
 
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool = False, trust_checkpoint: bool = False) -> dict:
         torch.manual_seed(self.t.seed + rank())
         model = self.model
         self.optimizer = build_optimizer(model, lr=self.cfg.default_lr(), weight_decay=self.t.weight_decay,
@@ -156,7 +156,8 @@ class Engine:
         if resume:
             last = ckpt.latest_checkpoint(self.ckpt_root)
             if last is not None:
-                st = ckpt.load_checkpoint(last, model=model, optimizer=self.optimizer, scheduler=self.scheduler)
+                st = ckpt.load_checkpoint(last, model=model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                          trust=trust_checkpoint)
                 self.step, self.best, self.bad_evals = st["step"], st["best"], st["bad_evals"]
                 self.tokens_seen = st.get("tokens_seen", 0)
                 self.sampler.load_state_dict(st["sampler"])

@@ -47,11 +47,13 @@ class FinalMeasures:
 def run_training(cfg: RunConfig, make_stage: Callable[[object], Stage],
                  make_data: Callable[[RunConfig, object], TrainData], *, resume: bool = False,
                  evaluators: Sequence[Callable] = (), guard=None, model=None, tokenizer=None,
-                 after_training: Optional[Callable[[torch.nn.Module, dict], FinalMeasures]] = None) -> RunResult:
+                 after_training: Optional[Callable[[torch.nn.Module, dict], FinalMeasures]] = None,
+                 trust_checkpoint: bool = False) -> RunResult:
     """Claim the output directory, train, publish the final model, measure, report, sign the run off.
 
     `after_training(model, result) -> FinalMeasures` runs on the main process after the model is
-    published and before the report and the manifest. On any failure the manifest says "failed"
+    published and before the report and the manifest. `trust_checkpoint` lets a resumed run's
+    checkpoint unpickle what the safe loader refuses (`--trust-checkpoint`). On any failure the manifest says "failed"
     with the error, checkpoints stay, and no final model appears under its final name.
     """
     started = time.time()
@@ -71,7 +73,7 @@ def run_training(cfg: RunConfig, make_stage: Callable[[object], Stage],
         model, strategy = wrap_model(model, cfg.train.distributed, precision=cfg.train.precision, device=device,
                                      cpu_offload=cfg.train.cpu_offload)
         engine = Engine(model, make_stage(tokenizer), data, cfg, evaluators=evaluators, guard=guard, device=device)
-        result = engine.fit(resume=resume)
+        result = engine.fit(resume=resume, trust_checkpoint=trust_checkpoint)
         result["data"] = {k: v for k, v in data.stats.items() if isinstance(v, (int, float, str))}
         result["eval_history"] = engine.history
         result["distributed"] = {"strategy": strategy, "world_size": world_size()}

@@ -44,11 +44,11 @@ def check_reference(key: str, mode: Optional[str], adapter_type: str, alternativ
 
 
 def run_pairwise(cfg: RunConfig, make_stage: Callable[[Optional[Reference]], object], *,
-                 reference_mode: Optional[str], kind: str = "paired", resume: bool = False, evaluators=(),
-                 model=None, tokenizer=None, guard=None, after_training=None) -> RunResult:
+                 reference_mode: Optional[str], kind: str = "paired", resume: bool = False, model=None,
+                 tokenizer=None, **kw) -> RunResult:
     """Load the policy, build its reference (`reference_mode`; None for reference-free methods),
     hand it to `make_stage(reference)`, and train on the run's pairs (`kind` "paired") or
-    thumbs-up/down examples ("unpaired", KTO). The stage's `held_out_evaluator(items, collate)`
+    thumbs-up/down examples ("unpaired", KTO); `kw` go to `run_training`. The stage's `held_out_evaluator(items, collate)`
     measures the held-out data; a `precomputed` reference scores every pair once before training.
     """
     if model is None:
@@ -71,5 +71,4 @@ def run_pairwise(cfg: RunConfig, make_stage: Callable[[Optional[Reference]], obj
         return TrainData(train=train, eval=eval_items, collate=collate, stats=stats, hashes=hashes,
                          evaluators=held_out)
 
-    return run_training(cfg, lambda tok: stage, make_data, resume=resume, evaluators=evaluators, guard=guard,
-                        model=model, tokenizer=tokenizer, after_training=after_training)
+    return run_training(cfg, lambda tok: stage, make_data, resume=resume, model=model, tokenizer=tokenizer, **kw)

@@ -73,7 +73,7 @@ class RewardStage:
                                        precision=self.t.precision)
 
 
-def run(cfg: RewardConfig, *, resume: bool = False, evaluators=(), model=None, tokenizer=None, guard=None) -> RunResult:
+def run(cfg: RewardConfig, *, resume: bool = False, model=None, tokenizer=None, **kw) -> RunResult:
     if cfg.stage != "reward":
         raise ValueError(f"reward.run got a '{cfg.stage}' config")
     if model is None:
@@ -82,5 +82,5 @@ def run(cfg: RewardConfig, *, resume: bool = False, evaluators=(), model=None, t
         model, tokenizer = reward_model_from_lm(cfg.model, device=cfg.train.device, tokenizer=cfg.tokenizer,
                                                 trust_remote_code=cfg.trust_remote_code, seed=cfg.train.seed)
     model.requires_grad_(True)
-    return run_pairwise(cfg, lambda ref: RewardStage(cfg), reference_mode=None, resume=resume,
-                        evaluators=evaluators, model=model, tokenizer=tokenizer, guard=guard)
+    return run_pairwise(cfg, lambda ref: RewardStage(cfg), reference_mode=None, resume=resume, model=model,
+                        tokenizer=tokenizer, **kw)
