@@ -62,3 +62,13 @@ def worth_plotting(values_per_line: list[list[float]]) -> bool:
         return False
     allv = [v for f in finite for v in f]
     return max(allv) - min(allv) > 1e-12 * max(1.0, abs(max(allv)))
+
+
+def splits_of(by_split: dict[str, dict], key: str) -> list[str]:
+    """The splits whose line of `key` is drawn (``{split: {metric: ...}}``), train first, eval second.
+
+    Wall-clock time is one clock: the train split's line says it, and an eval copy is noise.
+    """
+    order = sorted(by_split, key=lambda x: (x != "train", x != "eval", x))
+    return [sp for sp in order
+            if key in by_split[sp] and not (key == "elapsed_s" and sp != "train" and "train" in by_split)]

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.report.groups import group_of, metric_order, worth_plotting
+from posttrain.report.groups import group_of, metric_order, splits_of, worth_plotting
 from posttrain.report.metrics import is_number, last_values, series
 from posttrain.report.plots import plot_metric, title_of
 from posttrain.report.runs import load_run
@@ -146,9 +146,7 @@ def curve_groups(runs: list[dict]) -> list[dict]:
             lines = [
                 (name, split, *s[split][key])
                 for name, s in per_run
-                for split in sorted(s, key=lambda x: (x != "train", x != "eval", x))
-                # wall-clock time is one clock: the train split's line says it, an eval copy is noise
-                if key in s[split] and not (key == "elapsed_s" and split != "train" and "train" in s)
+                for split in splits_of(s, key)
             ]
             if not worth_plotting([values for *_, values in lines]):
                 continue

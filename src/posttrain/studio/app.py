@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from posttrain.report.groups import group_of, metric_order, worth_plotting
+from posttrain.report.groups import group_of, metric_order, splits_of, worth_plotting
 from posttrain.report.metrics import series
 from posttrain.report.page import fmt, glance_data
 from posttrain.report.plots import title_of
@@ -71,8 +71,7 @@ def curves(rows: list[dict]) -> list[dict]:
     for key in metric_order(keys):
         lines = [{"split": split, "steps": s[split][key][0],
                   "values": [v if v == v and abs(v) != float("inf") else None for v in s[split][key][1]]}
-                 for split in sorted(s, key=lambda x: (x != "train", x != "eval", x))
-                 if key in s[split] and not (key == "elapsed_s" and split != "train" and "train" in s)]
+                 for split in splits_of(s, key)]
         if worth_plotting([ln["values"] for ln in lines if ln["values"]]) or key == "loss":
             groups.setdefault(group_of(key), []).append({"key": key, "title": title_of(key), "lines": lines})
     return [{"name": g, "metrics": m} for g, m in groups.items()]
