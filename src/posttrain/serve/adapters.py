@@ -2,17 +2,19 @@
 
 LoRA, rsLoRA and DoRA adapters are loaded with `posttrain.models.adapters.load_adapter`
 (PEFT format), so each wrapped linear layer keeps every adapter's own A and B. For serving,
-each layer also keeps them stacked, with adapter 0 all zeros for rows on the plain base:
+each layer also keeps them side by side, K adapters of ranks r_k in R = Σ r_k columns:
 
-    A [K+1, in, r_max] (scale s folded in),  B [K+1, r_max, out],  g [K+1, out]
-    y = W x + (g[k] - 1) · W x + g[k] · (x A[k]) B[k]      for a row using adapter k
+    A [in, R] (each block s_k · A_k^T),  B [R, out] (each block B_k^T),  owner [R],  g [K+1, out]
+    h = (x A) ⊙ [owner == k]          (row of adapter k keeps its own r_k columns, exact zeros elsewhere)
+    y = W x + (g[k] - 1) · W x + g[k] · h B
 
 which is LoRA (``g = 1``) or DoRA with the norm taken as a constant (``g = m / ||W + sBA||``,
-as in `models/adapters/lora.py`). One gather and two batched matmuls per layer serve any mix
-of adapters, as Punica's BGMV does (Chen et al. 2023, "Punica: Multi-Tenant LoRA Serving"),
-instead of one slice-compute-scatter per adapter (`models/adapters/multi.py`'s `select`),
-whose cost grows with the number of distinct adapters in the batch. Ranks below r_max are
-zero-padded, which adds exact zeros.
+as in `models/adapters/lora.py`); rows on the plain base (k = 0) own no column. Two matmuls
+and a mask per layer serve any mix of adapters, where `models/adapters/multi.py`'s `select`
+slices, computes and scatters once per distinct adapter, and a per-row gather of A and B
+(Punica's BGMV on GPUs) copied about 1 MB per row per step on the bundled model, which
+made mixed batches slower on CPU than the extra R/r multiply-adds of computing every
+adapter's x A.
 
 Prompt and prefix tuning add virtual tokens instead of weights; they are kept here as
 tensors and the engine puts them in front of each of their requests (prompt embeddings in
@@ -53,45 +55,61 @@ class ServedAdapter:
 
 
 class RowAdapters:
-    """Which stacked LoRA adapter each row of the next forward uses (None: no LoRA at all)."""
+    """Which LoRA adapter each row of the next forward uses (None: no LoRA at all)."""
 
     def __init__(self):
         self.ids: Optional[torch.Tensor] = None  # [B] long, 0 = plain base
+        self._keep: dict[int, torch.Tensor] = {}
+
+    def set(self, ids: Optional[torch.Tensor]) -> None:
+        self.ids, self._keep = ids, {}
+
+    def keep(self, owner: torch.Tensor, dtype) -> torch.Tensor:
+        """[B, 1, R] 1 where column r belongs to the row's adapter; built once per forward per layout."""
+        mask = self._keep.get(id(owner))
+        if mask is None:
+            mask = self._keep[id(owner)] = (self.ids[:, None] == owner[None, :]).to(dtype)[:, None, :]
+        return mask
 
 
 class _Stacks:
-    """One layer's adapters stacked for gathering; a forward hook adds their update."""
+    """One layer's adapters side by side; a forward hook adds each row's own adapter update."""
 
-    def __init__(self, layer: LoraLinear, names: list[str], rows: RowAdapters):
+    def __init__(self, layer: LoraLinear, names: list[str], rows: RowAdapters, layouts: dict):
         self.rows = rows
         w = layer.dense_weight()
         dt = w.dtype if w.dtype.is_floating_point else torch.float32
-        present = [layer.adapters[n] if n in layer.adapters else None for n in names]
-        r_max = max((a.r for a in present if a is not None), default=1)
-        k = len(names) + 1
-        self.A = torch.zeros(k, layer.in_features, r_max, dtype=dt, device=w.device)
-        self.B = torch.zeros(k, r_max, layer.out_features, dtype=dt, device=w.device)
-        g = torch.ones(k, layer.out_features, dtype=dt, device=w.device)
+        a_blocks, b_blocks, owner = [], [], []
+        g = torch.ones(len(names) + 1, layer.out_features, dtype=dt, device=w.device)
         self.dora = False
         with torch.no_grad():
-            for i, ad in enumerate(present, start=1):
+            for k, name in enumerate(names, start=1):
+                ad = layer.adapters[name] if name in layer.adapters else None
                 if ad is None:
                     continue
-                self.A[i, :, :ad.r] = (ad.lora_A.weight * ad.scaling).t().to(dt)
-                self.B[i, :ad.r] = ad.lora_B.weight.t().to(dt)
+                a_blocks.append((ad.lora_A.weight * ad.scaling).t().to(dt))
+                b_blocks.append(ad.lora_B.weight.t().to(dt))
+                owner += [k] * ad.r
                 if ad.is_dora:
                     self.dora = True
                     norm = torch.linalg.norm(w.to(dt) + ad.delta_weight().to(dt), dim=1)
-                    g[i] = ad.lora_magnitude_vector.to(dt) / norm
+                    g[k] = ad.lora_magnitude_vector.to(dt) / norm
+        self.A = torch.cat(a_blocks, 1) if a_blocks else None  # [in, R]: every adapter's s·A^T, side by side
+        self.B = torch.cat(b_blocks, 0) if b_blocks else None  # [R, out]
+        # [R]: the adapter each column belongs to; layers with the same layout share one tensor (and one mask)
+        self.owner = layouts.setdefault(tuple(owner), torch.tensor(owner, device=w.device))
         self.g = g[:, None, :]  # [K+1, 1, out], broadcast over positions
         self.bias = layer.base_layer.bias
 
     def __call__(self, module, inputs, out):
         ids = self.rows.ids
-        if ids is None:
+        if ids is None or self.A is None:
             return None
         x = inputs[0]
-        delta = torch.bmm(torch.bmm(x.to(self.A.dtype), self.A[ids]), self.B[ids]).to(out.dtype)
+        # every row goes through all adapters' A (R = sum of ranks columns, cheap), then each row keeps
+        # only its own adapter's columns: exact zeros elsewhere, so B adds that adapter's update only
+        keep = self.rows.keep(self.owner, self.A.dtype)
+        delta = ((x.to(self.A.dtype) @ self.A) * keep @ self.B).to(out.dtype)
         if not self.dora:
             return out + delta
         plain = out if self.bias is None else out - self.bias
@@ -171,8 +189,9 @@ class AdapterSet:
         names = self.lora_names
         if not names:
             return
+        layouts: dict = {}
         for layer in lora_layers(self.model).values():
-            self._hooks.append(layer.register_forward_hook(_Stacks(layer, names, self.rows)))
+            self._hooks.append(layer.register_forward_hook(_Stacks(layer, names, self.rows, layouts)))
 
 
 def adapter_name_from_path(path) -> str:

@@ -299,7 +299,7 @@ class Engine:
             past = _build_cache(model.config, data)
         else:
             past = _build_cache(model.config, None)
-        self.adapters.rows.ids = self._lora_ids(reqs)
+        self.adapters.rows.set(self._lora_ids(reqs))
         logits = model(**inputs, attention_mask=mask, position_ids=pos, cache=past, use_cache=True,
                        logits_to_keep=1).logits[:, -1]
         return logits, past, mask, pos[:, -1] + 1
@@ -329,7 +329,7 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], B)
         self._mask = torch.cat([self._mask, self._mask.new_ones(B, 1)], dim=1)
-        self.adapters.rows.ids = self._lora_ids(self._rows)
+        self.adapters.rows.set(self._lora_ids(self._rows))
         logits = self.model(input_ids=self._last[:, None], attention_mask=self._mask,
                             position_ids=self._pos[:, None], cache=self._cache, use_cache=True).logits[:, -1]
         self._pos = self._pos + 1
