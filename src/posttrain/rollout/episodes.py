@@ -196,8 +196,7 @@ def _assistant_turn(text: str, parse_calls: ParseCalls, table: dict) -> tuple[di
 
 def run_episodes(engine: RolloutEngine, rows: Sequence[dict], make_env: Callable[[], Environment],
                  params: SamplingParams, *, parse_calls: ParseCalls = documented_calls, group_size: int = 1,
-                 max_turns: int = 4,
-                 max_length: Optional[int] = None) -> Episodes:
+                 max_turns: int = 4, max_length: Optional[int] = None) -> Episodes:
     """Play ``group_size`` episodes per row (episode i * group_size + j is sample j of row i).
 
     ``params.n`` must be 1 (groups come from ``group_size``); each turn samples with seed
