@@ -66,3 +66,12 @@ def test_padding_free_is_on_by_default_where_it_applies():
     assert load_config("reward").data.padding_free is False
     assert load_config("kto").data.padding_free is False
     assert load_config("sft", overrides=["data.padding_free=false"]).data.padding_free is False
+
+
+def test_report_sinks_are_the_monitor_s():
+    from posttrain.config import REPORT_SINKS
+    from posttrain.engine.monitor import SINKS
+
+    assert set(REPORT_SINKS) == set(SINKS)
+    cfg = load_config("sft", overrides=["train.report_to=[mlflow]", "train.run_name=a", "data.columns=alpaca"])
+    assert cfg.train.report_to == ["mlflow"] and cfg.train.run_name == "a"

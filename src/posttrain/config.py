@@ -19,7 +19,12 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from posttrain.data.hub import ColumnMap, DatasetObject
 from posttrain.models.adapters import ADAPTER_TYPES
+
+
+# the metric sinks of `train.report_to` (posttrain.engine.monitor.SINKS; a test keeps the two equal)
+REPORT_SINKS = ("tensorboard", "wandb", "mlflow")
 
 
 class ConfigError(ValueError):
@@ -38,15 +43,17 @@ _Strict = Section  # the name before the stages' copy was folded into this one
 class MixConfig(Section):
     """General data blended into the training data to guard against forgetting."""
 
-    data: Union[str, list[str]] = Field(
+    data: Union[str, list[str], DatasetObject] = Field(
         description="General-purpose data (a file, or 'gym:regression' for the bundled general set)."
     )
     ratio: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction of the final training mix drawn from `data`.")
 
 
 class DataConfig(Section):
-    train: Optional[Union[str, list[str]]] = Field(None, description="Training data: file(s) (.jsonl .json .parquet .csv) or 'gym:TASK'.")
-    eval: Optional[Union[str, list[str]]] = Field(None, description="Held-out data for evaluation and early stopping.")
+    train: Optional[Union[str, list[str], DatasetObject]] = Field(None, description="Training data: file(s) (.jsonl .json .parquet .csv .arrow, a save_to_disk folder), 'gym:TASK', 'hf:ORG/NAME[:SPLIT][@CONFIG]' (datasets.load_dataset), or a datasets.Dataset from Python.")
+    eval: Optional[Union[str, list[str], DatasetObject]] = Field(None, description="Held-out data for evaluation and early stopping (the same kinds of source as `train`).")
+    columns: ColumnMap = Field(default_factory=ColumnMap, description="Which column holds each field posttrain reads: a preset (alpaca, qa, sharegpt) or a mapping such as {completion: output}; docs/data.md.")
+    streaming: bool = Field(False, description="Stream hf: sources instead of downloading them whole (with data.limit, only the first rows are read).")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="When `eval` is unset, carve this fraction of `train` out as held-out data.")
     max_length: int = Field(1024, gt=1, description="Maximum tokens per example (and per packed row).")
     overflow: Literal["truncate", "drop"] = Field("truncate", description="What to do with examples longer than `max_length`; the count is always reported.")
@@ -84,7 +91,11 @@ class TrainConfig(Section):
     log_every: int = Field(1, gt=0, description="Write the training metrics to metrics.jsonl every N steps.")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward "
                                          "pass (Chen et al. 2016): less activation memory for about a third more time.")
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Extra metric sinks, used when installed.")
+    report_to: list[Literal[REPORT_SINKS]] = Field(default_factory=list, description="Extra metric sinks: tensorboard, wandb, mlflow (each logs the metrics and the resolved config; a missing package is skipped with a message). docs/training.md.")
+    run_name: Optional[str] = Field(None, description="The run's name in W&B and MLflow (default: the output directory's name).")
+    wandb_project: Optional[str] = Field(None, description="W&B project (default: $WANDB_PROJECT, else 'posttrain'); WANDB_MODE=offline works.")
+    mlflow_tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a local file store in output_dir/mlruns).")
+    mlflow_experiment: Optional[str] = Field(None, description="MLflow experiment name (default: 'posttrain').")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     progress: bool = Field(True, description="Show a progress bar.")
     distributed: Literal["auto", "ddp", "fsdp", "none"] = Field(

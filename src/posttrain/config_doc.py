@@ -48,6 +48,8 @@ def type_name(annotation) -> str:
     args = typing.get_args(annotation)
     if annotation is type(None):
         return "null"
+    if origin is typing.Annotated:  # posttrain.data.hub.DatasetObject: a datasets object passed from Python
+        return "Dataset"
     if origin is Literal:
         return " | ".join(str(a) for a in args)
     if origin in (Union, types.UnionType):

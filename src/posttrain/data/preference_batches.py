@@ -20,15 +20,16 @@ from posttrain.data.packing import pack_bfd, packing_efficiency
 from posttrain.data.preference import (
     mismatched, split_held_out, to_preference_examples, tokenize_pairs, tokenize_unpaired,
 )
-from posttrain.data.sources import GYM_PREFIX, DataError, file_sha256, read_records, records_sha256
+from posttrain.data.hub import as_list, describe, load_records
+from posttrain.data.sources import DataError
 from posttrain.losses.preference import mismatched_indices
 
 
-def _load_examples(sources, kind: str, hashes: dict, stats: dict) -> list:
+def _load_examples(d, sources, kind: str, hashes: dict, stats: dict, split: str, limit=None) -> list:
     out: list = []
-    for src in [sources] if isinstance(sources, str) else list(sources):
-        records = read_records(src)
-        hashes[str(src)] = records_sha256(records) if str(src).startswith(GYM_PREFIX) else file_sha256(src)
+    for src in as_list(sources):  # files, gym:TASK, hf:ORG/NAME, datasets objects; data.columns applied
+        records, hashes[str(describe(src))] = load_records(src, split=split, columns=d.columns,
+                                                           streaming=d.streaming, limit=limit)
         out.extend(to_preference_examples(records, kind, stats))
     return out
 
@@ -47,11 +48,11 @@ def load_preference_data(d, tokenizer, kind: str, *, stage: str, seed: int) -> t
     hashes: dict = {}
     stats: dict = {"stage": stage, "max_length": d.max_length}
     eval_stats: dict = {}
-    train = _load_examples(d.train, kind, hashes, stats)
+    train = _load_examples(d, d.train, kind, hashes, stats, "train", limit=d.limit)
     if d.limit:
         train = train[:d.limit]
     if d.eval:
-        held = _load_examples(d.eval, kind, hashes, eval_stats)
+        held = _load_examples(d, d.eval, kind, hashes, eval_stats, "validation")
     elif d.eval_fraction > 0:
         train, held = split_held_out(train, d.eval_fraction, seed)
     else:

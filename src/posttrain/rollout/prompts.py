@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from posttrain.data.sources import DataError, read_records
+from posttrain.data.hub import as_list, load_records
+from posttrain.data.sources import DataError
 from posttrain.data.tools import render_prompt
 from posttrain.engine.trainer import TrainData
 
@@ -31,10 +32,12 @@ def prompt_data(cfg, tokenizer) -> TrainData:
     if not cfg.data.train:
         raise DataError(f"{cfg.stage}: no prompts: set data.train (a file, a list of files, or gym:TASK)")
 
+    d = cfg.data
+
     def read(src, split):
         rows = []
-        for s in src if isinstance(src, list) else [src]:
-            for rec in read_records(s, split=split):
+        for s in as_list(src):  # files, gym:TASK, hf:ORG/NAME, datasets objects; data.columns applied
+            for rec in load_records(s, split=split, columns=d.columns, streaming=d.streaming, limit=d.limit)[0]:
                 if not any(k in rec.data for k in PROMPT_KEYS):
                     raise DataError(f"{rec.origin}: no 'prompt' or 'messages' column to prompt the policy with")
                 rows.append({**rec.data, "_prompt": prompt_text(tokenizer, rec.data)})
