@@ -10,9 +10,9 @@ Variants, each in its own process, alternated round by round:
   for DPO's sequence log-probs and GRPO's token log-probs + entropy), in a minimal training step
   (forward, backward, AdamW). The stages do not call it yet (issue #15 is refactoring them), so
   this is the step they will run once wired, not `posttrain sft`.
-- `posttrain_plain`: today's stage paths in the same minimal step: `target_nll` on
-  `logits_to_keep` logits (stages/sft.py), `forward_logps` (engine/reference.py),
-  `completion_logprobs` (rollout/logprobs.py).
+- `posttrain_plain`: the stage paths before the chunked head, in the same minimal step: `target_nll`
+  on `logits_to_keep` logits (SFT), cross-entropy of the logits at loss positions summed per
+  sequence (DPO), `completion_logprobs` (rollout/logprobs.py, GRPO).
 - `trl`: `SFTTrainer` / `DPOTrainer` + PEFT at TRL's defaults, except what must match: the same
   tokens (pre-tokenized rows), max_length, LoRA, steps and fp32 (TRL's default is bf16 autocast).
   GRPO: `GRPOTrainer.compute_loss` (its update: per-token log-probs + entropy through TRL's fused
@@ -134,6 +134,7 @@ def _rows_batch(prompt: list[int], completions: list[list[int]]):
 
 def child_posttrain(a, data: dict) -> dict:
     import torch
+    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     from posttrain.config import AdapterConfig
@@ -143,7 +144,6 @@ def child_posttrain(a, data: dict) -> dict:
     from posttrain.models import adapters
     from posttrain.models.head import position_logps, position_nll
     from posttrain.rollout.logprobs import completion_logprobs
-    from posttrain.engine.reference import forward_logps
 
     chunked = a.kind == "posttrain"
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
@@ -165,10 +165,14 @@ def child_posttrain(a, data: dict) -> dict:
         return loss_sum / n
 
     def seq_logps():
-        if not chunked:
-            return forward_logps(model, {**inputs, "labels": labels})[0]
         positions, targets = next_token_targets(labels)
-        return position_logps(model, inputs, positions, targets)[0].sum(-1)
+        if chunked:
+            return position_logps(model, inputs, positions, targets)[0].sum(-1)
+        # the pre-#20 path of engine/reference.forward_logps: [rows, K, V] logits at loss positions
+        logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
+        mask = targets != -100
+        tok = -F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+        return torch.zeros(len(targets), dtype=tok.dtype).index_add(0, mask.nonzero()[:, 0], tok)
 
     def dpo_step_loss():
         with torch.no_grad(), adapters.disabled(model):
