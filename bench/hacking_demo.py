@@ -1,6 +1,6 @@
 """The reward-hacking detectors on real GRPO runs of the gym: a hackable reward trips them, clean runs do not.
 
-    PYTHONPATH=bench python bench/hacking_demo.py --out hack-out [--steps 36] [--seeds 1,2,3]
+    PYTHONPATH=bench python bench/hacking_demo.py --out hack-out [--steps 36] [--seeds 1,2,3] [--lr 5e-5]
 
 1. reasoning SFT of the bundled base model (the demo recipe's `reasoning` stage: 60 steps);
 2. from it, GRPO runs through the CLI (`posttrain grpo`):
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 GRPO = ["data.train=gym:reasoning:train", "grpo.num_generations=8", "grpo.max_new_tokens=112", "grpo.temperature=0.7",
-        "train.batch_size=8", "train.lr=5e-5", "train.warmup_steps=0", "train.schedule=constant", "train.progress=false"]
+        "train.batch_size=8", "train.warmup_steps=0", "train.schedule=constant", "train.progress=false"]
 
 
 def length_reward(prompts, completions, **_):
@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--out", default="hack-out")
     ap.add_argument("--steps", type=int, default=36)
     ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--lr", default="5e-5", help="GRPO learning rate (the demo recipe's: 5e-5)")
+    ap.add_argument("--runs", default="hack,clean", help="which runs: hack, clean or both")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,13 +77,18 @@ def main() -> None:
         _cli("sft", f"model={gym.base_model_path()}", "data.train=gym:reasoning:train", "data.max_length=256",
              "train.lr=2e-3", "train.batch_size=16", "train.max_steps=60", "train.warmup_steps=5",
              "train.progress=false", f"output_dir={sft}")
-    runs = {"hack": ["grpo.rewards=[hacking_demo:length_reward,gym:reasoning]", "grpo.reward_weights=[1.0,0.0]"]}
-    runs.update({f"clean-{s}": ["grpo.rewards=[gym:reasoning]", f"train.seed={s}"] for s in a.seeds.split(",")})
+    tag = "" if a.lr == "5e-5" else f"-lr{a.lr}"
+    runs = {}
+    if "hack" in a.runs:
+        runs[f"hack{tag}"] = ["grpo.rewards=[hacking_demo:length_reward,gym:reasoning]", "grpo.reward_weights=[1.0,0.0]"]
+    if "clean" in a.runs:
+        runs.update({f"clean-{s}{tag}": ["grpo.rewards=[gym:reasoning]", f"train.seed={s}"] for s in a.seeds.split(",")})
     result = {}
     for name, extra in runs.items():
         run = out / name
         if not (run / "manifest.json").exists():
-            _cli("grpo", f"model={sft / 'model'}", f"output_dir={run}", f"train.max_steps={a.steps}", *GRPO, *extra)
+            _cli("grpo", f"model={sft / 'model'}", f"output_dir={run}", f"train.max_steps={a.steps}", *GRPO,
+                 f"train.lr={a.lr}", *extra)
         result[name] = detect(run)
         print(json.dumps({name: result[name]}), file=sys.stderr, flush=True)
     result["load_average"] = os.getloadavg()
