@@ -49,10 +49,15 @@ def test_report_renders_in_chromium(make_run, tmp_path):
             for alt, complete, w, h in imgs:
                 assert complete and (w, h) == (500, 320), alt
             # Collapsed config opens on click and shows the escaped text as text.
-            details = page.locator("details").first
+            details = page.locator("details", has=page.locator("pre")).first  # (curves fold in details too)
             assert not details.evaluate("d => d.open")
             details.locator("summary").click()
             assert "name: <adamw>" in details.locator("pre").inner_text()
+            # optimization and throughput plots are folded; one click opens them
+            fold = page.locator("details.more").first
+            assert fold.locator("h4").text_content() == "optimization" and not fold.evaluate("d => d.open")
+            fold.locator("summary").click()
+            assert fold.locator("img").first.is_visible()
             shot = tmp_path / "report.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:

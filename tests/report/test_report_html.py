@@ -131,6 +131,7 @@ def test_report_table_numbers_and_pngs(make_run):
     html_text = out.read_text()
     assert 'class="d up">+0.877' in html_text and 'class="d down">-0.008' in html_text
     assert 'class="d up">-2.250' in html_text  # lower loss is better
+    assert '"Segoe UI"' in html_text and "details.more>summary" in html_text  # the stylesheet is not escaped
 
     alts = [i["alt"] for i in page.imgs]
     # grouped by meaning: losses, target metric, forgetting checks, optimization, throughput

@@ -73,7 +73,7 @@ def test_run_metrics_api_groups_curves_like_the_report(runs):
     rows = [json.loads(x) for x in (runs / "done" / "metrics.jsonl").read_text().splitlines()]
     assert (loss["lines"][1]["steps"], loss["lines"][1]["values"]) == tuple(map(list, series(rows)["eval"]["loss"]))
     page = c.get("/runs/done").text
-    assert "Studio.followRun(\"done\")" in page and "stage: sft" in page
+    assert "Studio.followRun(\"done\")" in page and "stage: sft" in page and '"Segoe UI"' in page
     # its evaluation against the base (made by "Evaluate vs base") is linked from the run
     assert 'href="/compare?run=.studio/evals/done&amp;run=done" id="evaluation"' in page
     assert 'id="evaluation"' not in c.get("/runs/broken").text

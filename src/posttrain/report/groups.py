@@ -29,6 +29,9 @@ OTHER = "other"
 ORDER = ["losses", "target metric", "forgetting checks", "rewards and reward-hacking detectors", "optimization",
          "throughput", OTHER]
 
+# Shown folded (one click away): how training went rather than what it achieved.
+FOLDED = {"optimization", "throughput", OTHER}
+
 # The headline metrics come first within their group.
 _FIRST = ["loss", "task_accuracy", "regression_score", "lr", "learning_rate"]
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.report.groups import group_of, metric_order, splits_of, worth_plotting
+from posttrain.report.groups import FOLDED, group_of, metric_order, splits_of, worth_plotting
 from posttrain.report.metrics import is_number, last_values, series
 from posttrain.report.plots import plot_metric, title_of
 from posttrain.report.runs import load_run
@@ -154,7 +154,8 @@ def curve_groups(runs: list[dict]) -> list[dict]:
         if meanings:
             names = [r["name"] for r in members]
             title = stage if names == [stage] else f"{stage}: {', '.join(names)}"
-            out.append({"title": title, "meanings": [{"name": k, "figures": _figures(v)} for k, v in meanings.items()]})
+            out.append({"title": title, "meanings": [{"name": k, "figures": _figures(v), "folded": k in FOLDED}
+                                                     for k, v in meanings.items()]})
     return out
 
 

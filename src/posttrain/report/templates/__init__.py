@@ -33,6 +33,7 @@ section.stage{border-left:3px solid #dde2ea;padding-left:12px;margin:12px 0}
 .s-completed{background:#dcf5e3;color:#1a7f37}.s-failed{background:#fde2e1;color:#c62828}
 .s-running{background:#e0ecff;color:#1f4fbf}.s-stopped-by-the-guard{background:#fff1c2;color:#9a6700}
 details{margin:6px 0}summary{cursor:pointer;font-weight:600}
+details.more>summary h4{display:inline-block;margin:6px 0}
 pre{background:#f6f8fa;padding:10px;overflow:auto;max-height:420px;font-size:12px}
 .warn{color:#9a6700}
 """
