@@ -54,6 +54,8 @@ CONFIGS = [
     ("gemma-38M", "none", 128, 4, True, "fp32", False),
 ]
 
+TOKENIZER_ROWS = 512  # posttrain.models.tiny's tokenizer: the only embedding rows the data can read
+
 WORDS = ("the model learns post training data token answer question value system user assistant tool "
          "apple paris number seven eleven reverse quick brown fox jumps lazy dog").split()
 
@@ -150,7 +152,8 @@ def predict(spec: dict, work: Path, utilisation=None) -> dict:
 
     shape = read_shape(work / spec["shape"])
     rs = RunSpec(adapter=spec["adapter"], batch_size=spec["batch"], seq_len=spec["seq_len"],
-                 precision=spec["precision"], gradient_checkpointing=spec["ckpt"], device_kind="cpu")
+                 precision=spec["precision"], gradient_checkpointing=spec["ckpt"], device_kind="cpu",
+                 embedding_rows=TOKENIZER_ROWS)
     mem = estimate_memory(shape, rs)
     dev = cpu_device(threads=1)
     return {"predicted_peak_bytes": mem.peak_bytes, "predicted_step_s": step_time(shape, rs, dev, utilisation),
@@ -197,12 +200,11 @@ def main() -> None:
 def fit(rows: list[dict], work: Path) -> dict:
     """The CPU constants fitted on the calibration runs only: the runtime memory term (the median of
     measured minus predicted-without-it) and the matmul and attention utilisation (least squares of
-    the measured step time on the two FLOP counts, after the streamed bytes)."""
+    the measured step time on the FLOPs, after the streamed bytes)."""
     import numpy as np
 
-    from posttrain.plan import memory
     from posttrain.plan.devices import cpu_device
-    from posttrain.plan.memory import RunSpec, estimate_memory
+    from posttrain.plan.memory import RunSpec, activation_bytes, estimate_memory, logits_bytes
     from posttrain.plan.shapes import read_shape
     from posttrain.plan.speed import UTILISATION, step_flops, trainable_params
 
@@ -212,16 +214,24 @@ def fit(rows: list[dict], work: Path) -> dict:
     for r in cal:
         shape = read_shape(work / r["shape"])
         rs = RunSpec(adapter=r["adapter"], batch_size=r["batch"], seq_len=r["seq_len"], precision=r["precision"],
-                     gradient_checkpointing=r["ckpt"], device_kind="cpu")
+                     gradient_checkpointing=r["ckpt"], device_kind="cpu", embedding_rows=TOKENIZER_ROWS)
         mem = estimate_memory(shape, rs)
-        extra.append(r["measured_peak_bytes"] - (mem.peak_bytes - memory.CPU_RUNTIME))
+        runtime = mem.breakdown["runtime"]
+        transient = mem.breakdown.get("activations", 0.0) + mem.breakdown.get("logits", 0.0)
+        if mem.peak_phase == "optimizer_step":
+            transient = activation_bytes(shape, rs) + logits_bytes(shape, rs)
+        extra.append((r["measured_peak_bytes"] - (mem.train_peak_bytes - runtime), transient))
         f = step_flops(shape, rs)
         stream = (f.streamed_bytes + 28 * trainable_params(shape, rs)) / (dev.bandwidth * UTILISATION["cpu"]["stream"])
         A.append([f.matmul / dev.peak_flops(r["precision"]), f.attention / dev.peak_flops(r["precision"])])
         y.append(r["measured_step_s"] - stream)
-    (a, b), *_ = np.linalg.lstsq(np.array(A), np.array(y), rcond=None)
-    return {"cpu_runtime_bytes": float(np.median(extra)), "matmul": 1 / a if a > 0 else None,
-            "attention": 1 / b if b > 0 else None, "calibration_runs": len(cal)}
+    # one factor for all FLOPs: on 6 runs the attention term cannot be told apart from the matmuls
+    (a,), *_ = np.linalg.lstsq(np.array([[m + at] for m, at in A]), np.array(y), rcond=None)
+    (c0, c1), *_ = np.linalg.lstsq(np.array([[1.0, w] for _, w in extra]), np.array([e for e, _ in extra]),
+                                   rcond=None)
+    return {"cpu_runtime_bytes": float(c0), "cpu_retained_fraction": float(c1),
+            "matmul_and_attention": 1 / a,
+            "calibration_runs": len(cal)}
 
 
 def summarize(rows: list[dict], work: Path) -> None:

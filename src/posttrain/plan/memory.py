@@ -40,7 +40,10 @@ BF16 = 2
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # codes + int8 block scales + fp32 factor per 256 scales
 ADAPTERS = ("none", "lora", "dora", "qlora", "prompt", "prefix")
 CUDA_CONTEXT = 512 * 2**20  # not in max_memory_allocated, but in nvidia-smi; order of magnitude for H100/A100
-CPU_RUNTIME = 96 * 2**20  # calibrated by bench/plan_accuracy.py (allocator slack, oneDNN scratch, sampled data)
+# CPU: a + b x (activations + loss path), fitted by bench/plan_accuracy.py on its calibration runs: what
+# loading leaves behind (about 141 MiB measured) and the heap that freed activations leave resident
+CPU_RUNTIME = 192 * 2**20
+CPU_RETAINED_FRACTION = 0.65
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class RunSpec:
     distributed: str = "none"  # none | ddp | fsdp
     cpu_offload: bool = False
     device_kind: str = "gpu"  # gpu | cpu
+    embedding_rows: Optional[int] = None  # CPU: rows of a frozen input embedding the data reads (None: all)
 
     @property
     def trains_base(self) -> bool:
@@ -95,14 +99,19 @@ def base_weight_bytes(s: ModelShape, spec: RunSpec) -> float:
     """The base model as stored during training: fp32, or NF4 decoder linears under QLoRA.
 
     On the CPU the fp32 weights are pages of the memory-mapped safetensors file; under QLoRA that
-    mapping stays (the embeddings still use it), so its pages count on top of the NF4 copies.
+    mapping stays (the embeddings still use it), so its pages count on top of the NF4 copies; and
+    a frozen untied input embedding is read only at the rows of the tokens the data uses.
     """
+    unread = 0
+    if spec.device_kind == "cpu" and spec.embedding_rows is not None and not spec.trains_base and not s.tied:
+        # a frozen, untied input embedding is a mapped file: only the rows of tokens the data uses are read
+        unread = max(0, s.vocab - spec.embedding_rows) * s.hidden * FP32
     if spec.adapter == "qlora":
         nf4 = s.linear_params * NF4_BYTES_PER_WEIGHT
         if spec.device_kind == "cpu":
-            return nf4 + s.total_params * FP32
+            return nf4 + s.total_params * FP32 - unread
         return nf4 + (s.total_params - s.linear_params) * FP32
-    return s.total_params * FP32
+    return s.total_params * FP32 - unread
 
 
 def adapter_params(s: ModelShape, spec: RunSpec) -> int:
@@ -256,7 +265,7 @@ def estimate_memory(s: ModelShape, spec: RunSpec) -> MemoryEstimate:
         unit = max(s.layer_linear, s.embedding_params + s.head_params)
         gathered = 2 * unit * (BF16 if spec.precision == "bf16" else FP32)  # current and prefetched unit
     ddp_buckets = grads if spec.distributed == "ddp" else 0.0
-    runtime = CPU_RUNTIME if spec.device_kind == "cpu" else CUDA_CONTEXT
+    runtime = CPU_RUNTIME + CPU_RETAINED_FRACTION * (acts + logits) if spec.device_kind == "cpu" else CUDA_CONTEXT
     accum_grads = grads if spec.grad_accum > 1 else 0.0
     phases = {
         "forward_end": acts + logits + copies + accum_grads,

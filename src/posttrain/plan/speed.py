@@ -5,8 +5,8 @@ FLOPs of one optimizer step (Kaplan et al. 2020, "Scaling Laws for Neural Langua
 
 - each decoder matmul: 2·P·T forward; backward 2·P·T for the input gradient (always: every method
   back-propagates to the first layer) and 2·P·T for the weight gradient (trainable weights only);
-- the output head at the N loss positions only: 2·d·V·N forward, 2·d·V·N backward to its input,
-  2·d·V·N for its weight when trained;
+- the output head at the N loss positions only: 2·d·V·N forward, 2·d·V·N again in backward (the
+  chunked head recomputes its logits), 2·d·V·N to its input, 2·d·V·N for its weight when trained;
 - causal attention: 2·2·T²·h·e/2 per row and layer forward, 2.5x that backward (flash backward);
 - LoRA: 2·r·(in+out) per target per token forward, three times that backward;
 - gradient checkpointing repeats the decoder's forward during backward.
@@ -28,7 +28,7 @@ from posttrain.plan.shapes import ModelShape
 
 # fraction of peak reached; CPU values calibrated by bench/plan_accuracy.py (calibration half of the runs)
 UTILISATION = {
-    "cpu": {"matmul": 0.55, "attention": 0.10, "stream": 0.5},
+    "cpu": {"matmul": 0.88, "attention": 0.88, "stream": 0.5},  # one factor fitted (bench/plan_accuracy.py)
     "gpu": {"matmul": 0.40, "attention": 0.30, "stream": 0.7},
 }
 
@@ -50,7 +50,9 @@ def step_flops(s: ModelShape, spec: RunSpec) -> StepFlops:
     weight_grad = 2 if spec.trains_base else 0
     recompute = 2 if spec.gradient_checkpointing else 0
     decoder = (2 + 2 + weight_grad + recompute) * s.linear_params * T
-    head = (2 + 2 + weight_grad) * s.hidden * s.vocab * N
+    # the chunked head (losses/chunked.py) recomputes each chunk's logits in backward: 2 more per weight
+    recompute_head = 0 if spec.distributed == "fsdp" else 2
+    head = (2 + recompute_head + 2 + weight_grad) * s.hidden * s.vocab * N
     lora = 0.0
     if spec.adapter in ("lora", "qlora", "dora"):
         lora = (8 + (2 if spec.gradient_checkpointing else 0)) * adapter_params(s, spec) * T
