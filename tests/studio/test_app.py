@@ -68,6 +68,7 @@ def test_run_metrics_api_groups_curves_like_the_report(runs):
     assert d["status"] == "completed" and d["last_step"] == 40 and d["events"] == 40 + 4 * 2
     assert [g["name"] for g in d["groups"]] == ["losses", "target metric", "forgetting checks", "optimization",
                                                 "throughput"]
+    assert [g["folded"] for g in d["groups"]] == [False, False, False, True, True]
     loss = d["groups"][0]["metrics"][0]
     assert loss["key"] == "loss" and [ln["split"] for ln in loss["lines"]] == ["train", "eval"]
     rows = [json.loads(x) for x in (runs / "done" / "metrics.jsonl").read_text().splitlines()]
@@ -166,6 +167,7 @@ def test_compare_a_pipelines_stages_with_its_base_row(runs):
     table = {r[0]: r[1:] for r in rows_of(page, "compare")}
     assert table["task_accuracy"] == ["0.062", "0.938 +0.877"]  # 0.9383 - 0.0617
     assert table["train_time_s"] == ["–", "41"]
+    assert '<option value="pipe/sft" >pipe/sft</option>' in page  # its runs can be compared one by one
 
 
 def test_the_runs_folder_itself_is_a_pipeline(runs):

@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
-from posttrain.report.groups import group_of, metric_order, splits_of, worth_plotting
+from posttrain.report.groups import FOLDED, group_of, metric_order, splits_of, worth_plotting
 from posttrain.report.metrics import series
 from posttrain.report.page import fmt, glance_data
 from posttrain.report.plots import title_of
@@ -74,7 +74,7 @@ def curves(rows: list[dict]) -> list[dict]:
                  for split in splits_of(s, key)]
         if worth_plotting([ln["values"] for ln in lines if ln["values"]]) or key == "loss":
             groups.setdefault(group_of(key), []).append({"key": key, "title": title_of(key), "lines": lines})
-    return [{"name": g, "metrics": m} for g, m in groups.items()]
+    return [{"name": g, "metrics": m, "folded": g in FOLDED} for g, m in groups.items()]
 
 
 def compare_table(entries) -> dict:
@@ -248,7 +248,9 @@ def create_app(studio: Studio) -> FastAPI:
     async def compare_page(request: Request):
         selected = request.query_params.getlist("run")
         entries = [e for e in (studio.entry(r) for r in selected) if e is not None and e.kind in ("run", "eval", "pipeline")]
-        choices = [e.rid for e in studio.scan() if e.kind in ("run", "eval", "pipeline")]
+        entries_all = studio.scan()
+        choices = [e.rid for e in entries_all if e.kind in ("run", "eval", "pipeline")]
+        choices += [s.rid for e in entries_all if e.kind == "pipeline" for s in e.stages]  # a pipeline's runs
         return _page("compare.html", title="Compare", table=compare_table(entries) if entries else None,
                      selected=[e.rid for e in entries], choices=choices, job=None)
 

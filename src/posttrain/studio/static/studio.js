@@ -53,11 +53,20 @@ const Studio = (() => {
     return box;
   }
 
+  // Folded groups (optimization, throughput, other) stay open across redraws once opened.
+  const opened = new Set();
   function drawGroups(root, groups) {
     root.replaceChildren();
     for (const g of groups) {
-      const h = document.createElement("h4"); h.textContent = g.name; root.appendChild(h);
-      const row = document.createElement("div"); row.className = "plots"; root.appendChild(row);
+      let parent = root;
+      const h = document.createElement("h4"); h.textContent = g.name;
+      if (g.folded) {
+        const d = document.createElement("details"); d.className = "more"; d.open = opened.has(g.name);
+        d.ontoggle = () => d.open ? opened.add(g.name) : opened.delete(g.name);
+        const s = document.createElement("summary"); s.appendChild(h); d.appendChild(s);
+        root.appendChild(d); parent = d;
+      } else root.appendChild(h);
+      const row = document.createElement("div"); row.className = "plots"; parent.appendChild(row);
       g.metrics.forEach(m => row.appendChild(chart(m)));
     }
   }
