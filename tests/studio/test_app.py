@@ -66,6 +66,7 @@ def test_run_metrics_api_groups_curves_like_the_report(runs):
     c = TestClient(create_app(Studio(runs)))
     d = c.get("/api/runs/done/metrics").json()
     assert d["status"] == "completed" and d["last_step"] == 40 and d["events"] == 40 + 4 * 2
+    assert d["glance"] == {"stage": "sft", "model": "–", "started": "2027-01-15 08:00 UTC", "duration": "20 s"}
     assert [g["name"] for g in d["groups"]] == ["losses", "target metric", "forgetting checks", "optimization",
                                                 "throughput"]
     assert [g["folded"] for g in d["groups"]] == [False, False, False, True, True]

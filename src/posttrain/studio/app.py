@@ -223,7 +223,9 @@ def create_app(studio: Studio) -> FastAPI:
             return JSONResponse({"error": f"no run {rid!r}"}, status_code=404)
         job = studio.jobs.get(rid)
         steps = [r["step"] for r in e.run["rows"] if isinstance(r.get("step"), int) and r.get("split") == "train"]
+        g = glance_data([e.run])[0]["g"]
         return {"status": e.status, "job": job.state() if job else None, "last_step": max(steps, default=None),
+                "glance": {k: g[k] for k in ("stage", "model", "started", "duration")},
                 "events": len(e.run["rows"]), "groups": curves(e.run["rows"]),
                 "log": job.log_tail(2000) if job else ""}
 

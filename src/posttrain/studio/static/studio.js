@@ -88,6 +88,7 @@ const Studio = (() => {
       status.textContent = d.status;
       status.className = "status s-" + d.status.replaceAll(" ", "-");
       document.getElementById("steps").textContent = d.last_step ?? 0;
+      for (const [k, v] of Object.entries(d.glance)) document.getElementById("g-" + k).textContent = v || "–";
       document.getElementById("events").textContent = d.events;
       const log = document.getElementById("log");
       if (log) log.textContent = d.log;
