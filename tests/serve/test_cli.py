@@ -2,6 +2,7 @@
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,3 +89,26 @@ def test_chat_streams_answers_and_keeps_history(served_adapters):
     finally:
         engine.stop()
     assert answers == expected
+
+
+def test_model_that_is_an_adapter_run_is_served_merged(served_adapters, tmp_path):
+    from posttrain.models.loading import load_tokenizer
+    from posttrain.serve.cli import ServeError
+
+    def run_model(name):  # what an adapter run's model/ holds: the adapter and the tokenizer
+        out = tmp_path / name
+        shutil.copytree(served_adapters[name], out)
+        load_tokenizer(base_model_path()).save_pretrained(str(out))
+        return str(out)
+
+    merged = build_engine(run_model("lora-a"), {}, max_batch=1).start()
+    unmerged = build_engine(str(base_model_path()), {"a": str(served_adapters["lora-a"])}, max_batch=1).start()
+    try:
+        ids = merged.tokenizer("Q: What is 2 plus 3?\nA:")["input_ids"]
+        greedy = SamplingParams(max_new_tokens=8, temperature=0)
+        assert merged.generate(ids, greedy).tokens == unmerged.generate(ids, greedy, "a").tokens
+    finally:
+        merged.stop()
+        unmerged.stop()
+    with pytest.raises(ServeError, match="is a prompt-tuning run, which cannot be merged into its base"):
+        build_engine(run_model("prompt"), {})

@@ -40,7 +40,7 @@ def _default_name(path: str) -> str:
 def build_engine(model: str, adapters: dict[str, str], *, max_batch: int = 64, dtype: str = "fp32",
                  device: str = "auto", trust_remote_code: bool = False) -> Engine:
     """Load MODEL (a finished run, an HF directory or a hub name) and every adapter on it."""
-    from posttrain.models.adapters import AdapterFormatError, read_adapter
+    from posttrain.models.adapters import AdapterFormatError, adapter_type, is_adapted, merge, read_adapter
     from posttrain.models.loading import load
 
     for name, path in adapters.items():  # a wrong directory fails before the model loads
@@ -49,6 +49,12 @@ def build_engine(model: str, adapters: dict[str, str], *, max_batch: int = 64, d
         except AdapterFormatError as e:
             raise ServeError(f"--adapter {name}={path}: {e}") from None
     m, tok = load(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if is_adapted(m):  # MODEL was an adapter run: serve its base with the adapter folded in
+        if adapter_type(m) in ("prompt", "prefix"):
+            raise ServeError(f"{model} is a {adapter_type(m)}-tuning run, which cannot be merged into its base; "
+                             f"serve the base with --adapter NAME={model}")
+        merge(m)
+        m.requires_grad_(False)
     engine = Engine(m, tok, max_batch=max_batch)
     for name, path in adapters.items():
         if name == model:
