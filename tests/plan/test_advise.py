@@ -70,7 +70,28 @@ def test_advise_on_gym_data_writes_a_runnable_recipe(tmp_path):
     for c in out["candidates"]:
         assert {"expected_score", "peak_memory_bytes", "wall_time_s", "fits", "forgetting_risk"} <= set(c)
     assert out["data"]["examples"] == 200 and 0.3 < out["data"]["already_predicted"] < 0.7
+    # the base model was pretrained on "Q: ... A:" text, not chat turns: prompting in the chat format fails
+    assert out["data"]["baselines"]["n"] == 50 and out["data"]["baselines"]["k_shot"] < 0.2
     recipe = load_recipe(out["recipe"])
     assert [s.stage for s in recipe.stages] == ["sft"]
     assert recipe.stages[0].cfg.adapter.type == "lora" and recipe.stages[0].cfg.train.lr == 2e-4
     assert json.loads((tmp_path / "adv" / "advice.json").read_text())["recommendation"] == "lora"
+
+
+def test_a_skill_the_base_has_is_left_to_prompting(tmp_path):
+    """The gym's regression set holds what the bundled base model learned in pretraining: k-shot
+    prompting already answers it (measured: zero-shot 88%, 8-shot 100% of 50), so nothing is trained."""
+    from posttrain import gym
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["advise", f"model={gym.base_model_path()}", "data.train=gym:regression:train",
+                   "data.eval=gym:regression:validation", "data.max_length=256", "--no-pilots", "--json",
+                   "--out", str(tmp_path / "adv")])
+    assert rc == 0
+    out = json.loads(buf.getvalue())
+    base = out["data"]["baselines"]
+    assert base["n"] == 50 and base["k"] == 8 and base["k_shot"] >= 0.9
+    assert out["recommendation"] == "prompting"
+    assert out["candidates"][0]["expected_score"] == max(base["k_shot"], base["zero_shot"])
+    assert [s.stage for s in load_recipe(out["recipe"]).stages] == ["eval"]

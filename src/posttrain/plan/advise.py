@@ -30,6 +30,7 @@ METHODS = ("prompting", "prompt_tuning", "prefix_tuning", "lora", "qlora", "full
 
 # rules of thumb; thresholds named here so docs/advise.md and the code say the same
 ALREADY_KNOWN = 0.9  # share of answer tokens the base predicts: prompting is enough
+PROMPTING_GOOD = 0.9  # measured zero/k-shot accuracy on held-out examples: prompting is enough
 STYLE_ONLY = 0.6  # ... mostly format/style: a prompt or prefix is enough to learn it
 LITTLE_DATA = 1_000  # examples: prompt/prefix tuning for style
 LORA_DATA = 100_000  # examples: below, LoRA matches full fine-tuning and forgets less
@@ -127,12 +128,98 @@ def analyse_data(cfg, *, general: str = "gym:regression:train", sample: int = 64
     gen_items, _ = _tokenized(general, tok, cfg.data.max_length, sample, "train")
     answer = base_model_losses(model, tok, items)
     general_loss = base_model_losses(model, tok, gen_items)
+    baselines = {"zero_shot": None, "k_shot": None, "k": 0, "n": 0}
+    if isinstance(cfg.data.eval, str):
+        from posttrain.data.sources import read_records
+
+        train_records = [r for s in sources for r in read_records(s, split="train")[:MAX_SHOTS * 4]]
+        baselines = prompting_baselines(model, tok, train_records, read_records(cfg.data.eval, split="validation"),
+                                        max_length=cfg.data.max_length)
     mean_tokens = sum(len(x.input_ids) for x in items) / max(len(items), 1)
     loss_share = sum(x.num_loss_tokens for x in items) / max(sum(len(x.input_ids) for x in items), 1)
     return {"examples": rows, "tokens_estimate": round(rows * mean_tokens), "mean_tokens": mean_tokens,
             "loss_fraction": loss_share, "answer_nll": answer["nll"], "general_nll": general_loss["nll"],
             "domain_gap_nats": answer["nll"] - general_loss["nll"], "already_predicted": answer["top1"],
-            "sampled_examples": len(items), "general": general}
+            "sampled_examples": len(items), "general": general, "baselines": baselines}
+
+
+# ---------------------------------------------------------------- measured prompting baselines
+
+MAX_SHOTS = 8  # k-shot prompting uses as many training examples as fit the context, at most this many
+
+
+def _split_example(ex) -> Optional[tuple[object, str]]:
+    """(prompt: str or messages, reference answer) of a prompt-completion or conversational example."""
+    if ex.kind == "prompt_completion" and isinstance(ex.prompt, str) and isinstance(ex.completion, str):
+        return ex.prompt, ex.completion
+    msgs = ex.messages if ex.kind == "conversational" and ex.messages else None
+    if msgs is None and isinstance(ex.prompt, list) and isinstance(ex.completion, list):
+        msgs = ex.prompt + ex.completion
+    if msgs and msgs[-1].get("role") == "assistant" and isinstance(msgs[-1].get("content"), str):
+        return msgs[:-1], msgs[-1]["content"]
+    return None
+
+
+def _prompt_text(tokenizer, shots: list[tuple[object, str]], prompt) -> str:
+    if isinstance(prompt, str):
+        return "".join(f"{p}{a}\n\n" for p, a in shots) + prompt
+    msgs = [m for p, a in shots for m in [*p, {"role": "assistant", "content": a}]] + list(prompt)
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def _correct(row: dict, completion: str, reference: str) -> bool:
+    """The row's own verifier when it names one (gym rows: `check`), else a normalized exact match."""
+    if "check" in row:
+        from posttrain.gym.verify import verify
+
+        try:
+            return verify("advise", row, completion)
+        except (ValueError, KeyError, TypeError):
+            pass
+    return " ".join(completion.split()).lower() == " ".join(reference.split()).lower()
+
+
+def prompting_baselines(model, tokenizer, train_records, held_records, *, max_length: int, n: int = 50) -> dict:
+    """Zero-shot and k-shot accuracy of the base model on `n` held-out examples (greedy decoding), k as
+    many training examples as fit `max_length` tokens (at most MAX_SHOTS); None when the data has no
+    prompt/answer split."""
+    from posttrain.data.formats import to_example
+    from posttrain.eval.lm import generate
+
+    def pairs(records, limit):
+        out = []
+        for r in records:
+            try:
+                got = _split_example(to_example(r))
+            except ValueError:
+                continue
+            if got is not None:
+                out.append((r.data, *got))
+            if len(out) >= limit:
+                break
+        return out
+
+    held = pairs(held_records, n)
+    shots_pool = pairs(train_records, MAX_SHOTS)
+    if not held or not shots_pool:
+        return {"zero_shot": None, "k_shot": None, "k": 0, "n": 0}
+    longest = max(len(tokenizer(_prompt_text(tokenizer, [], p))["input_ids"]) for _, p, _ in held)
+    answer_tokens = max(len(tokenizer(a)["input_ids"]) for _, _, a in held) + 8
+    shots, used = [], longest + answer_tokens
+    for _, p, a in shots_pool:
+        cost = len(tokenizer(_prompt_text(tokenizer, [(p, a)], p))["input_ids"]) - len(
+            tokenizer(_prompt_text(tokenizer, [], p))["input_ids"])
+        if used + cost > max_length:
+            break
+        shots.append((p, a))
+        used += cost
+    stop = tuple(s for s in (tokenizer.eos_token, "\n\n") if s)
+    out = {"k": len(shots), "n": len(held)}
+    for name, k_shots in (("zero_shot", []), ("k_shot", shots)):
+        texts = generate(model, tokenizer, [_prompt_text(tokenizer, k_shots, p) for _, p, _ in held],
+                         max_new_tokens=answer_tokens, stop=stop)
+        out[name] = sum(_correct(row, c.strip(), a) for (row, _, a), c in zip(held, texts)) / len(held)
+    return out
 
 
 # ---------------------------------------------------------------- candidates and the decision
@@ -142,7 +229,7 @@ def _candidate(cfg, method: str, budget: Budget, rows: int, loss_fraction: float
     kind = ADAPTER_OF[method]
     out = {"method": method, "expected_score": None, "forgetting_risk": FORGETTING[method],
            "serving": SERVING[method], "learning_rate": LEARNING_RATES.get(method)}
-    if kind is None:  # prompting: inference only
+    if kind is None:  # prompting: inference only; its score is measured, not predicted
         from posttrain.plan.shapes import read_shape
 
         s = read_shape(cfg.model)
@@ -175,6 +262,13 @@ def decide(data: dict, candidates: dict[str, dict], *, params: int, domain_text:
     reasons = [f"{n} examples; the base model already predicts {known:.0%} of the answer tokens; "
                f"answer loss {data['answer_nll']:.2f} vs general text {data['general_nll']:.2f} nats/token "
                f"(gap {gap:+.2f})"]
+    base = data.get("baselines") or {}
+    if base.get("k_shot") is not None:
+        reasons.append(f"prompting measured on {base['n']} held-out examples: zero-shot {base['zero_shot']:.0%}, "
+                       f"{base['k']}-shot {base['k_shot']:.0%}")
+        if max(base["k_shot"], base["zero_shot"]) >= PROMPTING_GOOD:
+            return "prompting", reasons + [f"rule 1: prompting already scores >= {PROMPTING_GOOD:.0%} on held-out "
+                                           "examples; nothing to train, nothing forgotten"]
     if known >= ALREADY_KNOWN:
         return "prompting", reasons + [f"rule 1: at least {ALREADY_KNOWN:.0%} of the answers is predicted already; "
                                        "a prompt (few-shot examples) is enough, and nothing is forgotten"]
@@ -252,6 +346,10 @@ def advise(cfg, *, budget: Budget, out_dir: Path, general: str = "gym:regression
     held = read_records(cfg.data.eval, split="validation") if isinstance(cfg.data.eval, str) else None
     quality = check_data(train_records, held)
     candidates = {m: _candidate(cfg, m, budget, data["examples"], data["loss_fraction"]) for m in METHODS}
+    base = data.get("baselines") or {}
+    if base.get("k_shot") is not None:
+        candidates["prompting"]["expected_score"] = max(base["k_shot"], base["zero_shot"])
+        candidates["prompting"]["score_source"] = f"measured: {base['k']}-shot and zero-shot on {base['n']} held-out"
     if budget.hours is not None:
         for c in candidates.values():
             if c["wall_time_s"] is not None and c["wall_time_s"] > budget.hours * 3600:
