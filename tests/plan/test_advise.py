@@ -95,3 +95,20 @@ def test_a_skill_the_base_has_is_left_to_prompting(tmp_path):
     assert out["recommendation"] == "prompting"
     assert out["candidates"][0]["expected_score"] == max(base["k_shot"], base["zero_shot"])
     assert [s.stage for s in load_recipe(out["recipe"]).stages] == ["eval"]
+
+
+@pytest.mark.parametrize("method, stages, adapter", [
+    ("prompting", ["eval"], None), ("prompt_tuning", ["sft"], "prompt"), ("prefix_tuning", ["sft"], "prefix"),
+    ("lora", ["sft"], "lora"), ("qlora", ["sft"], "qlora"), ("full", ["sft"], "none"), ("cpt+sft", ["cpt", "sft"], "lora"),
+])
+def test_every_recipe_the_adviser_writes_is_a_valid_pipeline(tmp_path, method, stages, adapter):
+    from posttrain.plan.advise import LEARNING_RATES, write_recipe
+    from posttrain.stages import load_config
+
+    cfg = load_config("sft", None, ["model=some/model", "data.train=train.jsonl", "data.eval=val.jsonl"])
+    path = write_recipe(tmp_path / "advice.yaml", cfg, method, tmp_path, "domain.jsonl")
+    recipe = load_recipe(path)
+    assert [s.stage for s in recipe.stages] == stages
+    if adapter is not None:
+        last = recipe.stages[-1].cfg
+        assert last.adapter.type == adapter and last.train.lr == LEARNING_RATES[method][1]
