@@ -24,6 +24,8 @@ def rows_of(page: str, table_id: str) -> list[list[str]]:
 def runs(tmp_path):
     root = tmp_path / "runs"
     write_run(root / "done", steps=40, eval_every=10)
+    with (root / "done" / "config.yaml").open("a") as f:
+        f.write("model: /models/org/base\n")
     write_run(root / "broken", steps=5, status="failed")
     write_run(root / "guarded", steps=20, eval_every=10)
     m = json.loads((root / "guarded" / "manifest.json").read_text())
@@ -52,7 +54,7 @@ def test_runs_list_statuses_pipeline_row_and_evaluations(runs):
         "done": "completed", "broken": "failed", "guarded": "stopped by the guard", "live": "running",
         "stale": "unfinished", "pipe (pipeline)": "completed", ".studio/evals/done (evaluation)": "completed"}
     done = table["done"]
-    assert done[3:5] == ["sft", "–"] and done[7] == "40"
+    assert done[3:5] == ["sft", "org/base"] and done[7] == "40"  # the model's last two path parts
     assert done[6] == "20 s"  # 0.5 s per step in write_run's clock, steps 1..40: 19.5 s, rounded
     # 2.5 e^-1 + 0.4 and 2.5 e^-0.8 + 0.5
     assert done[8] == "final train loss 1.320 · final eval loss 1.623 · task accuracy 1.000"
@@ -66,7 +68,7 @@ def test_run_metrics_api_groups_curves_like_the_report(runs):
     c = TestClient(create_app(Studio(runs)))
     d = c.get("/api/runs/done/metrics").json()
     assert d["status"] == "completed" and d["last_step"] == 40 and d["events"] == 40 + 4 * 2
-    assert d["glance"] == {"stage": "sft", "model": "–", "started": "2027-01-15 08:00 UTC", "duration": "20 s"}
+    assert d["glance"] == {"stage": "sft", "model": "/models/org/base", "started": "2027-01-15 08:00 UTC", "duration": "20 s"}
     assert [g["name"] for g in d["groups"]] == ["losses", "target metric", "forgetting checks", "optimization",
                                                 "throughput"]
     assert [g["folded"] for g in d["groups"]] == [False, False, False, True, True]

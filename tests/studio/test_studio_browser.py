@@ -171,9 +171,11 @@ def test_launch_watch_compare_chat_cancel(studio_url):
                                    timeout=60_000)
             job = studio.jobs.get("to-cancel")
             assert job.proc.returncode is not None and job.state() == "cancelled"
-            manifest = json.loads((studio.runs / "to-cancel" / "manifest.json").read_text()) \
-                if (studio.runs / "to-cancel" / "manifest.json").exists() else {"status": None}
-            assert manifest["status"] in ("failed", None)  # never "completed"
+            # Ctrl-C's way: the run signs itself off as failed
+            manifest = json.loads((studio.runs / "to-cancel" / "manifest.json").read_text())
+            assert manifest["status"] == "failed" and manifest["error"] == "KeyboardInterrupt"
+            page.wait_for_function("() => document.getElementById('status').textContent === 'failed'",
+                                   timeout=30_000)
         finally:
             browser.close()
     timings["total_s"] = round(time.perf_counter() - t_all, 1)

@@ -3,7 +3,9 @@
 The command is a list of arguments given to `subprocess.Popen` without a shell, and its first
 words are fixed here (this Python, ``-m posttrain``, a stage name from `posttrain.stages.STAGES`
 or ``eval``), so a form value can only ever be one argument of a posttrain command. Output goes
-to ``RUNS/.studio/logs/ID.log``. Cancel sends SIGTERM, then SIGKILL after a grace period.
+to ``RUNS/.studio/logs/ID.log``. Cancel sends SIGINT, as Ctrl-C in a terminal would: the run
+stops and signs itself off with a ``failed`` manifest (error ``KeyboardInterrupt``); SIGKILL
+follows after a grace period if it has not ended by then.
 """
 
 from __future__ import annotations
@@ -97,12 +99,14 @@ class Jobs:
         return {rid for rid, j in self._jobs.items() if j.alive}
 
     def cancel(self, rid: str) -> bool:
-        """SIGTERM the run's process group, SIGKILL after `GRACE_S`; False when it is not running."""
+        """SIGINT the run's process group, SIGKILL after `GRACE_S`; False when it is not running."""
         job = self._jobs.get(rid)
         if job is None or not job.alive:
             return False
         job.cancelled = True
-        os.killpg(job.proc.pid, signal.SIGTERM)
+        # SIGINT, not SIGTERM: Python turns it into KeyboardInterrupt, so the run's own handler
+        # writes its failed manifest; SIGTERM would end it with no manifest at all
+        os.killpg(job.proc.pid, signal.SIGINT)
 
         def reap():
             try:
