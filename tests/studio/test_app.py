@@ -3,11 +3,17 @@
 import json
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 
 import pytest
 from fastapi.testclient import TestClient
 
+from posttrain.cli import main as cli_main
 from posttrain.report.metrics import series
 from posttrain.studio.app import Studio, create_app
 from posttrain.studio.cli import StudioError, check_host
@@ -120,11 +126,34 @@ def test_launch_form_shows_errors_inline_and_never_leaves_the_runs_folder(runs):
         "error": "done is not running (only runs started here can be cancelled)"}
 
 
-def test_api_key_and_host():
+def test_api_key_and_host(capsys):
     with pytest.raises(StudioError, match="refusing to bind 0.0.0.0 without --api-key"):
         check_host("0.0.0.0", None)
     check_host("0.0.0.0", "k")
     check_host("127.0.0.1", None)
+    assert cli_main(["studio", "--host", "0.0.0.0"]) == 2
+    assert capsys.readouterr().err.startswith("posttrain: error: refusing to bind 0.0.0.0 without --api-key")
+
+
+def test_the_command_serves_on_127_0_0_1(tmp_path):
+    """`posttrain studio` as a user starts it: a process, the default host, the given port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "studio", "--runs", str(tmp_path / "r"),
+                             "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline().strip() == f"posttrain studio: {tmp_path / 'r'} on http://127.0.0.1:{port}/"
+        for _ in range(100):
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert json.loads(body) == []
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
 
 
 def test_api_key_is_required_on_every_page(runs):
