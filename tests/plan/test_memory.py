@@ -4,6 +4,8 @@ The activation terms are checked against the tensors autograd saves (a saved-ten
 every distinct storage), so a change in what transformers or posttrain keep for backward shows here.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -42,7 +44,7 @@ def _batch():
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
-def saved_bytes(model, precision="fp32") -> dict:
+def saved_bytes(model, precision="fp32", batch=None) -> dict:
     """Bytes autograd saves in one SFT forward, split into logits ([N, V] rows), bf16 weight copies
     (2-D bf16 tensors shaped like a weight) and activations (everything else but parameters)."""
     params = set()
@@ -68,7 +70,7 @@ def saved_bytes(model, precision="fp32") -> dict:
 
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
-        LMStage("sft").loss(model, _batch())
+        LMStage("sft").loss(model, batch if batch is not None else _batch())
     out = {"logits": 0, "weight_copies": 0, "activations": 0}
     vocab = model.config.vocab_size
     for nbytes, dtype, shape in seen.values():
@@ -165,3 +167,20 @@ def test_sharding_reference_and_kv_cache_terms(tiny_models):
     assert ref.breakdown["reference_model"] == one.breakdown["weights"]
     kv = estimate_memory(shape, RunSpec(rollout_rows=8, rollout_len=100)).breakdown["kv_cache"]
     assert kv == 2 * shape.layers * shape.kv_heads * shape.head_dim * 8 * 100 * 4
+
+
+def test_packed_rows_repeat_kv_and_keep_one_mask(tiny_models):
+    from posttrain.data.collate import collate_packed
+    from posttrain.data.render import Tokenized
+
+    path = tiny_models("llama", **SHAPE)
+    shape = read_shape(path)
+    model = _model(path)
+    a, b = Tokenized(list(range(3, 23)), list(range(3, 23)), "a"), Tokenized(list(range(5, 33)), list(range(5, 33)), "b")
+    batch = collate_packed([[a, b], [a, b]], 0, T)
+    seen = saved_bytes(model, batch=batch)
+    spec = RunSpec(batch_size=B, seq_len=T, packed=True, loss_fraction=(batch["labels"][:, 1:] != -100).float().mean().item())
+    want = activation_bytes(shape, spec) + logits_saved_bytes(shape, spec)
+    unpacked = activation_bytes(shape, dataclasses.replace(spec, packed=False)) + logits_saved_bytes(shape, spec)
+    assert seen["activations"] == pytest.approx(want, rel=0.03)
+    assert seen["activations"] != pytest.approx(unpacked, rel=0.03)  # the packed terms are needed

@@ -69,6 +69,7 @@ class RunSpec:
     cpu_offload: bool = False
     device_kind: str = "gpu"  # gpu | cpu
     embedding_rows: Optional[int] = None  # CPU: rows of a frozen input embedding the data reads (None: all)
+    packed: bool = False  # packed rows (data.packing, always for cpt; data.padding_free): a 4-D attention mask
 
     @property
     def trains_base(self) -> bool:
@@ -166,9 +167,13 @@ def saved_per_token(s: ModelShape, spec: RunSpec) -> float:
     (h), the MLP's gate, SiLU, up and product (4f).
     Adapters: the norms save input and output only (4d), the rest as above plus LoRA's rank-r
     activations (7r). Prompt/prefix tuning: no linear saves anything (2d + 2he + 2ke + h + 3f).
+    Packed rows: k and v are repeated to every query head (ke counts as he).
     bf16 autocast: norms stay fp32, each linear saves its own bf16 cast of its input, outputs are bf16.
     """
     d, he, ke, h, f = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.heads, s.intermediate
+    if spec.packed:
+        # with a mask, transformers repeats k and v to every query head before SDPA (no native GQA)
+        ke = he
     lora = spec.adapter in ("lora", "qlora", "dora")
     prompt = spec.adapter in ("prompt", "prefix")
     if spec.precision == "bf16":
@@ -190,9 +195,11 @@ def activation_bytes(s: ModelShape, spec: RunSpec) -> float:
     per_layer = saved_per_token(s, spec) * spec.tokens
     # the final norm's input (and normalized input when its weight trains); its output goes to the head
     final_norm = (2 if spec.trains_base else 1) * s.hidden * FP32 * spec.tokens
+    # packed rows: one [B, 1, T, T] fp32 attention mask, shared by the layers
+    mask = spec.rows * spec.row_len ** 2 * FP32 if spec.packed else 0
     if spec.gradient_checkpointing:
-        return s.layers * s.hidden * FP32 * spec.tokens + per_layer + final_norm
-    return s.layers * per_layer + final_norm
+        return s.layers * s.hidden * FP32 * spec.tokens + per_layer + final_norm + mask
+    return s.layers * per_layer + final_norm + mask
 
 
 CHUNK_ELEMENTS = 2 ** 23  # posttrain.losses.chunked: fp32 numbers per [rows, V] chunk buffer

@@ -47,7 +47,8 @@ def spec_from_config(cfg, *, device: Device, gpus: int = 1, loss_fraction: Optio
         loss_fraction=1.0 if loss_fraction is None else loss_fraction, grad_accum=t.grad_accum,
         precision=t.precision, gradient_checkpointing=t.gradient_checkpointing, sequences_per_row=seqs,
         reference=reference, rollout_rows=rollout_rows, rollout_len=rollout_len, gpus=gpus,
-        distributed=distributed, cpu_offload=t.cpu_offload, device_kind=device.kind)
+        distributed=distributed, cpu_offload=t.cpu_offload, device_kind=device.kind,
+        packed=bool(cfg.data.packing or cfg.data.padding_free))
 
 
 def _targets(targets) -> Optional[tuple[str, ...]]:
