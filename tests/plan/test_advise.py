@@ -112,3 +112,20 @@ def test_every_recipe_the_adviser_writes_is_a_valid_pipeline(tmp_path, method, s
     if adapter is not None:
         last = recipe.stages[-1].cfg
         assert last.adapter.type == adapter and last.train.lr == LEARNING_RATES[method][1]
+
+
+def test_a_time_budget_rules_out_training(tmp_path):
+    """With one second of CPU time no training method fits the budget: the adviser says prompting."""
+    from posttrain import gym
+    from posttrain.plan.advise import advise
+    from posttrain.stages import load_config
+
+    train = gym.export("instruct", "train", tmp_path / "train.jsonl", n=100)
+    cfg = load_config("sft", None, [f"model={gym.base_model_path()}", f"data.train={train}", "data.max_length=128"])
+    analysis = {**_data(n=100), "loss_fraction": 0.3, "baselines": None}
+    out = advise(cfg, budget=parse_budget("cpu,0.0003h"), out_dir=tmp_path / "adv", analysis=analysis)
+    assert out["recommendation"] == "prompting"
+    assert out["reasons"][-1] == "no training method fits the budget: prompting only"
+    trained = [c for c in out["candidates"] if c["method"] != "prompting"]
+    assert all(c["over_time_budget"] and not c["fits"] for c in trained)
+    assert all(c["wall_time_s"] > 1.08 for c in trained)
