@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.posttrain-installed
 
-.PHONY: setup demo test lint test-grpo-gym test-slow test-sandbox test-faults bench browser bubblewrap clean
+.PHONY: setup demo test lint test-grpo-gym test-studio test-slow test-sandbox test-faults bench browser bubblewrap clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ test-sandbox: setup bubblewrap
 # disk full during a checkpoint, on a small tmpfs (needs root to mount it; skips with the reason otherwise; ~30 s)
 test-faults: setup
 	$(THREADS) $(BIN)/python -m pytest -q -m faults tests/engine
+
+# issue 22: the studio end to end in Debian's chromium (launch, live curve, compare, chat, cancel; ~2 min, marked slow)
+test-studio: setup browser
+	$(THREADS) $(BIN)/python -m pytest -q -m slow tests/studio/test_studio_browser.py
 
 # issue 6's GRPO gym target through the demo's reasoning chain (~12 min, marked slow); CI runs it after `test`
 test-grpo-gym: setup
