@@ -41,6 +41,15 @@ import time
 from pathlib import Path
 
 
+def _httpx():
+    try:  # the openai package's HTTP client: httpx2 in this project's registry, httpx upstream
+        import httpx2
+        return httpx2
+    except ImportError:
+        import httpx
+        return httpx
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,8 +102,7 @@ class Child:
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        import httpx2 as httpx
-
+        httpx = _httpx()
         t0 = time.monotonic()
         while True:
             if self.proc.poll() is not None:
@@ -119,7 +127,7 @@ class Child:
 
 
 async def _run(url: str, jobs: list[tuple[str, list[dict]]], concurrency: int, max_tokens: int) -> dict:
-    import httpx2 as httpx
+    httpx = _httpx()
 
     results: list = [None] * len(jobs)
     queue: asyncio.Queue = asyncio.Queue()

@@ -9,7 +9,10 @@ import sys
 import threading
 import time
 
-import httpx2 as httpx  # the HTTP client the openai package ships with
+try:  # the HTTP client the openai package ships with: httpx2 in this project's registry, httpx upstream
+    import httpx2 as httpx
+except ImportError:
+    import httpx
 import pytest
 
 from posttrain.cli import main
