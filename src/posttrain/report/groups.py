@@ -14,11 +14,14 @@ import math
 # (heading, name fragments), first match wins: "regression_score" is a forgetting check before it
 # is a score, "reward_margin" an RL/preference reward before it is a margin.
 GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("rewards and reward-hacking detectors", ("hack/",)),  # hack/length_drift is not a forgetting check
     ("losses", ("loss", "nll", "perplexity", "ppl")),
     ("forgetting checks", ("regression", "forget", "drift", "divergence", "guard")),
+    # eval.hacking's detectors log hack/<detector> flags and distinct_2 / identical_share
     ("rewards and reward-hacking detectors", ("reward", "kl", "entropy", "completion_length", "completion_tokens",
-                                              "truncated", "zero_variance", "hacking", "advantage", "clip",
-                                              "explained_variance", "value", "score_")),
+                                              "truncated", "zero_variance", "hack", "distinct", "identical",
+                                              "verifier", "advantage", "clip", "explained_variance", "value",
+                                              "score_")),
     ("target metric", ("accuracy", "acc", "win_rate", "exact_match", "pass", "score", "correct", "refusal",
                        "call_rate")),
     ("optimization", ("lr", "learning_rate", "grad_norm", "epoch")),
