@@ -210,3 +210,19 @@ def test_the_runs_folder_itself_is_a_pipeline(runs):
     assert [r[1:3] for r in rows_of(c.get("/").text, "runs")] == [["pipe (pipeline)", "completed"]]
     assert "Compare the stages with the base" in c.get("/runs/pipe").text
     assert c.get("/runs/sft").status_code == 200 and c.get("/api/runs/sft/metrics").json()["last_step"] == 10
+
+
+def test_chat_errors_are_one_line_json(runs):
+    run = runs / "done"
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    with (run / "config.yaml").open("a") as f:
+        f.write("model: /nonexistent/base\n")
+    c = TestClient(create_app(Studio(runs)))
+    msgs = [{"role": "user", "content": "hi"}]
+    r = c.post("/api/chat", json={"run": "broken", "conversations": {"base": msgs}})
+    assert r.status_code == 404 and r.json()["error"].startswith("run 'broken': no adapter to chat with")
+    r = c.post("/api/chat", json={"run": "done", "conversations": {"tuned": msgs}})
+    assert r.json() == {"error": "conversations: expected {base: [messages], adapter: [messages]}"}
+    r = c.post("/api/chat", json={"run": "done", "conversations": {"base": msgs}})
+    assert r.status_code == 500 and r.json()["error"].startswith("could not answer with /nonexistent/base: ")

@@ -323,7 +323,10 @@ def create_app(studio: Studio) -> FastAPI:
             return _launch_form(stage, form, errors, status_code=422)
         rid = target.relative_to(studio.runs).as_posix()
         overrides = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={rid}"]
-        studio.jobs.launch(stage, overrides, rid)
+        try:
+            studio.jobs.launch(stage, overrides, rid)
+        except (ValueError, OSError) as ex:  # already running here; the runs folder not writable
+            return _launch_form(stage, form, {"": [str(ex)]}, status_code=409)
         return RedirectResponse(f"/runs/{rid}", status_code=303)
 
     @app.get("/playground", response_class=HTMLResponse)
@@ -350,6 +353,9 @@ def create_app(studio: Studio) -> FastAPI:
                 temperature=float(body.get("temperature", 0.0)))
         except (ChatError, ValueError) as ex:
             return JSONResponse({"error": str(ex)}, status_code=422)
+        except Exception as ex:  # the base model or the adapter does not load (moved, a hub name offline)
+            return JSONResponse({"error": f"could not answer with {e.run['model']}: {type(ex).__name__}: {ex}"},
+                                status_code=500)
         return {"base": answers.get("base"), "adapter": answers.get(e.rid), "model": e.run["model"]}
 
     @app.get("/favicon.ico")
