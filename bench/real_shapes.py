@@ -12,7 +12,8 @@ Variants, each in its own process, alternated round by round:
   this is the step they will run once wired, not `posttrain sft`.
 - `posttrain_plain`: the stage paths before the chunked head, in the same minimal step: `target_nll`
   on `logits_to_keep` logits (SFT), cross-entropy of the logits at loss positions summed per
-  sequence (DPO), `completion_logprobs` (rollout/logprobs.py, GRPO).
+  sequence (DPO), the log-softmax of the last C + 1 positions' logits (GRPO; what
+  rollout/logprobs.completion_logprobs did before it called the chunked head).
 - `trl`: `SFTTrainer` / `DPOTrainer` + PEFT at TRL's defaults, except what must match: the same
   tokens (pre-tokenized rows), max_length, LoRA, steps and fp32 (TRL's default is bf16 autocast).
   GRPO: `GRPOTrainer.compute_loss` (its update: per-token log-probs + entropy through TRL's fused
@@ -143,7 +144,6 @@ def child_posttrain(a, data: dict) -> dict:
     from posttrain.losses.sft import next_token_targets, target_nll
     from posttrain.models import adapters
     from posttrain.models.head import position_logps, position_nll
-    from posttrain.rollout.logprobs import completion_logprobs
 
     chunked = a.kind == "posttrain"
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
@@ -189,9 +189,12 @@ def child_posttrain(a, data: dict) -> dict:
         if chunked:
             positions = torch.arange(P - 1, P + c_len - 1)
             logps, ent = position_logps(model, inputs, positions, labels[:, P:], with_entropy=True)
-        else:
-            batch = {**inputs, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0), "completion_mask": comp_mask}
-            logps, ent = completion_logprobs(model, batch, with_entropy=True)
+        else:  # the pre-#20 rollout/logprobs.completion_logprobs: [rows, C, V] logits, entropy detached
+            logits = model(**inputs, use_cache=False, logits_to_keep=c_len + 1).logits[:, :-1].float()
+            logp_all = torch.log_softmax(logits, -1)
+            logps = logp_all.gather(-1, ids[:, -c_len:, None])[..., 0] * comp_mask
+            with torch.no_grad():
+                ent = -(logp_all.exp() * logp_all).sum(-1) * comp_mask
         return policy_loss("grpo", logps, logps.detach(), adv, comp_mask)[0]
 
     loss_fn = {"sft": sft_loss, "dpo": dpo_step_loss, "grpo": grpo_step_loss}[a.method]
