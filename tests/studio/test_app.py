@@ -173,12 +173,15 @@ def test_an_adviser_result_is_launched_from_its_page(runs):
     adv.mkdir()
     cfg = load_config("sft", None, ["model=/models/base", "data.train=gym:instruct", "train.batch_size=4"])
     write_recipe(adv / "advice.yaml", cfg, "lora", adv, None)
-    (adv / "advice.json").write_text(json.dumps({"recommendation": "lora", "reasons": ["small data"]}))
+    (adv / "advice.json").write_text(json.dumps({"recommendation": "lora", "reasons": ["small data"], "candidates": [
+        {"method": "lora", "expected_score": None, "learning_rate": [1e-4, 2e-4], "fits": True}]}))
     c = TestClient(create_app(Studio(runs)))
     row = {r[1]: r for r in rows_of(c.get("/").text, "runs")}["advice (adviser result)"]
     assert row[4] == "recommends lora · launch it"
     page = c.get("/runs/advice").text
     assert '<b id="recommendation">lora</b>' in page and 'href="/launch?advice=advice"' in page
+    cand = re.search(r"<h2>Candidates</h2>.*?<tbody><tr>(.*?)</tr>", page, re.S).group(1)
+    assert re.findall(r"<td>(.*?)</td>", cand) == ["lora", "–", "[0.0001, 0.0002]", "True"]
     form = c.get("/launch?advice=advice").text
     filled = dict(re.findall(r'<input name="([^"]+)" id="[^"]+" value="([^"]*)"', form))
     assert filled["model"] == "/models/base" and filled["data.train"] == "gym:instruct"
