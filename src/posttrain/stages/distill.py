@@ -21,6 +21,7 @@ from pydantic import Field
 from posttrain.config import RunConfig, register_stage_schema
 from posttrain.data.sources import read_records
 from posttrain.engine.precision import autocast
+from posttrain.engine.setup import load_for_training
 from posttrain.engine.trainer import RolloutStage
 from posttrain.losses.distill import DIVERGENCES, distill_loss
 from posttrain.models.loading import load, resolve_device
@@ -132,19 +133,17 @@ def _rows(src, tokenizer) -> list[dict]:
             for s in (src if isinstance(src, list) else [src]) for rec in read_records(s, split="validation")]
 
 
-def run(cfg: DistillConfig, *, resume: bool = False, **kw) -> RunResult:
+def run(cfg: DistillConfig, *, resume: bool = False, model=None, tokenizer=None, **kw) -> RunResult:
     """Distil `distill.teacher` into `model` on the student's own samples of the `data.train` prompts."""
     if cfg.stage != "distill" or not isinstance(cfg, DistillConfig):
         raise ValueError(f"distill.run needs a distill config (load_config('distill', ...)), got stage {cfg.stage!r}")
-    stages = []
-
-    def make(tok):
-        stages.append(DistillStage(cfg, tok))
-        return stages[0]
+    if model is None:
+        model, tokenizer = load_for_training(cfg)
+    stage = DistillStage(cfg, tokenizer)  # owns its held-out measure, built before training
 
     def data(c, tok):
         d = prompt_data(c, tok)
-        d.evaluators.append(lambda model, step: stages[0].heldout(model, step))
+        d.evaluators.append(stage.heldout)
         return d
 
-    return run_training(cfg, make, data, resume=resume, **kw)
+    return run_training(cfg, lambda tok: stage, data, resume=resume, model=model, tokenizer=tokenizer, **kw)
