@@ -3,6 +3,9 @@
 `posttrain --help` lists the commands (stage summaries come from the stage modules' docstrings);
 `posttrain STAGE --help` lists every config key (posttrain.config_doc reads the schemas).
 
+Each command imports what it runs inside its function: torch, transformers and a stage's modules
+take seconds to import, and `posttrain --help` or a usage error needs none of them.
+
     posttrain sft --config run.yaml train.lr=1e-4
     posttrain sft model=DIR data.train=chats.jsonl output_dir=runs/a
     posttrain cpt model=DIR data.train=corpus.jsonl
@@ -22,8 +25,8 @@
     posttrain studio [--runs DIR] [--host 127.0.0.1] [--port 7860] [--api-key KEY]
     posttrain plan --config run.yaml [key=value ...] [--device H100-80GB] [--gpus N] [--json]
     posttrain data check data.train=D [data.eval=E] [model=M] [--json]
-    posttrain data inspect CONFIG [key=value ...] [--show N] [--limit N]
     posttrain advise model=M data.train=D [data.eval=E] [--budget 1xA100-40GB,8h] --no-pilots [--json] [--out DIR]
+    posttrain data inspect CONFIG [key=value ...] [--show N] [--limit N]
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import os
 import sys
 from pathlib import Path
 
+from posttrain import cli_help
 from posttrain.engine.launch import torchrun_command
 
 
@@ -55,7 +59,7 @@ def _train_parser(stage: str, argv: list[str] = ()) -> argparse.ArgumentParser:
         epilog = "config keys (KEY=VALUE on the command line, nested in --config YAML):\n\n" + \
             format_help(schema(stage))
     p = argparse.ArgumentParser(prog=f"posttrain {stage}", description=f"Run the `{stage}` stage: "
-                                f"{stage_summary(stage)}", epilog=epilog,
+                                f"{cli_help.stage_summary(stage)}", epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "-c", help="YAML config file")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
@@ -67,7 +71,7 @@ def _train_parser(stage: str, argv: list[str] = ()) -> argparse.ArgumentParser:
 
 def cmd_train(stage: str, argv: list[str]) -> int:
     from posttrain import stages
-    from posttrain.config import load_config
+    from posttrain.stages import load_config
 
     args = _train_parser(stage, argv).parse_args(argv)
     cfg = load_config(stage, args.config, args.overrides)
@@ -112,7 +116,8 @@ def cmd_launch(argv: list[str]) -> int:
 
 
 def cmd_config(argv: list[str]) -> int:
-    from posttrain.config import dump_config, load_config
+    from posttrain.config import dump_config
+    from posttrain.stages import load_config
 
     p = argparse.ArgumentParser(prog="posttrain config", description="Print a stage's resolved config.")
     p.add_argument("stage", choices=list(_train_stages()))
@@ -229,7 +234,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
-    from posttrain.gym import demo
+    from posttrain.pipeline import demo
 
     return demo.main(argv)
 
@@ -242,8 +247,12 @@ def cmd_pipeline(argv: list[str]) -> int:
 
 def cmd_cai(argv: list[str]) -> int:
     from posttrain.cai import main as cai_main
+    from posttrain.cai.constitution import ConstitutionError
 
-    return cai_main(argv)
+    try:
+        return cai_main(argv)
+    except ConstitutionError as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_plan(argv: list[str]) -> int:
@@ -253,28 +262,6 @@ def cmd_plan(argv: list[str]) -> int:
     try:
         return plan_main(argv)
     except PlanError as e:
-        raise UsageError(str(e)) from None
-
-
-def cmd_serve(argv: list[str]) -> int:
-    from posttrain.serve.cli import serve_main
-
-    return serve_main(argv)
-
-
-def cmd_chat(argv: list[str]) -> int:
-    from posttrain.serve.cli import chat_main
-
-    return chat_main(argv)
-
-
-def cmd_studio(argv: list[str]) -> int:
-    """A local web app: runs, live curves, compare, a launch form, a playground (docs/studio.md)."""
-    from posttrain.studio.cli import StudioError, studio_main
-
-    try:
-        return studio_main(argv)
-    except StudioError as e:
         raise UsageError(str(e)) from None
 
 
@@ -313,6 +300,28 @@ def cmd_data(argv: list[str]) -> int:
         raise UsageError(str(e)) from None
 
 
+def cmd_serve(argv: list[str]) -> int:
+    from posttrain.serve.cli import serve_main
+
+    return serve_main(argv)
+
+
+def cmd_chat(argv: list[str]) -> int:
+    from posttrain.serve.cli import chat_main
+
+    return chat_main(argv)
+
+
+def cmd_studio(argv: list[str]) -> int:
+    """A local web app: runs, live curves, compare, a launch form, a playground (docs/studio.md)."""
+    from posttrain.studio.cli import StudioError, studio_main
+
+    try:
+        return studio_main(argv)
+    except StudioError as e:
+        raise UsageError(str(e)) from None
+
+
 def cmd_advise(argv: list[str]) -> int:
     """Which adaptation for this model and data (prompting, prompt/prefix tuning, LoRA, QLoRA, full, CPT+SFT)."""
     from posttrain.plan.cli import advise_main
@@ -345,55 +354,9 @@ COMMANDS = {
 }
 
 
-# one line each for `posttrain --help` (else the command function's docstring); the stages' lines
-# come from their module docstrings
-SUMMARIES = {
-    "pipeline": "run a recipe: stages in order with lineage, skip/resume and one report",
-    "eval": "evaluate a model on a suite, optionally against a baseline (a CI regression gate)",
-    "demo": "post-train the bundled base model offline and print a before/after table",
-    "config": "print a stage's resolved config (--doc: with each key's type and description)",
-    "merge": "merge an adapter into its base model",
-    "export": "a run as a merged HF model + model card (GGUF, --push-to-hub); a checkpoint as HF",
-    "adapters": "inspect an adapter (adapters show DIR)",
-    "report": "rebuild the HTML report of one or more runs",
-    "gym": "export gym tasks (verifiable data in the standard formats)",
-    "launch": "run a stage under torchrun, one process per GPU",
-    "cai": "constitutional AI data: critique-and-revision rows, RLAIF pairs",
-    "plan": "estimate a run before it starts",
-    "serve": "an OpenAI-compatible HTTP server over a model and its adapters",
-    "chat": "a terminal chat with a model (and an adapter)",
-    "data": "check data: quality with origins, rendered examples with their loss tokens, the mask audit",
-}
-
-
-def stage_summary(stage: str) -> str:
-    """The first sentence of the stage module's docstring, read without importing the module (no torch)."""
-    import ast
-    import importlib.util
-    import re
-
-    from posttrain.stages import STAGES
-
-    spec = importlib.util.find_spec(STAGES[stage])
-    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
-    para = " ".join(doc.split("\n\n")[0].split())
-    para = para.split(": ", 1)[1] if para.startswith("Stage `") and ": " in para else para
-    return re.split(r"(?<!\bal)\.\s+(?=[A-Z])", para)[0].rstrip(".")  # the first sentence; "et al. 2024" is not an end
-
-
 def format_commands(width: int = 100) -> str:
-    """`posttrain --help`: every command with one line."""
-    import textwrap
-
-    def block(names, line):
-        return [f"  {n:<10}" + textwrap.shorten(line(n), width - 12, placeholder=" ...") for n in names]
-
-    head = ["posttrain: post-training for causal language models", "",
-            "usage: posttrain COMMAND [ARGS]    (posttrain COMMAND --help: its options; a stage's: every key)",
-            "", "training stages (posttrain STAGE [--config FILE] [--resume] [KEY=VALUE ...]):"]
-    return "\n".join(head + block(_train_stages(), stage_summary) + ["", "other commands:"] +
-                     block(COMMANDS, lambda n: SUMMARIES.get(n) or (COMMANDS[n].__doc__ or "-").strip()) +
-                     ["", "docs: README.md and docs/*.md; -V/--version prints the version"])
+    """`posttrain --help`: every command with one line (posttrain.cli_help)."""
+    return cli_help.format_commands(_train_stages(), COMMANDS, width)
 
 
 def _errors():
