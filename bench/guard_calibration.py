@@ -91,6 +91,7 @@ def main() -> None:
     import posttrain
     from posttrain import gym
     from posttrain.eval import drift as D
+    from posttrain.eval import perplexity as P
 
     from posttrain.config import EvalConfig
 
@@ -109,7 +110,7 @@ def main() -> None:
     ref = D.build_drift_reference(base_model, tok)
     ref64 = D.build_drift_reference(base_model, tok, n_prompts=64)
     t_ref = time.perf_counter() - t0
-    texts = {"bundled": D.text_reference(base_model, tok), "gym": D.text_reference(base_model, tok, str(data / "general.jsonl"))}
+    texts = {"bundled": P.text_reference(base_model, tok), "gym": P.text_reference(base_model, tok, str(data / "general.jsonl"))}
     base_score = _regression(base, out / "base-eval")
 
     rows = []
@@ -130,7 +131,7 @@ def main() -> None:
         d64 = D.drift(model, ref64)
         row = {"run": name, "regression_score": score, "regression_drop": base_score - score,
                "drift_kl": d["drift_kl"], "drift_kl_stderr": d["drift_kl_stderr"], "drift_kl_64": d64["drift_kl"],
-               **{f"ppl_change_{k}": D.perplexity_change(model, t)["general_ppl_change"] for k, t in texts.items()},
+               **{f"ppl_change_{k}": P.perplexity_change(model, t)["general_ppl_change"] for k, t in texts.items()},
                "train_s": round(t_train, 1), "drift_check_s": round(t_check, 2)}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.eval import drift as D
+from posttrain.eval import perplexity as P
 
 
 @pytest.fixture(autouse=True)
@@ -98,8 +99,8 @@ def test_adapter_base_is_the_disabled_model(tiny_models):
 
 def test_perplexity_change_sign(tiny_models):
     model, tok = _model(tiny_models, "qwen2")
-    ref = D.text_reference(model, tok, n=8, max_length=64)
-    assert len(ref.rows) == 8 and D.perplexity_change(model, ref)["general_ppl_change"] == 0.0
+    ref = P.text_reference(model, tok, n=8, max_length=64)
+    assert len(ref.rows) == 8 and P.perplexity_change(model, ref)["general_ppl_change"] == 0.0
 
     def steps(m, sign):
         opt = torch.optim.SGD(m.parameters(), lr=0.05)
@@ -111,8 +112,8 @@ def test_perplexity_change_sign(tiny_models):
             opt.zero_grad()
         return m
 
-    better = D.perplexity_change(steps(copy.deepcopy(model), +1), ref)
-    worse = D.perplexity_change(steps(copy.deepcopy(model), -1), ref)
+    better = P.perplexity_change(steps(copy.deepcopy(model), +1), ref)
+    worse = P.perplexity_change(steps(copy.deepcopy(model), -1), ref)
     assert better["general_ppl_change"] < 0 < worse["general_ppl_change"], (better, worse)
 
 
@@ -120,7 +121,7 @@ def test_text_source_is_the_users_mix_data(tiny_models, tmp_path):
     model, tok = _model(tiny_models, "qwen2")
     f = tmp_path / "general.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"Say {i}.", "completion": f" {i} {i}"}) + "\n" for i in range(10)))
-    ref = D.text_reference(model, tok, str(f), n=4)
+    ref = P.text_reference(model, tok, str(f), n=4)
     assert ref.source == str(f) and len(ref.rows) == 4
     # only the completion is scored: the first scored position is after the prompt
     assert all(s == len(tok(f"Say {i}.")["input_ids"]) for s, i in zip(ref.start, (0, 2, 5, 7)))

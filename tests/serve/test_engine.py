@@ -10,7 +10,8 @@ from posttrain.gym import base_model_path
 from posttrain.models.adapters import load_adapter
 from posttrain.models.loading import load
 from posttrain.rollout import SamplingParams
-from posttrain.serve.engine import Engine, Request
+from posttrain.serve.engine import Engine
+from posttrain.serve.requests import Request
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0)
 

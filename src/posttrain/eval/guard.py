@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from posttrain.eval import drift as drift_mod
+from posttrain.eval import perplexity
 
 from posttrain.eval.compare import beyond
 from posttrain.eval.runner import run_suite
@@ -182,7 +183,7 @@ class DriftGuard:
         t0 = clock()
         self.drift_ref = drift_mod.build_drift_reference(model, tokenizer, n_prompts=n_prompts,
                                                          max_new_tokens=max_new_tokens, batch_size=batch_size)
-        self.text_ref = drift_mod.text_reference(model, tokenizer, text_source, n=n_text, batch_size=batch_size)
+        self.text_ref = perplexity.text_reference(model, tokenizer, text_source, n=n_text, batch_size=batch_size)
         self.setup_s = clock() - t0
         # snapshots and roll-back go through the model given here: a DDP wrapper the engine calls the
         # guard with shares its parameters but prefixes their names with "module."
@@ -204,7 +205,7 @@ class DriftGuard:
         model.eval()
         try:
             d = drift_mod.drift(model, self.drift_ref, batch_size=self.batch_size, pad_id=self.pad_id)
-            p = drift_mod.perplexity_change(model, self.text_ref, batch_size=self.batch_size, pad_id=self.pad_id)
+            p = perplexity.perplexity_change(model, self.text_ref, batch_size=self.batch_size, pad_id=self.pad_id)
         finally:
             model.train(was)
         return {"drift_kl": d["drift_kl"], "drift_kl_stderr": d["drift_kl_stderr"], **p}

@@ -9,6 +9,7 @@ The HTTP parts need the `serve` extra (``pip install posttrain[serve]``). See do
 """
 
 from posttrain.serve.adapters import AdapterSet, ServedAdapter
-from posttrain.serve.engine import Delta, Engine, Request
+from posttrain.serve.engine import Engine
+from posttrain.serve.requests import Delta, Request
 
 __all__ = ["AdapterSet", "Delta", "Engine", "Request", "ServedAdapter"]

@@ -27,7 +27,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from posttrain.rollout import SamplingParams
 from posttrain.serve import responses
-from posttrain.serve.engine import Delta, Engine, Request
+from posttrain.serve.engine import Engine
+from posttrain.serve.requests import Delta, Request
 from posttrain.serve.protocol import (
     APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, parse_body,
 )

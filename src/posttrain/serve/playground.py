@@ -11,7 +11,8 @@ from typing import Optional
 
 from posttrain.data.tools import render_prompt
 from posttrain.rollout import SamplingParams
-from posttrain.serve.engine import Engine, Request
+from posttrain.serve.engine import Engine
+from posttrain.serve.requests import Request
 
 
 def chat_loop(engine: Engine, *, adapter: Optional[str], system: Optional[str], max_tokens: int,

@@ -21,7 +21,7 @@ from typing import Optional
 
 from posttrain.data.tools import render_prompt
 from posttrain.rewards.tools import ToolCallParseError, parse_tool_calls
-from posttrain.serve.engine import Delta, Request, TokenLogprob
+from posttrain.serve.requests import Delta, Request, TokenLogprob
 from posttrain.serve.protocol import APIError, ChatRequest, CompletionRequest, NamedToolChoice
 
 CALL_OPEN = "<tool_call>"

@@ -13,7 +13,8 @@ from pathlib import Path
 from posttrain.data.tools import render_prompt
 from posttrain.rollout import SamplingParams
 from posttrain.serve.cli import build_engine
-from posttrain.serve.engine import Engine, Request
+from posttrain.serve.engine import Engine
+from posttrain.serve.requests import Request
 
 
 class ChatError(ValueError):
