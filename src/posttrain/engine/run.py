@@ -25,6 +25,7 @@ import yaml
 from posttrain._version import __version__
 from posttrain.config import RunConfig, dump_config
 from posttrain.engine.dist import barrier, full_state_dict, is_main, unwrap
+from posttrain.models import adapters
 
 MANIFEST = "manifest.json"
 
@@ -115,7 +116,6 @@ def publish_model(model, tokenizer, out: Path, *, adapter: bool, sharded: bool =
     final = out / name
     tmp = _atomic_dir(final)
     if adapter:
-        from posttrain.models import adapters
 
         if full is not None:
             # FSDP holds DTensor shards: give the adapter writer the gathered weights

@@ -13,6 +13,9 @@ import argparse
 import sys
 
 from posttrain.eval.compare import DEFAULT_MAX_DROP
+from posttrain.eval.runner import evaluate
+from posttrain.eval.tasks import TaskError
+from posttrain.models.loading import ModelLoadError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--significance must be in (0, 0.5), got {a.significance}")
     if a.limit is not None and a.limit <= 0:
         p.error(f"--limit must be > 0, got {a.limit}")
-    from posttrain.eval.runner import evaluate
-    from posttrain.eval.tasks import TaskError
-    from posttrain.models.loading import ModelLoadError
 
     try:
         res = evaluate(a.model, adapter=a.adapter, suite=a.suite, baseline=a.baseline,

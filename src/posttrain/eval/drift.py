@@ -46,6 +46,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from posttrain.models import adapters
+from posttrain.rollout import RolloutEngine, SamplingParams
 
 PROMPTS_DIR = Path(__file__).parent / "prompts"
 GENERAL_PROMPTS = PROMPTS_DIR / "general.jsonl"
@@ -118,8 +120,6 @@ def fingerprint(model, tokenizer) -> str:
     Hashing every byte of a 7B checkpoint takes minutes; shapes plus 4,096 strided values of each
     tensor tell apart any two checkpoints that training or a different download could produce.
     """
-    from posttrain.models import adapters
-
     h = hashlib.sha256()
     skip: set = set()
     if adapters.is_adapted(model):  # the adapter's own weights are not part of the base
@@ -204,9 +204,6 @@ def build_drift_reference(model, tokenizer, *, prompts: Optional[Sequence[dict]]
     The base is `model` with its adapters disabled (`models.adapters.disabled`), so a LoRA run's
     reference is the frozen checkpoint underneath, and a full fine-tune's is the starting weights.
     """
-    from posttrain.models import adapters
-    from posttrain.rollout import RolloutEngine, SamplingParams
-
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     rows = subset(prompts if prompts is not None else load_prompts(prompts_path), n_prompts)

@@ -21,8 +21,9 @@ from pathlib import Path
 import lm_eval.models  # noqa: F401  -- lm-eval's built-in models first; see lm_eval_hook for why
 from lm_eval.api.model import LM
 
-from posttrain.eval import lm as L
-from posttrain.eval import lm_eval_hook
+from posttrain.eval import lm as L, lm_eval_hook
+from posttrain.models.loading import load
+from posttrain.eval.lm_eval_hook import write_pth
 
 
 class PosttrainLM(LM):
@@ -35,7 +36,6 @@ class PosttrainLM(LM):
         super().__init__()
         if not model:
             raise ValueError("lm_eval --model posttrain needs --model_args model=DIR[,adapter=DIR]")
-        from posttrain.models.loading import load
 
         trust = str(trust_remote_code).lower() in ("1", "true", "yes")
         import torch
@@ -95,7 +95,6 @@ lm_eval_hook.register()
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["install"]:
-        from posttrain.eval.lm_eval_hook import write_pth
 
         print(f"wrote {write_pth(argv[1] if len(argv) > 1 else None)}")
         return 0

@@ -18,6 +18,7 @@ from typing import Callable
 from posttrain.eval import ifeval, lm, stats
 from posttrain.data.refusal import is_refusal
 from posttrain.eval.tasks import Task, prompt_of, resolve_callable
+from posttrain.rewards import ToolCallParseError, parse_tool_calls, tool_call_reward, validate_call
 
 # metrics where lower is better; every other metric is better higher
 LOWER_IS_BETTER = {"over_refusal_rate", "perplexity", "word_perplexity", "bits_per_byte"}
@@ -126,8 +127,6 @@ def score_tool_call(task: Task, rows: list[dict], outputs: list[str]) -> dict:
     relevant). call_validity: on rows that need a call, a call was made, parsed, and every call names
     an offered tool with required arguments of the schema's types. no_call_accuracy: on rows that
     need none, no call was made."""
-    from posttrain.rewards import ToolCallParseError, parse_tool_calls, tool_call_reward, validate_call
-
     expected = [_expected_call(r) for r in rows]
     right = tool_call_reward([None] * len(rows), outputs, tools=[r["tools"] for r in rows],
                              expected_call=expected, match_arguments=True)

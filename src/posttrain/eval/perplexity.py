@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.eval.drift import GENERAL_TEXT, _batches, _pad_id
+from posttrain.data.formats import to_example
+from posttrain.data.render import IGNORE_INDEX, tokenize_examples
+from posttrain.data.sources import read_records
+from posttrain.models import adapters
 
 @dataclass
 class TextReference:
@@ -30,9 +34,6 @@ def general_text_rows(tokenizer, source=None, *, n: int = 64,
     else the bundled paragraphs. At most `n` rows, spread evenly over the source. Rows are rendered
     as training renders them (data/render.py), and only their loss tokens are scored, so a chat row's
     prompt is context."""
-    from posttrain.data.formats import to_example
-    from posttrain.data.render import IGNORE_INDEX, tokenize_examples
-    from posttrain.data.sources import read_records
 
     if source is None:
         source, name = str(GENERAL_TEXT), "bundled general_text.jsonl"
@@ -85,8 +86,6 @@ def mean_nll(model, rows: Sequence[list[int]], start: Sequence[int], *, batch_si
 def text_reference(model, tokenizer, source=None, *, n: int = 64, max_length: int = 256,
                    batch_size: int = 16) -> TextReference:
     """General-text rows and the base's perplexity on them (adapters disabled)."""
-    from posttrain.models import adapters
-
     rows, start, name = general_text_rows(tokenizer, source, n=n, max_length=max_length)
     with adapters.disabled(model):
         nll = mean_nll(model, rows, start, batch_size=batch_size, pad_id=_pad_id(tokenizer))

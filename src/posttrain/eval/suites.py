@@ -25,6 +25,11 @@ import yaml
 
 from posttrain.eval.kinds import is_refusal
 from posttrain.eval.tasks import Task, TaskError, load_task
+from posttrain.gym import verify
+from posttrain.gym.facts import FACT_KINDS, make_fact, sample_rows, split_of
+from posttrain.gym.world import WORDS, countries
+from posttrain.gym.corpus import declare
+from posttrain import gym
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 BUILTIN = ("gym", "regression")
@@ -117,8 +122,6 @@ def _check_hooks(task_path: Path, spec: dict, suite_path: Path, trusted: bool) -
 
 def gym_verify(row: dict, completion: str) -> bool:
     """Verifier for rows exported from the gym: applies the rule the row names in `check`."""
-    from posttrain.gym import verify
-
     return verify("gym", row, completion)
 
 
@@ -139,9 +142,6 @@ BUILTIN_HOOKS = frozenset(f"{f.__module__}:{f.__qualname__}" for f in (gym_verif
 def _mc_rows(per_kind: int) -> list[dict]:
     """Plain-text multiple choice on test-split facts, up to `per_kind` rows of each kind in MC_KINDS
     (fewer where the test split has fewer distinct facts, e.g. capitals), 4 choices each."""
-    from posttrain.gym.facts import make_fact, split_of
-    from posttrain.gym.world import WORDS, countries
-
     def distractors(fact, rng):
         if fact.kind in ("capital", "currency"):
             pool = {getattr(x, fact.kind) for x in countries()}
@@ -178,9 +178,6 @@ def _mc_rows(per_kind: int) -> list[dict]:
 
 def _ppl_rows(n: int) -> list[dict]:
     """Held-out plain text: declarative sentences about test-split facts, in the corpus's style."""
-    from posttrain.gym.corpus import declare
-    from posttrain.gym.facts import FACT_KINDS, make_fact, sample_rows
-
     kinds = [k for k in FACT_KINDS if k != "json"]
 
     def make(rng: random.Random):
@@ -197,8 +194,6 @@ def _ppl_rows(n: int) -> list[dict]:
 
 def build_builtin(out_dir: Union[str, Path] = SUITES_DIR) -> list[Path]:
     """Write the built-in suites' JSONL files (deterministic); returns the paths written."""
-    from posttrain import gym
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from posttrain.data.sources import DataError, read_records
+from posttrain.data.tools import render_prompt
 
 KINDS = ("multiple_choice", "generate", "perplexity", "ifeval", "refusal", "tool_call")
 
@@ -208,6 +209,5 @@ def prompt_of(task: Task, row: dict, tokenizer) -> str:
         msgs = p if isinstance(p, list) else [{"role": "user", "content": p}]
     if msgs and msgs[-1].get("role") == "assistant":
         msgs = msgs[:-1]
-    from posttrain.data.tools import render_prompt  # tools in the template's way, or the documented fallback
 
     return render_prompt(tokenizer, msgs, row.get("tools"))

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Optional, Union
 from posttrain import gym
 from posttrain.eval.runner import run_suite
-from posttrain.stages import load_config
+from posttrain.stages import load_config, sft
 from posttrain.eval.guard import regression_guard
-from posttrain.stages import sft
 from posttrain.engine.setup import load_for_training
 from posttrain.models.loading import load
 from posttrain.report import build_report

@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 from posttrain.serve.engine import Engine
+from posttrain.models.adapters import AdapterFormatError, adapter_type, is_adapted, merge, read_adapter
+from posttrain.models.loading import load
+from posttrain.serve.app import Server, create_app
+from posttrain.serve.playground import chat_loop
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -40,9 +44,6 @@ def _default_name(path: str) -> str:
 def build_engine(model: str, adapters: dict[str, str], *, max_batch: int = 64, dtype: str = "fp32",
                  device: str = "auto", trust_remote_code: bool = False) -> Engine:
     """Load MODEL (a finished run, an HF directory or a hub name) and every adapter on it."""
-    from posttrain.models.adapters import AdapterFormatError, adapter_type, is_adapted, merge, read_adapter
-    from posttrain.models.loading import load
-
     for name, path in adapters.items():  # a wrong directory fails before the model loads
         try:
             read_adapter(path)
@@ -106,7 +107,6 @@ def serve_main(argv: list[str]) -> int:
     try:
         import uvicorn  # noqa: F401  (the serve extra; checked before the model loads)
 
-        from posttrain.serve.app import Server, create_app
     except ImportError as e:
         raise ServeError(f"posttrain serve needs the serve extra: pip install 'posttrain[serve]' ({e})") from None
     a = serve_parser().parse_args(argv)
@@ -127,8 +127,6 @@ def serve_main(argv: list[str]) -> int:
 
 
 def chat_main(argv: list[str], stdin=None, stdout=None) -> int:
-    from posttrain.serve.playground import chat_loop
-
     p = argparse.ArgumentParser(prog="posttrain chat", description="Chat with a model in the terminal.")
     p.add_argument("model", help="a finished run, an HF model directory or a hub name")
     p.add_argument("--adapter", default=None, help="an adapter directory (PEFT format)")

@@ -26,10 +26,12 @@ from posttrain.report.page import fmt, glance_data
 from posttrain.report.plots import title_of
 from posttrain.report.runs import load_run
 from posttrain.report.templates import CSS, environment
-from posttrain.stages import STAGES, schema
+from posttrain.stages import STAGES, load_config, schema
 from posttrain.studio import catalog, forms
 from posttrain.studio.chat import ChatError, Playground, adapter_dir
 from posttrain.studio.jobs import Jobs
+from posttrain.data.audit import inspect
+from posttrain.models.loading import load_tokenizer
 
 HERE = Path(__file__).parent
 COOKIE = "posttrain_studio_key"
@@ -147,10 +149,6 @@ _MARK = re.compile(r"\[\[(.*?)\]\]", re.S)
 
 def _audit(run_dir: Path) -> dict:
     """`posttrain data inspect` of the run's config: the first example with its loss tokens marked, and the checks."""
-    from posttrain.data.audit import inspect
-    from posttrain.models.loading import load_tokenizer
-    from posttrain.stages import load_config
-
     cfg_path = run_dir / "config.yaml"
     stage = load_run(run_dir.name, run_dir, warn=False)["stage"]
     cfg = load_config(stage, cfg_path)

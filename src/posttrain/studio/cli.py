@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from posttrain.serve.cli import LOCAL_HOSTS
+from posttrain.studio.app import Studio, create_app
 
 
 class StudioError(Exception):
@@ -36,7 +37,6 @@ def studio_main(argv: list[str]) -> int:
     try:
         import uvicorn
 
-        from posttrain.studio.app import Studio, create_app
     except ImportError as e:
         raise StudioError(f"posttrain studio needs the studio extra: pip install 'posttrain[studio]' ({e})") from None
     studio = Studio(a.runs, api_key=a.api_key)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from posttrain.config import ConfigError
-from posttrain.stages import load_config, schema
+from posttrain.stages import STAGES, load_config, schema
 
 # Shown open at the top of the form; every other key is in its section, folded.
 BASICS = ["model", "data.train", "data.eval", "data.limit", "output_dir", "adapter.type", "train.max_steps", "train.lr",
@@ -140,7 +140,6 @@ def from_recipe(path) -> tuple[str, dict[str, str], list[str]]:
     (stage, form values, notes): the form starts from what the adviser recommends."""
     from pathlib import Path
 
-    from posttrain.stages import STAGES
 
     recipe = yaml.safe_load(Path(path).read_text()) or {}
     stages = [s for s in recipe.get("stages") or [] if isinstance(s, dict) and s.get("stage") in STAGES]

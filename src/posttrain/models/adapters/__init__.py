@@ -18,6 +18,8 @@ from posttrain.models.adapters.peft_format import (
     AdapterFormatError, VLLM_RANKS, load_adapter, lora_config, read_adapter, save, vllm_problems,
 )
 from posttrain.models.adapters.state import AdapterState, get_state, set_state
+from posttrain.models.adapters.prompt import add_prompt
+from posttrain.models.adapters.qlora import quantize_linears
 
 ADAPTER_TYPES = ("none", "lora", "dora", "qlora", "prompt", "prefix")
 
@@ -42,13 +44,11 @@ def apply(model, adapter_cfg, tokenizer=None):
         load_adapter(model, adapter_cfg.path, trainable=True, quantize=True if kind == "qlora" else None)
         return model
     if kind in ("prompt", "prefix"):
-        from posttrain.models.adapters.prompt import add_prompt
 
         return add_prompt(model, kind, adapter_cfg.num_virtual_tokens, init_text=adapter_cfg.init_text,
                           tokenizer=tokenizer, projection=adapter_cfg.prefix_projection)
     paths = resolve_targets(model, adapter_cfg.targets)
     if kind == "qlora":
-        from posttrain.models.adapters.qlora import quantize_linears
 
         quantize_linears(model)
     r = adapter_cfg.r

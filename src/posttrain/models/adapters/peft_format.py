@@ -19,6 +19,8 @@ import torch
 
 from posttrain.models.adapters.lora import add_lora, lora_layers
 from posttrain.models.adapters.state import AdapterState, get_state, set_state
+from posttrain.models.adapters.prompt import load_prompt, prompt_tensor
+from posttrain.models.adapters.qlora import quantize_linears
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -82,7 +84,6 @@ def save(model, out_dir: Union[str, Path], *, name: str = "default") -> Path:
     config = dict(st.configs[name])
     config["base_model_name_or_path"] = getattr(model.config, "_name_or_path", None) or None
     if st.kind in ("prompt", "prefix"):
-        from posttrain.models.adapters.prompt import prompt_tensor
 
         tensors = {"prompt_embeddings": prompt_tensor(model)}
     else:
@@ -222,12 +223,10 @@ def load_adapter(model, path: Union[str, Path], *, name: str = "default", traina
     if st is None:
         model.requires_grad_(False)
     if kind in ("prompt", "prefix"):
-        from posttrain.models.adapters.prompt import load_prompt
 
         load_prompt(model, config, tensors["prompt_embeddings"], kind, trainable=trainable, where=str(path))
         return model
     if st is None and (quantize is True or (kind == "qlora" and quantize is not False)):
-        from posttrain.models.adapters.qlora import quantize_linears
 
         quantize_linears(model)
     if quantize is True:

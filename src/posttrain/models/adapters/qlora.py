@@ -15,8 +15,7 @@ from typing import Optional
 
 import torch
 from torch import nn
-from posttrain.models.adapters.lora import linear_names
-from posttrain.models.adapters.lora import LoraWeights
+from posttrain.models.adapters.lora import LoraWeights, linear_names
 
 BLOCK = 64
 SCALER_BLOCK = 256
