@@ -10,6 +10,9 @@ What is measured on the base model (teacher-forced, no training):
   the domain gap is answer loss minus general loss, in nats per token;
 - already predicted: the share of answer tokens that are the base model's top-1 prediction (format
   and style a model can pick up from a prompt, against knowledge it does not have).
+
+The data and model code (torch, transformers) is imported inside the functions that measure with a
+model: `--no-pilots` from the planner and the data alone stays light.
 """
 
 from __future__ import annotations
