@@ -247,22 +247,14 @@ def cmd_pipeline(argv: list[str]) -> int:
 
 def cmd_cai(argv: list[str]) -> int:
     from posttrain.cai import main as cai_main
-    from posttrain.cai.constitution import ConstitutionError
 
-    try:
-        return cai_main(argv)
-    except ConstitutionError as e:
-        raise UsageError(str(e)) from None
+    return cai_main(argv)
 
 
 def cmd_plan(argv: list[str]) -> int:
     from posttrain.plan.cli import main as plan_main
-    from posttrain.plan.shapes import PlanError
 
-    try:
-        return plan_main(argv)
-    except PlanError as e:
-        raise UsageError(str(e)) from None
+    return plan_main(argv)
 
 
 def cmd_data_inspect(argv: list[str]) -> int:
@@ -289,15 +281,11 @@ def cmd_data_inspect(argv: list[str]) -> int:
 def cmd_data(argv: list[str]) -> int:
     """`posttrain data check ...`: data quality with origins (more actions may join it)."""
     from posttrain.plan.cli import data_check_main
-    from posttrain.plan.shapes import PlanError
 
     actions = {"check": data_check_main, "inspect": cmd_data_inspect}
     if not argv or argv[0] not in actions:
         raise UsageError(f"usage: posttrain data {{{','.join(actions)}}} ...")
-    try:
-        return actions[argv[0]](argv[1:])
-    except PlanError as e:
-        raise UsageError(str(e)) from None
+    return actions[argv[0]](argv[1:])
 
 
 def cmd_serve(argv: list[str]) -> int:
@@ -314,23 +302,16 @@ def cmd_chat(argv: list[str]) -> int:
 
 def cmd_studio(argv: list[str]) -> int:
     """A local web app: runs, live curves, compare, a launch form, a playground (docs/studio.md)."""
-    from posttrain.studio.cli import StudioError, studio_main
+    from posttrain.studio.cli import studio_main
 
-    try:
-        return studio_main(argv)
-    except StudioError as e:
-        raise UsageError(str(e)) from None
+    return studio_main(argv)
 
 
 def cmd_advise(argv: list[str]) -> int:
     """Which adaptation for this model and data (prompting, prompt/prefix tuning, LoRA, QLoRA, full, CPT+SFT)."""
     from posttrain.plan.cli import advise_main
-    from posttrain.plan.shapes import PlanError
 
-    try:
-        return advise_main(argv)
-    except PlanError as e:
-        raise UsageError(str(e)) from None
+    return advise_main(argv)
 
 
 COMMANDS = {
@@ -359,30 +340,22 @@ def format_commands(width: int = 100) -> str:
     return cli_help.format_commands(_train_stages(), COMMANDS, width)
 
 
-def _errors():
+def _errors() -> tuple:
+    """The errors a user can cause: one line on stderr and exit 2 (the traceback with --debug)."""
+    from posttrain.cai.constitution import ConstitutionError
     from posttrain.config import ConfigError
+    from posttrain.data import DataError
     from posttrain.engine.checkpoint import CheckpointError
     from posttrain.engine.run import RunDirError
     from posttrain.engine.trainer import TrainingError
     from posttrain.models.loading import ModelLoadError
-
-    errs = [ConfigError, RunDirError, TrainingError, ModelLoadError, CheckpointError, UsageError, FileNotFoundError]
-    try:
-        from posttrain.pipeline import PipelineError
-
-        errs.append(PipelineError)
-    except ImportError:
-        pass
+    from posttrain.pipeline import PipelineError
+    from posttrain.plan.shapes import PlanError
     from posttrain.serve.cli import ServeError
+    from posttrain.studio.cli import StudioError
 
-    errs.append(ServeError)
-    try:
-        from posttrain.data import DataError
-
-        errs.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    return (ConfigError, RunDirError, TrainingError, ModelLoadError, CheckpointError, UsageError, FileNotFoundError,
+            PipelineError, ServeError, DataError, PlanError, StudioError, ConstitutionError)
 
 
 def main(argv: list[str] | None = None) -> int:
