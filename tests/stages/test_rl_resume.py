@@ -75,3 +75,46 @@ def test_rl_resume_is_exact_at_three_kill_points(tiny_models, prompts_file, tmp_
         resumed = [r["loss"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())
                    if r.get("split") == "train"]
         assert resumed == losses, k
+
+
+def test_grpo_killed_mid_rollout_resumes_bit_for_bit(tiny_models, prompts_file, tmp_path):
+    """A real SIGKILL: `posttrain grpo` is killed once its step-3 checkpoint (the first step of the
+    second rollout) exists; `--resume` ends with the uninterrupted run's weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from posttrain.cli import main
+
+    model = tiny_models("qwen2")
+    reward = "grpo.rewards=[tests.stages.test_rl_resume:digit_frac]"
+
+    def args(out):
+        cfg = _config("grpo", model, prompts_file, out)
+        return [f"model={model}", f"data.train={prompts_file}", f"output_dir={out}", "train.batch_size=4",
+                f"train.max_steps={STEPS}", "train.save_every=1", "train.keep_last=100", "train.lr=1e-2",
+                "train.warmup_steps=0", "train.progress=false", "train.seed=5", "grpo.num_generations=4",
+                f"grpo.max_new_tokens={cfg.grpo.max_new_tokens}", "grpo.minibatches=2", "grpo.beta=0.1",
+                "grpo.micro_batch_size=4", reward]
+
+    root = Path(__file__).resolve().parents[2]  # the reward is importable from the repository root
+    assert main(["grpo", *args(tmp_path / "full")]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "posttrain", "grpo", *args(killed)], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-3").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists() and not (killed / "model").exists()
+    assert main(["grpo", "--resume", *args(killed)]) == 0
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(killed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
