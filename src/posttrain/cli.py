@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 
 from posttrain import cli_help
+from posttrain.cli_help import UsageError, _errors, _extra
 from posttrain.engine.launch import torchrun_command
 
 
@@ -44,10 +45,6 @@ def _train_stages() -> tuple[str, ...]:
     from posttrain.stages import STAGES
 
     return tuple(STAGES)
-
-
-class UsageError(Exception):
-    pass
 
 
 def _train_parser(stage: str, argv: list[str] = ()) -> argparse.ArgumentParser:
@@ -289,22 +286,16 @@ def cmd_data(argv: list[str]) -> int:
 
 
 def cmd_serve(argv: list[str]) -> int:
-    from posttrain.serve.cli import serve_main
-
-    return serve_main(argv)
+    return _extra("posttrain.serve.cli", "serve").serve_main(argv)
 
 
 def cmd_chat(argv: list[str]) -> int:
-    from posttrain.serve.cli import chat_main
-
-    return chat_main(argv)
+    return _extra("posttrain.serve.cli", "serve").chat_main(argv)
 
 
 def cmd_studio(argv: list[str]) -> int:
     """A local web app: runs, live curves, compare, a launch form, a playground (docs/studio.md)."""
-    from posttrain.studio.cli import studio_main
-
-    return studio_main(argv)
+    return _extra("posttrain.studio.cli", "studio").studio_main(argv)
 
 
 def cmd_advise(argv: list[str]) -> int:
@@ -338,24 +329,6 @@ COMMANDS = {
 def format_commands(width: int = 100) -> str:
     """`posttrain --help`: every command with one line (posttrain.cli_help)."""
     return cli_help.format_commands(_train_stages(), COMMANDS, width)
-
-
-def _errors() -> tuple:
-    """The errors a user can cause: one line on stderr and exit 2 (the traceback with --debug)."""
-    from posttrain.cai.constitution import ConstitutionError
-    from posttrain.config import ConfigError
-    from posttrain.data import DataError
-    from posttrain.engine.checkpoint import CheckpointError
-    from posttrain.engine.run import RunDirError
-    from posttrain.engine.trainer import TrainingError
-    from posttrain.models.loading import ModelLoadError
-    from posttrain.pipeline import PipelineError
-    from posttrain.plan.shapes import PlanError
-    from posttrain.serve.cli import ServeError
-    from posttrain.studio.cli import StudioError
-
-    return (ConfigError, RunDirError, TrainingError, ModelLoadError, CheckpointError, UsageError, FileNotFoundError,
-            PipelineError, ServeError, DataError, PlanError, StudioError, ConstitutionError)
 
 
 def main(argv: list[str] | None = None) -> int:

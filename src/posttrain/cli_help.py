@@ -1,5 +1,6 @@
-"""The text of `posttrain --help`: one line per stage (from its module's docstring, read without
-importing it) and per command."""
+"""What the command line needs besides its commands: the text of `posttrain --help` (one line per
+stage, from its module's docstring read without importing it, and per command), the errors a user
+can cause, and the optional extras a command needs."""
 
 from __future__ import annotations
 
@@ -52,3 +53,46 @@ def format_commands(stages, commands: dict, width: int = 100) -> str:
     return "\n".join(head + block(stages, stage_summary) + ["", "other commands:"] +
                      block(commands, lambda n: SUMMARIES.get(n) or (commands[n].__doc__ or "-").strip()) +
                      ["", "docs: README.md and docs/*.md; -V/--version prints the version"])
+
+
+class UsageError(Exception):
+    """A command used wrongly; its message says how to use it."""
+
+
+def _errors() -> tuple:
+    """The errors a user can cause: one line on stderr and exit 2 (the traceback with --debug).
+
+    Imported only when an error is being reported: most of these modules pull in torch."""
+    from posttrain.cai.constitution import ConstitutionError
+    from posttrain.config import ConfigError
+    from posttrain.data import DataError
+    from posttrain.engine.checkpoint import CheckpointError
+    from posttrain.engine.run import RunDirError
+    from posttrain.engine.trainer import TrainingError
+    from posttrain.models.loading import ModelLoadError
+    from posttrain.pipeline import PipelineError
+    from posttrain.plan.shapes import PlanError
+
+    errs = [ConfigError, RunDirError, TrainingError, ModelLoadError, CheckpointError, UsageError, FileNotFoundError,
+            PipelineError, DataError, PlanError, ConstitutionError]
+    try:  # the serve and studio extras (fastapi, uvicorn) may not be installed
+        from posttrain.serve.cli import ServeError
+        from posttrain.studio.cli import StudioError
+
+        errs += [ServeError, StudioError]
+    except ImportError:
+        pass
+    return tuple(errs)
+
+
+def _extra(module: str, extra: str):
+    """`module` of an optional extra, or a one-line error that says what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("fastapi", "uvicorn", "starlette"):
+            raise UsageError(f"this command needs the {extra} extra: pip install 'posttrain[{extra}]' "
+                             f"(missing: {e.name})") from None
+        raise
