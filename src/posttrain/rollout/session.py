@@ -1,4 +1,4 @@
-"""What PPO and GRPO share around their rollouts: sampling with a fresh seed per rollout, the
+"""What PPO, GRPO and distill share around their rollouts: sampling with a fresh seed per rollout, the
 reference's and the bf16 old log-probs, the split into optimizer steps, and the counters that a
 checkpoint must carry for a resumed run to draw the same rollouts (`state_dict`)."""
 
@@ -26,7 +26,7 @@ class RolloutSession:
 
     Args:
         params: the sampling settings (`seed` is set per rollout: seed * 100003 + rollout index).
-        reference: builds the frozen reference the first time it is needed (`need_reference`).
+        reference: builds the frozen reference the first time it is needed (`logprobs(..., reference=True)`).
     """
 
     def __init__(self, tokenizer, params: SamplingParams, *, seed: int, precision: str, backend: str = "hf",
