@@ -24,6 +24,13 @@ from posttrain.stages import STAGES
 GRACE_S = 10.0
 
 
+def _default_sigint() -> None:
+    """In the child, before it runs Python: SIGINT back to its default. A studio started in the
+    background of a non-interactive shell (a CI step, `nohup`) inherits SIGINT ignored, and Python
+    then never raises KeyboardInterrupt: Cancel would end the run by SIGKILL, without its manifest."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass
 class Job:
     rid: str  # the run's id under the runs folder
@@ -73,7 +80,8 @@ class Jobs:
             with log.open("w") as f:
                 # a new session: cancel signals the run's whole process group, not the studio
                 proc = subprocess.Popen(argv, cwd=self.root, stdout=f, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                        preexec_fn=_default_sigint)
             job = Job(rid, argv, log, proc)
             self._jobs[rid] = job
             return job
