@@ -24,15 +24,7 @@ from posttrain.rewards.sandbox import _UID_BASE, SandboxUnavailable, _plan
 FAST = SandboxLimits(timeout_s=2.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def sandbox():
-    """Skip (with the reason) where bwrap cannot run, unless POSTTRAIN_REQUIRE_SANDBOX=1."""
-    try:
-        return isolation_report()
-    except SandboxUnavailable as e:
-        if os.environ.get("POSTTRAIN_REQUIRE_SANDBOX") == "1":
-            raise
-        pytest.skip(f"the sandbox cannot be set up here: {e}")
+pytestmark = pytest.mark.usefixtures("sandbox")  # tests/rewards/conftest.py
 ADD_TESTS = ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]
 MODES = ["auto", "off"]  # namespaces
 

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 
 from posttrain.rewards import SandboxLimits, isolation_report, run_python
-from posttrain.rewards.sandbox import _UID_BASE, SandboxUnavailable, _plan
+from posttrain.rewards.sandbox import _UID_BASE, _plan
 
-pytestmark = pytest.mark.sandbox
+pytestmark = [pytest.mark.sandbox, pytest.mark.usefixtures("sandbox")]  # the fixture: tests/rewards/conftest.py
 HOSTILE = Path(__file__).parent / "hostile"
 FAST = SandboxLimits(timeout_s=3.0)
 CASES = {}
@@ -42,14 +42,6 @@ def case(name, *, limits=FAST, block_sockets=True):
     return register
 
 
-@pytest.fixture(scope="module", autouse=True)
-def sandbox():
-    try:
-        return isolation_report()
-    except SandboxUnavailable as e:
-        if os.environ.get("POSTTRAIN_REQUIRE_SANDBOX") == "1":
-            raise
-        pytest.skip(f"the sandbox cannot be set up here: {e}")
 
 
 class Host:
