@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from posttrain.pipeline.demo import ALL_STAGES, run_demo
+from posttrain.pipeline.demo import DEFAULT_STAGES, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def demo(tmp_path_factory):
 
 
 def test_the_demo_has_the_reasoning_rows():
-    assert ALL_STAGES[-2:] == ("reasoning", "grpo")
+    assert DEFAULT_STAGES[-2:] == ("reasoning", "grpo")
 
 
 def test_grpo_raises_held_out_reasoning_accuracy_within_ten_minutes(demo):

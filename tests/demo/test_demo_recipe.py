@@ -1,5 +1,6 @@
 """The demo is a pipeline recipe shipped in the package: printable, valid, and the source of the demo's rows."""
 
+import pytest
 import yaml
 
 from posttrain.cli import main
@@ -14,15 +15,17 @@ def test_print_recipe_is_the_shipped_recipe_and_it_validates(capsys, tmp_path):
     path = tmp_path / "copy.yaml"
     path.write_text(text)
     rec = load_recipe(path)
-    assert [(s.name, s.stage) for s in rec.stages] == [("sft", "sft"), ("dpo", "dpo"), ("safety", "safety"),
-                                                       ("tools", "sft"), ("rm", "reward"), ("ppo", "ppo"),
-                                                       ("reasoning", "sft"), ("grpo", "grpo")]
+    # optional rows (demo.OPTIONAL_ROWS) may follow the default ones at the end of the recipe
+    assert [(s.name, s.stage) for s in rec.stages][:8] == [("sft", "sft"), ("dpo", "dpo"), ("safety", "safety"),
+                                                           ("tools", "sft"), ("rm", "reward"), ("ppo", "ppo"),
+                                                           ("reasoning", "sft"), ("grpo", "grpo")]
     assert rec.stages[6].source == "base" and rec.stages[7].cfg.grpo.rewards == ["gym:reasoning"]
     assert order_warnings(rec) == []
     sft = rec.stages[0].cfg
     assert (sft.adapter.type, sft.adapter.r, sft.train.max_steps, sft.data.mix.ratio) == ("lora", 16, 150, 0.2)
     # the rows the demo offers come from the recipe (side stages such as the reward model are not rows)
-    assert demo.ALL_STAGES == ("base", "sft", "dpo", "safety", "tools", "ppo", "reasoning", "grpo")
+    assert demo.DEFAULT_STAGES == ("base", "sft", "dpo", "safety", "tools", "ppo", "reasoning", "grpo")
+    assert demo.ALL_STAGES[:8] == demo.DEFAULT_STAGES and set(demo.ALL_STAGES[8:]) <= set(demo.OPTIONAL_ROWS)
     # every measurement the recipe names is registered (the gym's rates included)
     from posttrain.pipeline import MEASURES
 
@@ -41,8 +44,6 @@ def test_pipeline_dry_run_on_the_copy(capsys, tmp_path):
 
 
 def test_unknown_row_and_bad_recipe_errors(capsys, tmp_path):
-    import pytest
-
     with pytest.raises(SystemExit):
         main(["demo", "--stages", "base,saftey"])
     assert "unknown stage(s) ['saftey']; available: base, sft, dpo, safety, tools, ppo" in capsys.readouterr().err
@@ -53,3 +54,25 @@ def test_unknown_row_and_bad_recipe_errors(capsys, tmp_path):
     assert main(["pipeline", str(bad), "--dry-run"]) == 2
     assert "stage 'dpo' (stages[1], stage: dpo): unknown key 'dpo.betta' (did you mean 'dpo.beta'?)" in \
         capsys.readouterr().err
+
+
+def test_optional_rows_run_only_when_named(capsys, tmp_path):
+    raw = yaml.safe_load(demo.RECIPE.read_text())
+    raw["stages"] = [s for s in raw["stages"] if s["name"] not in demo.OPTIONAL_ROWS]
+    raw["stages"].append({"name": "distill", "stage": "sft", "from": "sft", "data": {"train": "gym:instruct:train"}})
+    path = tmp_path / "with-optional.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert demo.all_stages(path)[-1] == "distill"
+    assert demo.default_stages(path) == ("base", "sft", "dpo", "safety", "tools", "ppo", "reasoning", "grpo")
+    # --help names the default rows and the optional rows of the shipped recipe apart
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {','.join(demo.DEFAULT_STAGES)}; optional rows, run only when named: " in help_text
+    for row in demo.ALL_STAGES:
+        assert (row in demo.OPTIONAL_ROWS) == (row not in demo.DEFAULT_STAGES)
+    # --stages can name an optional row: an unknown one is refused, a known one is not
+    with pytest.raises(SystemExit):
+        main(["demo", "--recipe", str(path), "--stages", "base,distil"])
+    assert "unknown stage(s) ['distil']; available: base, sft, dpo, safety, tools, ppo, reasoning, grpo, distill" \
+        in capsys.readouterr().err

@@ -43,9 +43,18 @@ def all_stages(path: Path = RECIPE) -> tuple[str, ...]:
 
 
 ALL_STAGES = all_stages()
-# every row by default: about 4 min on 2 cores for base..ppo, ~10 more for the reasoning chain (reasoning,
-# grpo; docs/pipeline.md); --stages base,sft is the 1-2 min version
-DEFAULT_STAGES = ALL_STAGES
+# rows the recipe may hold that run only when `--stages` names them (multi-turn tool RL, distillation)
+OPTIONAL_ROWS = ("lookup_sft", "lookup", "distill")
+
+
+def default_stages(path: Path = RECIPE) -> tuple[str, ...]:
+    """The rows `posttrain demo` runs without `--stages`: every row but the optional ones."""
+    return tuple(s for s in all_stages(path) if s not in OPTIONAL_ROWS)
+
+
+# every row but the optional ones by default (docs/pipeline.md has the times); --stages base,sft is the
+# 1-2 min version
+DEFAULT_STAGES = default_stages()
 
 
 def _dotted(tree: dict, prefix: str = "") -> list[str]:
@@ -152,8 +161,10 @@ def _last(run_dir: Path, split: str, key: str) -> float:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="posttrain demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
-    p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
-                   help=f"comma-separated rows among {','.join(ALL_STAGES)} (default: {','.join(DEFAULT_STAGES)})")
+    optional = [s for s in ALL_STAGES if s in OPTIONAL_ROWS]
+    p.add_argument("--stages", default=None,
+                   help=f"comma-separated rows among {','.join(ALL_STAGES)} (default: {','.join(DEFAULT_STAGES)}; "
+                        f"optional rows, run only when named: {','.join(optional) or 'none in this recipe'})")
     p.add_argument("--recipe", default=None, help="run the demo from this recipe instead of the shipped one")
     p.add_argument("--print-recipe", action="store_true", help="print the demo's pipeline recipe and exit")
     p.add_argument("--forgetting", action="store_true",
@@ -167,7 +178,8 @@ def main(argv: list[str]) -> int:
         return 0
     recipe = Path(a.recipe) if a.recipe else RECIPE
     available = all_stages(recipe)
-    stages = tuple(s.strip() for s in a.stages.split(",") if s.strip())
+    stages = (tuple(s.strip() for s in a.stages.split(",") if s.strip()) if a.stages is not None
+              else default_stages(recipe))
     unknown = set(stages) - set(available)
     if unknown:
         p.error(f"unknown stage(s) {sorted(unknown)}; available: {', '.join(available)}")
