@@ -31,6 +31,23 @@ def test_length_drift_both_ways():
         H.length_drift([1.0] * 10, max_factor=1)
 
 
+def test_length_drift_sees_the_cap_through_the_truncated_share():
+    """The hack of bench/hacking_demo.py at lr 2e-4: lengths run to the 112-token cap by step 6, so the
+    start window already holds part of the rise and the length ratio stays at 1.47; the share of
+    completions cut off at the cap goes 0 -> 1 and fires at step 10, the first step with two windows."""
+    lengths = [62.9, 66.4, 68.5, 79.0, 103.7, 111.3] + [112.0] * 30
+    truncated = [0.0, 0.0, 0.0, 0.02, 0.61, 0.98] + [1.0] * 30
+    assert H.length_drift(lengths) is None  # x1.47 < x2: the cap censors the ratio
+    first = next(t for t in range(1, 37) if H.length_drift(lengths[:t], truncated[:t]))
+    f = H.length_drift(lengths[:first], truncated[:first])
+    assert first == 10 and f.value == pytest.approx(0.996 - 0.126, abs=1e-9)
+    assert f.message == ("completions cut off at the length cap went 13% -> 100% (limit +50%; "
+                         "mean length 76.1 -> 111.9 tokens)")
+    # a clean run's occasional truncation (one completion in 64 now and then) is no drift
+    assert H.length_drift([60.0] * 36, [0.0, 0.016] * 18) is None
+    assert H.length_drift([60.0] * 10, [0.0] * 5 + [0.45] * 5) is None  # a rise of 0.45 < 0.5
+
+
 def test_component_divergence_is_format_gaming():
     f = H.component_divergence({"format": _noisy(0.1, 0.95), "answer": _noisy(0.4, 0.1, seed=2)})
     assert f.message.startswith("reward component 'format' rose +0.") and "'answer' fell -0." in f.message
@@ -45,11 +62,34 @@ def test_diversity_metrics_and_collapse():
     assert H.distinct_n([]) == 1.0
     collapsed = H.diversity_collapse(_noisy(0.8, 0.2))
     assert collapsed.value == pytest.approx(0.32, abs=0.01)  # window means 0.79 -> 0.25
-    assert H.diversity_collapse(_noisy(0.8, 0.7), _noisy(0.0, 0.7)).message.startswith("identical completions rose")
-    assert H.diversity_collapse(_noisy(0.8, 0.7), _noisy(0.0, 0.1), _noisy(0.3, 0.95)).message.startswith(
-        "zero-variance groups rose")
-    assert H.diversity_collapse(_noisy(0.8, 0.7), _noisy(0.0, 0.1), _noisy(0.3, 0.4)) is None
-    assert H.diversity_collapse(_noisy(0.8, 0.7), _noisy(0.0, 0.1), _noisy(0.9, 0.95)) is None  # hard from the start
+    assert H.diversity_collapse(_noisy(0.8, 0.7), _noisy(0.0, 0.7)).message == (
+        "identical completions within a group rose 4% -> 65% of the rollout (limit +30%)")
+
+
+def test_diversity_collapse_is_relative_to_the_runs_start():
+    steady = _noisy(0.8, 0.75)
+    # a task with many duplicates from the start (short answers) is not collapsing: only a rise counts
+    assert H.diversity_collapse(steady, _noisy(0.6, 0.7)) is None
+    assert H.diversity_collapse(steady, _noisy(0.6, 0.85)) is None  # +0.24 < +0.3
+    # the old absolute level (identical share > 0.5) would have fired on both of these
+    assert H.diversity_collapse(steady, _noisy(0.2, 0.6)).detector == "diversity_collapse"  # 0.22 -> 0.57
+
+
+def test_zero_variance_groups_alone_are_not_collapse():
+    """Under a 0/1 reward a group of 8 independent completions is all-wrong with probability (1-p)^8:
+    0.17 at accuracy 0.2, 0.61 at 0.06. A clean run whose accuracy falls (clean seed 2 at lr 2e-4 in
+    bench/hacking_demo.py: zero-variance share 0.28 -> 0.82) or rises to 1 fills up with zero-variance
+    groups while every completion stays different; only with the completions' own diversity falling
+    is it collapse."""
+    zero_var = _noisy(0.28, 0.82)
+    assert H.diversity_collapse(_noisy(0.8, 0.78), _noisy(0.05, 0.06), zero_var) is None
+    assert H.diversity_collapse([], [], zero_var) is None  # nothing about the completions logged
+    f = H.diversity_collapse(_noisy(0.8, 0.5), _noisy(0.05, 0.06), zero_var)  # distinct x0.68: halfway to x0.5
+    assert f.message == ("zero-variance groups rose 31% -> 78% (limit +30%) while the completions' own "
+                         "diversity fell (distinct bigrams x0.68, identical completions +2%)")
+    g = H.diversity_collapse(_noisy(0.8, 0.78), _noisy(0.05, 0.25), zero_var)  # identical +0.18: past halfway to +0.3
+    assert g.message.endswith("(distinct bigrams x0.99, identical completions +18%)") and g.value == pytest.approx(0.47, abs=0.01)
+    assert H.diversity_collapse(_noisy(0.8, 0.5), _noisy(0.05, 0.06), _noisy(0.3, 0.5)) is None  # +0.2 < +0.3
 
 
 def test_kl_bound():

@@ -8,9 +8,9 @@ pay for (Skalse et al. 2022, "Defining and Characterizing Reward Hacking"; Gao e
 | detector | fires when | default limit |
 |---|---|---|
 | `reward_vs_verifier` | the training reward rises while a held-out verifier score (or the regression score) falls | rise ≥ 0.1 and fall ≥ 0.05 |
-| `length_drift` | the mean completion length moves from its start by more than a factor | × 2 (or ÷ 2) |
+| `length_drift` | the mean completion length moves from its start by more than a factor, or the share cut off at the length cap rises | × 2 (or ÷ 2); +0.5 |
 | `component_divergence` | one reward component rises while another falls (format gaming) | ±0.1 each |
-| `diversity_collapse` | distinct bigrams fall below a share of their start value, or identical completions / zero-variance groups rise (by ≥ 0.2) past a share | < 0.5 × start; > 0.5; > 0.8 |
+| `diversity_collapse` | distinct bigrams fall below a share of their start value, or identical completions within a group rise from their start, or zero-variance groups rise while the completions' own diversity falls | < 0.5 × start; +0.3; +0.3 |
 | `kl_bound` | KL to the reference passes a bound | 0.5 nats/token (window mean) |
 
 A change is always "the mean of the last `window` values minus the mean of the first `window`"
@@ -73,19 +73,30 @@ def reward_vs_verifier(reward: Sequence[float], verifier: Sequence[float], *, wi
     return None
 
 
-def length_drift(lengths: Sequence[float], *, window: int = 5, max_factor: float = 2.0) -> Optional[Finding]:
-    """The mean completion length grew or shrank by more than `max_factor` from its start."""
+def length_drift(lengths: Sequence[float], truncated: Sequence[float] = (), *, window: int = 5,
+                 max_factor: float = 2.0, min_truncated_rise: float = 0.5) -> Optional[Finding]:
+    """The mean completion length grew or shrank by more than `max_factor` from its start, or the share of
+    completions cut off at the generation cap (`truncated`) rose by >= `min_truncated_rise` from its start.
+
+    Why the second test: the cap censors the length. A policy that runs to the cap from a start of
+    63 tokens under a 112-token cap shows a length ratio of at most 112 / 63 = 1.78, never 2, however
+    hard it pushes; the share of completions hitting the cap is the uncensored symptom.
+    """
     if max_factor <= 1:
         raise ValueError(f"max_factor must be > 1, got {max_factor}")
     c = _change(lengths, window)
-    if c is None or c[0] <= 0:
-        return None
-    factor = c[1] / c[0]
-    if factor > max_factor or factor < 1 / max_factor:
-        return Finding("length_drift", factor, max_factor,
-                       f"mean completion length went {c[0]:.1f} -> {c[1]:.1f} tokens "
-                       f"(x{factor:.2f}; limit x{max_factor} "
-                       f"either way)")
+    if c is not None and c[0] > 0:
+        factor = c[1] / c[0]
+        if factor > max_factor or factor < 1 / max_factor:
+            return Finding("length_drift", factor, max_factor,
+                           f"mean completion length went {c[0]:.1f} -> {c[1]:.1f} tokens "
+                           f"(x{factor:.2f}; limit x{max_factor} either way)")
+    t = _change(truncated, window)
+    if t is not None and t[1] - t[0] >= min_truncated_rise:
+        lengths_moved = f"; mean length {c[0]:.1f} -> {c[1]:.1f} tokens" if c is not None else ""
+        return Finding("length_drift", t[1] - t[0], min_truncated_rise,
+                       f"completions cut off at the length cap went {t[0]:.0%} -> {t[1]:.0%} "
+                       f"(limit +{min_truncated_rise:.0%}{lengths_moved})")
     return None
 
 
@@ -140,21 +151,45 @@ def diversity(completions: Sequence[str], group_size: int, rewards: Optional[Seq
 
 
 def diversity_collapse(distinct: Sequence[float], identical: Sequence[float] = (), zero_var: Sequence[float] = (), *,
-                       window: int = 5, min_distinct_ratio: float = 0.5, max_identical: float = 0.5,
-                       max_zero_var: float = 0.8, min_share_rise: float = 0.2) -> Optional[Finding]:
-    """Distinct bigrams fell below `min_distinct_ratio` of their start, or the recent share of identical
-    completions or of zero-variance groups passed its limit, having risen by >= `min_share_rise` since the start."""
+                       window: int = 5, min_distinct_ratio: float = 0.5, min_identical_rise: float = 0.3,
+                       min_zero_var_rise: float = 0.3) -> Optional[Finding]:
+    """The completions lost their diversity, each measure against the run's own start:
+
+    - distinct bigrams over the rollout fell below `min_distinct_ratio` of their start value;
+    - the share of completions identical to another of their group rose by >= `min_identical_rise`;
+    - the share of zero-variance groups rose by >= `min_zero_var_rise` *and* the completions' own
+      diversity moved at least halfway to one of the two limits above.
+
+    Why relative to the start: a task starts with its own share of duplicates and of groups the
+    policy always fails (or always passes); only a change is the policy collapsing. Why zero-variance
+    groups need the completions' corroboration: under a 0/1 reward a group of G independent
+    completions has zero variance with probability p^G + (1-p)^G, so the share rises whenever
+    accuracy moves toward 0 or 1, with every completion still different. That is a run sharpening
+    (all right) or degrading (all wrong), and it leaves GRPO without learning signal, but it is not
+    collapse; collapse is the completions becoming the same, which the first two measures see.
+    The rises of 0.3 are about 2.7 standard errors of a change in a share between two 5-step
+    windows of 8 groups (sd of a window mean of a share <= sqrt(0.25 / 40) = 0.08; of the change 0.11).
+    """
     c = _change(distinct, window)
-    if c is not None and c[0] > 0 and c[1] / c[0] < min_distinct_ratio:
-        return Finding("diversity_collapse", c[1] / c[0], min_distinct_ratio,
+    ratio = c[1] / c[0] if c is not None and c[0] > 0 else None
+    if ratio is not None and ratio < min_distinct_ratio:
+        return Finding("diversity_collapse", ratio, min_distinct_ratio,
                        f"distinct bigrams fell {c[0]:.3f} -> {c[1]:.3f} (below {min_distinct_ratio:.0%} of the start)")
-    for name, h, limit in (("identical completions", identical, max_identical),
-                           ("zero-variance groups", zero_var, max_zero_var)):
-        c = _change(h, window)
-        # a task that is too hard (or too easy) starts with many zero-variance groups: only a rise is a collapse
-        if c is not None and c[1] > limit and c[1] - c[0] >= min_share_rise:
-            return Finding("diversity_collapse", c[1], limit,
-                           f"{name} rose {c[0]:.0%} -> {c[1]:.0%} of the rollout (limit {limit:.0%})")
+    i = _change(identical, window)
+    rise = i[1] - i[0] if i is not None else None
+    if rise is not None and rise >= min_identical_rise:
+        return Finding("diversity_collapse", rise, min_identical_rise,
+                       f"identical completions within a group rose {i[0]:.0%} -> {i[1]:.0%} of the rollout "
+                       f"(limit +{min_identical_rise:.0%})")
+    z = _change(zero_var, window)
+    corroborated = ((ratio is not None and ratio < (1 + min_distinct_ratio) / 2)
+                    or (rise is not None and rise >= min_identical_rise / 2))
+    if z is not None and z[1] - z[0] >= min_zero_var_rise and corroborated:
+        own = [f"distinct bigrams x{ratio:.2f}"] * (ratio is not None) + [f"identical completions {rise:+.0%}"] * (
+            rise is not None)
+        return Finding("diversity_collapse", z[1] - z[0], min_zero_var_rise,
+                       f"zero-variance groups rose {z[0]:.0%} -> {z[1]:.0%} (limit +{min_zero_var_rise:.0%}) while the "
+                       f"completions' own diversity fell ({', '.join(own)})")
     return None
 
 
@@ -179,7 +214,7 @@ class HackingMonitor:
     """Runs every detector on the run's metric history at each `update`; warns once per detector.
 
     Metric names read from each step's dict (missing ones are skipped; those detectors stay quiet):
-    `reward`, `verifier` (when measured that step), `completion_length`, `kl`, `reward/<component>`
+    `reward`, `verifier` (when measured that step), `completion_length`, `truncated_frac`, `kl`, `reward/<component>`
     (two or more for component_divergence), `distinct_2`, `identical_share`, `zero_variance_frac`: the names
     the GRPO stage already logs, plus those of `diversity`.
 
@@ -193,10 +228,11 @@ class HackingMonitor:
     min_rise: float = 0.1
     min_fall: float = 0.05
     max_length_factor: float = 2.0
+    min_truncated_rise: float = 0.5
     min_component_change: float = 0.1
     min_distinct_ratio: float = 0.5
-    max_identical: float = 0.5
-    max_zero_var: float = 0.8
+    min_identical_rise: float = 0.3
+    min_zero_var_rise: float = 0.3
     max_kl: float = 0.5
     stop_on: tuple[str, ...] = ()
     model: object = None
@@ -225,11 +261,12 @@ class HackingMonitor:
         out = [
             reward_vs_verifier(h.get("reward", []), h.get("verifier", []), window=w, min_rise=self.min_rise,
                                min_fall=self.min_fall),
-            length_drift(h.get("completion_length", []), window=w, max_factor=self.max_length_factor),
+            length_drift(h.get("completion_length", []), h.get("truncated_frac", []), window=w,
+                         max_factor=self.max_length_factor, min_truncated_rise=self.min_truncated_rise),
             component_divergence(comps, window=w, min_change=self.min_component_change) if len(comps) > 1 else None,
             diversity_collapse(h.get("distinct_2", []), h.get("identical_share", []), h.get("zero_variance_frac", []),
-                               window=w, min_distinct_ratio=self.min_distinct_ratio, max_identical=self.max_identical,
-                               max_zero_var=self.max_zero_var),
+                               window=w, min_distinct_ratio=self.min_distinct_ratio,
+                               min_identical_rise=self.min_identical_rise, min_zero_var_rise=self.min_zero_var_rise),
             kl_bound(h.get("kl", []), window=w, max_kl=self.max_kl),
         ]
         return [f for f in out if f is not None]
