@@ -8,7 +8,7 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.plan.devices import DEVICES
-from posttrain.plan.memory import RunSpec, adapter_params
+from posttrain.plan.memory import CUDA_CONTEXT, NF4_BYTES_PER_WEIGHT, RunSpec, adapter_params
 from posttrain.plan.shapes import read_shape
 from posttrain.plan.speed import step_flops
 
@@ -56,7 +56,17 @@ def test_seven_billion_verdicts(llama7b):
     assert p["memory_breakdown"]["optimizer"] == 8 * shape.total_params  # AdamW's two fp32 moments
     assert p["fix"]["change"].startswith("adapter.type=qlora")
     assert p["fix"]["train_peak_bytes"] <= 0.95 * DEVICES["L4-24GB"].memory_bytes
-    assert p["fix"]["load_fits"] is False  # 27 GB of fp32 weights are loaded onto the device first
+    # QLoRA quantizes on the CPU before moving: the L4 never holds the 27 GB of fp32 weights
+    assert p["fix"]["load_fits"] is True
+    rc, out, _ = _run(["plan", f"model={llama7b}", "adapter.type=qlora", "train.precision=bf16", "data.max_length=2048",
+                       "train.batch_size=4", "--device", "L4-24GB", "--json"])
+    q = json.loads(out)
+    nf4 = shape.linear_params * NF4_BYTES_PER_WEIGHT + (shape.total_params - shape.linear_params) * 4
+    lora = q["memory_breakdown"]["adapter"]
+    assert q["load_peak_bytes"] == int(nf4 + lora + CUDA_CONTEXT)  # 4.74 GiB, against 25.6 GiB of fp32 weights
+    rc, out, _ = _run(["plan", f"model={llama7b}", "adapter.type=lora", "train.precision=bf16", "--device", "L4-24GB",
+                       "--json"])
+    assert json.loads(out)["load_peak_bytes"] == 4 * shape.total_params + CUDA_CONTEXT
     rc, out, _ = _run(["plan", f"model={llama7b}", "adapter.type=lora", "train.precision=bf16",
                        "train.gradient_checkpointing=true", "data.max_length=2048", "train.batch_size=4",
                        "--device", "A100-80GB", "--json"])

@@ -290,8 +290,11 @@ def estimate_memory(s: ModelShape, spec: RunSpec) -> MemoryEstimate:
                   "gradients": accum_grads + (head_grad if phase == "backward_head" else 0.0)}
     breakdown = {k: float(v) for k, v in {**fixed, **moving}.items()}
     train_peak = sum(breakdown.values())
-    # loading: posttrain loads the whole model in fp32 onto each device, then quantizes (QLoRA),
-    # adds the adapter or shards it (FSDP2); so every rank holds the full fp32 model once
+    # loading: posttrain loads the whole model in fp32 onto each device, then adds the adapter or
+    # shards it (FSDP2); so every rank holds the full fp32 model once. QLoRA loads and quantizes on
+    # the CPU and then moves (engine/setup.py): a GPU holds only the NF4 model and its adapter
     load_peak = s.total_params * FP32 + runtime
+    if spec.adapter == "qlora" and spec.device_kind != "cpu":
+        load_peak = base_weight_bytes(s, spec) + adapter_params(s, spec) * FP32 + runtime
     return MemoryEstimate(breakdown, max(train_peak, load_peak), train_peak, load_peak, phase,
                           {k: float(v) for k, v in phases.items()})

@@ -142,7 +142,8 @@ def _alternatives(spec: RunSpec) -> list[tuple[str, str, RunSpec]]:
 
 def cheapest_fix(shape: ModelShape, spec: RunSpec, device: Device) -> Optional[dict]:
     """The alternative whose training fits with the shortest step time, same method preferred over a
-    method change. `load_fits` says whether loading fits too (posttrain loads fp32 weights first)."""
+    method change. `load_fits` says whether loading fits too (posttrain loads fp32 weights onto the
+    device first, except under QLoRA, which quantizes on the CPU first)."""
     found = []
     for group, change, alt in _alternatives(spec):
         mem = estimate_memory(shape, alt)
@@ -194,8 +195,9 @@ def format_plan(p: Plan) -> str:
         if v:
             lines.append(f"  {k:<24}{_gib(v)}")
     lines += [f"  {'training peak':<24}{_gib(m.train_peak_bytes)}",
-              f"  {'loading peak':<24}{_gib(m.load_peak_bytes)}  (fp32 weights on the device before "
-              "quantizing/sharding)",
+              f"  {'loading peak':<24}{_gib(m.load_peak_bytes)}  ("
+              + ("NF4 weights: quantized on the CPU, then moved" if sp.adapter == "qlora" and sp.device_kind != "cpu"
+                 else "fp32 weights on the device before sharding") + ")",
               f"  {'peak':<24}{_gib(m.peak_bytes)}", "",
               f"speed      {p.step_time_s:.3g} s/step, {p.tokens_per_s:,.0f} tokens/s"]
     if p.wall_time_s is not None:
@@ -207,7 +209,7 @@ def format_plan(p: Plan) -> str:
                      f"(training peak {p.fix['train_peak_bytes'] / 2**30:.2f} GiB, {p.fix['step_time_s']:.3g} s/step)")
         if not p.fix["load_fits"]:
             lines.append(f"           but loading still needs {p.fix['peak_memory_bytes'] / 2**30:.2f} GiB: posttrain "
-                         "loads fp32 weights onto the device before quantizing or sharding")
+                         "loads fp32 weights onto the device before sharding")
     else:
         lines.append("verdict    does not fit, and no single change here makes it fit: use more devices "
                      "(--gpus N with train.distributed=fsdp) or a smaller model")
