@@ -88,6 +88,11 @@ class Episodes:
         return len(self.messages)
 
     @property
+    def finished(self) -> torch.Tensor:
+        """[N] bool: ended by the environment (not by max_turns, max_new_tokens or max_length)."""
+        return ~torch.tensor(self.truncated, dtype=torch.bool)
+
+    @property
     def input_ids(self) -> torch.Tensor:
         return torch.cat([self.prompt_ids, self.completion_ids], 1)
 
@@ -112,7 +117,7 @@ class Episodes:
                 "tool_errors_per_episode": sum(self.tool_errors) / n,
                 "reward_per_turn": float(self.rewards.sum()) / max(1, turns),
                 "truncated_frac": sum(self.truncated) / n,
-                "model_tokens_per_episode": float(self.loss_mask.sum()) / n,
+                "completion_length": float(self.loss_mask.sum()) / n,  # the model's tokens per episode
                 "env_tokens_per_episode": float((self.completion_attention - self.loss_mask).sum()) / n}
 
 
@@ -199,8 +204,8 @@ def run_episodes(engine: RolloutEngine, rows: Sequence[dict], make_env: Callable
                  max_turns: int = 4, max_length: Optional[int] = None) -> Episodes:
     """Play ``group_size`` episodes per row (episode i * group_size + j is sample j of row i).
 
-    ``params.n`` must be 1 (groups come from ``group_size``); each turn samples with seed
-    ``params.seed + turn`` when a seed is given.
+    ``params.n`` must be 1 (groups come from ``group_size``); when a seed is given, turn t samples
+    with seed ``params.seed * 1_000_003 + t``, so consecutive seeds (rollouts) never share a turn's stream.
     """
     if params.n != 1:
         raise ValueError(f"run_episodes: params.n must be 1 (use group_size for several episodes per row), "
@@ -220,7 +225,7 @@ def run_episodes(engine: RolloutEngine, rows: Sequence[dict], make_env: Callable
         live = [e for e in eps if not e.done]
         if not live:
             break
-        p = dataclasses.replace(params, seed=None if params.seed is None else params.seed + t)
+        p = dataclasses.replace(params, seed=None if params.seed is None else (params.seed * 1_000_003 + t) % 2**63)
         ro = engine.generate([e.prompt + e.ids for e in live], p)
         time_s += ro.time_s
         for r, e in enumerate(live):

@@ -4,6 +4,7 @@ checkpoint must carry for a resumed run to draw the same rollouts (`state_dict`)
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable, Optional
 
@@ -14,6 +15,7 @@ from posttrain.engine.reference import Reference
 from posttrain.engine.setup import rl_reference
 from posttrain.rollout.batches import micro_batches, minibatch_indices
 from posttrain.rollout.engine import Rollout, RolloutEngine
+from posttrain.rollout.episodes import Environment, Episodes, run_episodes
 from posttrain.rollout.logprobs import completion_logprobs
 from posttrain.rollout.sampling import SamplingParams
 
@@ -54,16 +56,34 @@ class RolloutSession:
     def sample(self, model, rows: list[dict]) -> Rollout:
         """Sample the rows' rendered prompts (`_prompt`); `self.metrics` gets this rollout's generation
         time and speed, and the time the previous rollout's optimizer steps took."""
+        t0 = self._next_rollout(model)
+        ro = self.last = self._engine.generate([r["_prompt"] for r in rows], self.params)
+        self._timed(t0, ro.tokens_per_s)
+        return ro
+
+    def play(self, model, rows: list[dict], make_env: Callable[[], Environment], *, group_size: int,
+             max_turns: int, max_length: Optional[int] = None) -> Episodes:
+        """The multi-turn counterpart of `sample`: `group_size` episodes per row against environments
+        from `make_env` (`rollout.episodes.run_episodes`), seeded like `sample`."""
+        t0 = self._next_rollout(model)
+        params = dataclasses.replace(self.params, n=1)
+        eps = run_episodes(self._engine, rows, make_env, params, group_size=group_size, max_turns=max_turns,
+                           max_length=max_length)
+        self._timed(t0, float(eps.loss_mask.sum()) / max(eps.time_s, 1e-9))
+        return eps
+
+    def _next_rollout(self, model) -> float:
         t0 = time.perf_counter()
         if self._engine is None or self._engine.model is not model:
             self._engine = RolloutEngine(model, self.tokenizer, backend=self.backend, batch_size=self.batch_size)
         self.params.seed = self.seed * 100_003 + self.rollouts
         self.rollouts += 1
-        ro = self.last = self._engine.generate([r["_prompt"] for r in rows], self.params)
-        self.metrics = {"rollout_time_s": time.perf_counter() - t0, "rollout_tokens_per_s": ro.tokens_per_s}
+        return t0
+
+    def _timed(self, t0: float, tokens_per_s: float) -> None:
+        self.metrics = {"rollout_time_s": time.perf_counter() - t0, "rollout_tokens_per_s": tokens_per_s}
         if self._last_end is not None:
             self.metrics["update_time_s"] = t0 - self._last_end
-        return ro
 
     @torch.no_grad()
     def logprobs(self, model, t: dict, *, reference: bool, temperature: float) -> dict:

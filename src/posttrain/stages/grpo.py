@@ -1,16 +1,18 @@
 """Stage `grpo`: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) and its descendants.
 
 Batch: `train.batch_size` prompts, each sampled G = `grpo.num_generations` times and scored by the reward
-functions; advantages are relative to the group (`losses.group_advantages`: grpo, dr_grpo, rloo,
-reinforce_pp). Each rollout feeds `iterations x minibatches` steps of `losses.policy_loss` (grpo, gspo,
+functions (or, with `grpo.environment`, G multi-turn episodes rewarded by the environment, whose
+tokens carry no loss: `rollout.episodes`); advantages are relative to the group (`losses.group_advantages`:
+grpo, dr_grpo, rloo, reinforce_pp). Each rollout feeds `iterations x minibatches` steps of `losses.policy_loss` (grpo, gspo,
 cispo) with an optional k3 KL to the reference; no critic. Measured per rollout: rewards, zero-variance
 groups, length, truncation, clip fraction, entropy, time of generation, scoring, update. docs/rl.md.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from pydantic import Field, model_validator
@@ -21,10 +23,12 @@ from posttrain.losses.grpo import ADVANTAGE_ESTIMATORS, GRPO_AGGREGATIONS, group
 from posttrain.losses.policy import POLICY_LOSSES, policy_loss
 from posttrain.losses.rl import masked_mean
 from posttrain.rollout import completion_logprobs
+from posttrain.rollout.episodes import resolve_environment
 from posttrain.rollout.prompts import columns, prompt_data
 from posttrain.rollout.session import RolloutSession
 from posttrain.stages.common import RunResult, run_training
-from posttrain.stages.rl_common import SamplingSection, check_rl_run
+from posttrain.eval.hacking import diversity
+from posttrain.stages.rl_common import HackingCheck, SamplingSection, check_rl_run
 
 
 class GRPOSection(SamplingSection):
@@ -50,6 +54,11 @@ class GRPOSection(SamplingSection):
     skip_zero_advantage: bool = Field(True, description="Leave rows whose advantage is exactly 0 (zero-variance "
                                       "groups) out of the update's passes when beta = 0: their loss and gradient "
                                       "are 0 and they still count in the normalization, so the gradient is unchanged.")
+    environment: Optional[str] = Field(None, description="Multi-turn episodes instead of completions: gym:lookup or "
+                                       "'module:Class' (your code, imported because you name it); its reward replaces "
+                                       "grpo.rewards. Turns are <= max_new_tokens, episodes <= data.max_length tokens.")
+    environment_args: dict = Field(default_factory=dict, description="Keyword arguments of the environment class.")
+    max_turns: int = Field(4, gt=0, description="Assistant turns per episode at most (with an environment).")
 
 
 class GRPOConfig(RunConfig):
@@ -59,6 +68,8 @@ class GRPOConfig(RunConfig):
     @model_validator(mode="after")
     def _check_grpo(self) -> "GRPOConfig":
         check_rl_run(self, "grpo")
+        if self.grpo.environment and self.grpo.rewards:
+            raise ValueError("grpo.environment gives the episode reward: leave grpo.rewards empty")
         if self.grpo.minibatches > self.train.batch_size * self.grpo.num_generations:
             raise ValueError(f"grpo.minibatches={self.grpo.minibatches} exceeds the rows of a generation batch "
                              f"(train.batch_size x grpo.num_generations = "
@@ -74,34 +85,50 @@ class GRPOStage(RolloutStage):
 
     def __init__(self, cfg: GRPOConfig, tokenizer, reward_fns: Sequence[Callable] = ()):
         self.cfg, self.g = cfg, cfg.grpo
-        if not (self.g.rewards or reward_fns):
-            raise ValueError("grpo: no reward functions: set grpo.rewards (e.g. [math]) or pass reward_fns")
+        if not (self.g.rewards or reward_fns or self.g.environment):
+            raise ValueError("grpo: no reward functions: set grpo.rewards (e.g. [math]), pass reward_fns, or set "
+                             "grpo.environment")
+        if self.g.environment and reward_fns:
+            raise ValueError("grpo: grpo.environment gives the episode reward: pass no reward_fns")
+        self.env = self.g.environment and functools.partial(resolve_environment(self.g.environment),
+                                                            **self.g.environment_args)
         self.rewards = self.g.reward_set(reward_fns)
         self.steps_per_rollout = self.g.iterations * self.g.minibatches
         self.session = RolloutSession.for_run(tokenizer, self.g, cfg, n=self.g.num_generations)
 
     def rollout(self, model, batch: dict) -> list[list[dict]]:
         rows, G = batch["rows"], self.g.num_generations
-        ro = self.session.sample(model, rows)
-        t1 = time.perf_counter()
-        rewards, rmetrics = self.rewards(ro.prompts, ro.completions,
-                                         {k: [v for v in vals for _ in range(G)] for k, vals in columns(rows).items()})
+        t, rewards, finished, metrics = self._play(model, rows) if self.env else self._sample(model, rows)
         t2 = time.perf_counter()
-        t = ro.batch()
         if self.g.mask_truncated:
-            t["completion_mask"] = t["completion_mask"] * ro.finished[:, None].long()
+            t["completion_mask"] = t["completion_mask"] * finished[:, None].long()
         t["advantages"] = group_advantages(rewards, G, estimator=self.g.advantage)
         t.update(self.session.logprobs(model, t, reference=self.g.beta > 0, temperature=self.g.temperature))
         zero_var = zero_variance_groups(rewards, G)
         metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                   **rmetrics, "zero_variance_groups": float(zero_var.sum()),
+                   **metrics, "zero_variance_groups": float(zero_var.sum()),
                    "zero_variance_frac": float(zero_var.float().mean()),
-                   "completion_length": float(ro.completion_mask.sum(1).float().mean()),
-                   "truncated_frac": float((~ro.finished).float().mean()), "scoring_time_s": t2 - t1,
+                   "truncated_frac": float((~finished).float().mean()),
                    "ref_time_s": time.perf_counter() - t2, **self.session.metrics}
-        return self.session.steps(t, len(ro), passes=self.g.iterations, minibatches=self.g.minibatches,
+        return self.session.steps(t, len(rewards), passes=self.g.iterations, minibatches=self.g.minibatches,
                                   micro_batch_size=self.g.micro_batch_size, extra={"rollout_metrics": metrics},
                                   keep=self._informative)
+
+    def _sample(self, model, rows: list[dict]):
+        """G completions per row, scored by the reward functions: (batch, rewards, finished, metrics)."""
+        ro, G = self.session.sample(model, rows), self.g.num_generations
+        t1 = time.perf_counter()
+        rewards, metrics = self.rewards(ro.prompts, ro.completions,
+                                        {k: [v for v in vals for _ in range(G)] for k, vals in columns(rows).items()})
+        return ro.batch(), rewards, ro.finished, {**metrics, **diversity(ro.completions, G),
+                                                  "scoring_time_s": time.perf_counter() - t1,
+                                                  "completion_length": float(ro.completion_mask.sum(1).float().mean())}
+
+    def _play(self, model, rows: list[dict]):
+        """G episodes per row, rewarded by the environment (metrics: `Episodes.metrics`)."""
+        eps = self.session.play(model, rows, self.env, group_size=self.g.num_generations,
+                                max_turns=self.g.max_turns, max_length=self.cfg.data.max_length)
+        return eps.batch(), eps.rewards, eps.finished, eps.metrics()
 
     def _informative(self, part: torch.Tensor, t: dict) -> tuple[torch.Tensor, int]:
         """The rows of `part` the update must run, and the units of those left out: with beta = 0 a row
@@ -116,8 +143,8 @@ class GRPOStage(RolloutStage):
     def loss(self, model, batch: dict):
         logps, entropy = completion_logprobs(model, batch, temperature=self.g.temperature, with_entropy=True)
         mask = batch["completion_mask"].bool()
-        kw = {} if self.g.loss == "gspo" else {"aggregation": self.g.aggregation,
-                                                "max_completion_length": self.g.max_new_tokens}
+        longest = self.g.max_new_tokens * (self.g.max_turns if self.env else 1)  # the model's tokens of a row
+        kw = {} if self.g.loss == "gspo" else {"aggregation": self.g.aggregation, "max_completion_length": longest}
         loss, m = policy_loss(self.g.loss, logps, batch["logprobs"], batch["advantages"], mask,
                               ref_logps=batch.get("ref_logps"), beta=self.g.beta, eps_low=self.g.eps_low,
                               eps_high=self.g.eps_high, **kw)
@@ -145,4 +172,6 @@ def run(cfg: GRPOConfig, *, resume: bool = False, reward_fns: Sequence[Callable]
     """Train with GRPO. `reward_fns` add Python reward functions to the configured `grpo.rewards`."""
     if cfg.stage != "grpo" or not isinstance(cfg, GRPOConfig):
         raise ValueError(f"grpo.run needs a grpo config (load_config('grpo', ...)), got stage {cfg.stage!r}")
-    return run_training(cfg, lambda tok: GRPOStage(cfg, tok, reward_fns), prompt_data, resume=resume, **kw)
+    steps = cfg.grpo.iterations * cfg.grpo.minibatches  # the reward-hacking monitor reads each rollout once
+    return run_training(cfg, lambda tok: GRPOStage(cfg, tok, reward_fns), prompt_data, resume=resume,
+                        make_checks=lambda model: [HackingCheck(cfg.grpo, model, steps)], **kw)
