@@ -1,22 +1,47 @@
 """engine.setup.load_for_training: QLoRA quantizes on the CPU before the model reaches its device."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from posttrain.models.adapters.qlora import NF4Linear
 from posttrain.stages import load_config
 
 
+class _TensorsOn(TorchDispatchMode):
+    """Records (dtype, shape) of every tensor copied onto `device` (transformers also builds its empty
+    model skeleton on `meta`, which this leaves out)."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.device, self.seen = device, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is not torch.ops.aten._to_copy.default:
+            return out
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == self.device:
+                self.seen.add((t.dtype, tuple(t.shape)))
+        return out
+
+
 def test_qlora_is_quantized_on_the_cpu_then_moved(tiny_models):
-    """The target device here is `meta` (it holds no data, like a GPU that never sees the fp32
-    weights): the NF4 codes can only come from quantizing on the CPU first."""
+    """The device here is `meta` (it stands for a GPU): under QLoRA no fp32 decoder linear weight is
+    ever created there, only NF4 codes; under LoRA every fp32 weight is."""
     from posttrain.engine.setup import load_for_training
 
-    cfg = load_config("sft", None, [f"model={tiny_models('llama')}", "adapter.type=qlora", "data.train=x.jsonl"])
-    model, _ = load_for_training(cfg, device="meta")
-    nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
-    assert len(nf4) == 7 * model.config.num_hidden_layers
-    assert {p.device.type for p in model.parameters()} == {"meta"}
-    trained = [p for p in model.parameters() if p.requires_grad]
-    assert trained and all(p.dtype == torch.float32 for p in trained)
-    cpu, _ = load_for_training(cfg, device="cpu")
-    assert {p.device.type for p in cpu.parameters()} == {"cpu"}
+    model_dir = tiny_models("llama")
+    seen = {}
+    for kind in ("qlora", "lora"):
+        cfg = load_config("sft", None, [f"model={model_dir}", f"adapter.type={kind}", "data.train=x.jsonl"])
+        with _TensorsOn("meta") as mode:
+            model, _ = load_for_training(cfg, device="meta")
+        seen[kind] = mode.seen
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+        if kind == "qlora":
+            assert len([m for m in model.modules() if isinstance(m, NF4Linear)]) == 7 * model.config.num_hidden_layers
+    c = model.config
+    mlp_weight = (torch.float32, (c.intermediate_size, c.hidden_size))
+    assert mlp_weight in seen["lora"] and mlp_weight not in seen["qlora"]
+    assert (torch.uint8, (c.intermediate_size * c.hidden_size // 2,)) in seen["qlora"]  # the 4-bit codes, two a byte
