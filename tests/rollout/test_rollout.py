@@ -178,3 +178,18 @@ def test_sampler_draws_from_the_processed_distribution():
     assert (freq - want).abs().max() < 0.01 and freq[3] == 0  # the filtered token is never drawn
     assert torch.allclose(lp, torch.log(want[tok]), atol=1e-6)
     assert torch.allclose(lpt, torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])[tok]), atol=1e-6)
+
+
+def test_merged_adapter_samples_what_the_adapter_samples(tiny_models, tokenizer, tmp_path):
+    path = tiny_models("qwen2")
+    m = A.load_adapters(_load(path), {"a": _make_adapter(path, tmp_path / "a", 1)})
+    layers = dict(A.lora.lora_layers(m))
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, n=3, seed=5)
+    plain = RolloutEngine(m, tokenizer).generate(PROMPTS, params)
+    merged = RolloutEngine(m, tokenizer, merge_adapter=True).generate(PROMPTS, params)
+    assert torch.equal(merged.completion_ids, plain.completion_ids)
+    diff = (merged.logprobs - plain.logprobs).abs().max().item()
+    assert 0 < diff < 1e-5  # the merged product rounds differently, within fp32 rounding
+    assert A.lora.lora_layers(m) == layers  # the adapter layers are back, the same objects
+    again = RolloutEngine(m, tokenizer).generate(PROMPTS, params)
+    assert torch.equal(again.logprobs, plain.logprobs)

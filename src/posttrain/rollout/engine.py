@@ -90,10 +90,12 @@ class Rollout:
 class RolloutEngine:
     """Samples completions from `model` through a backend (`hf` by default)."""
 
-    def __init__(self, model, tokenizer, *, backend: Union[str, Backend] = "hf", batch_size: int = 64):
+    def __init__(self, model, tokenizer, *, backend: Union[str, Backend] = "hf", batch_size: int = 64,
+                 **backend_options):
+        """`backend_options` go to the backend's constructor (the hf backend: `merge_adapter`)."""
         self.model = model
         self.tokenizer = tokenizer
-        self.backend = make_backend(backend, model, tokenizer, batch_size=batch_size) \
+        self.backend = make_backend(backend, model, tokenizer, batch_size=batch_size, **backend_options) \
             if isinstance(backend, str) else backend
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 

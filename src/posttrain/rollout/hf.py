@@ -8,19 +8,24 @@ What makes it faster than `model.generate` on the same batch:
 * rows that hit EOS or a stop string leave the batch (their cache rows are dropped), so late
   steps run on the unfinished rows only;
 * the attention mask and output buffers are allocated once per batch, and no logits
-  processors / stopping-criteria objects run per step.
+  processors / stopping-criteria objects run per step;
+* with `merge_adapter=True`, a LoRA/DoRA model samples through plain linear layers that fold the
+  active adapter in (W + s B A, built once per `generate` call, the adapter layers put back after):
+  1.5x faster decoding of a LoRA r16 policy on CPU (docs/benchmarks.md). The merged product
+  rounds differently from the adapted one (log-probs within ~1e-6 in fp32), so it is opt-in.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import torch
 
 from posttrain.rollout.backend import GeneratedIds
 from posttrain.rollout.sampling import SamplingParams, sample_next
-from posttrain.models.adapters import select
+from posttrain.models.adapters import get_state, select
+from posttrain.models.adapters.lora import lora_layers
 
 
 def _select(model, names: Optional[list[str]]):
@@ -30,15 +35,40 @@ def _select(model, names: Optional[list[str]]):
     return select(model, names[0] if len(set(names)) == 1 else names)
 
 
+@contextmanager
+def merged_adapter(model):
+    """Inside the block, every LoRA layer of `model` is a plain linear layer with the active adapter
+    folded in; the adapter layers (and their trainable weights) are put back on exit. A model without
+    one single active LoRA/DoRA adapter (none, prompt/prefix, disabled, per-row selection) is left as is."""
+    st = get_state(model)
+    if st is None or st.kind not in ("lora", "dora") or st.disabled or st.rows is not None or len(st.active) != 1:
+        yield model
+        return
+    name = st.active[0]
+    swapped = []
+    for path, layer in lora_layers(model).items():
+        if name in layer.adapters:
+            parent, _, child = path.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, layer.merged_linear(name))
+            swapped.append((owner, child, layer))
+    try:
+        yield model
+    finally:
+        for owner, child, layer in swapped:
+            setattr(owner, child, layer)
+
+
 class HFBackend:
     """Batched sampling with a transformers model (any device, any dtype)."""
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+    def __init__(self, model, tokenizer, *, batch_size: int = 64, merge_adapter: bool = False):
         if batch_size < 1:
             raise ValueError(f"HFBackend: batch_size must be >= 1, got {batch_size}")
         self.model = model
+        self.merge_adapter = merge_adapter
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -54,14 +84,17 @@ class HFBackend:
             gen = torch.Generator(device=device).manual_seed(params.seed)
         was_training = self.model.training
         self.model.eval()
+        # per-row adapters (serving, eval) need the adapter layers; one merged policy does not
+        merging = merged_adapter(self.model) if self.merge_adapter and adapters is None else nullcontext()
         try:
             order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
             # keep n * prompts per batch near batch_size rows
             per_batch = max(1, self.batch_size // n)
-            for s in range(0, len(order), per_batch):
-                idx = order[s:s + per_batch]
-                names = None if adapters is None else [adapters[i] for i in idx]
-                self._generate_batch(idx, prompt_ids, params, stop_ids, names, gen, out, device)
+            with merging:
+                for s in range(0, len(order), per_batch):
+                    idx = order[s:s + per_batch]
+                    names = None if adapters is None else [adapters[i] for i in idx]
+                    self._generate_batch(idx, prompt_ids, params, stop_ids, names, gen, out, device)
         finally:
             self.model.train(was_training)
         return out

@@ -32,9 +32,10 @@ class RolloutSession:
     """
 
     def __init__(self, tokenizer, params: SamplingParams, *, seed: int, precision: str, backend: str = "hf",
-                 batch_size: int = 64, reference: Optional[Callable[[torch.nn.Module], Reference]] = None):
+                 batch_size: int = 64, reference: Optional[Callable[[torch.nn.Module], Reference]] = None,
+                 merge_adapter: bool = False):
         self.tokenizer, self.params, self.seed, self.precision = tokenizer, params, seed, precision
-        self.backend, self.batch_size = backend, batch_size
+        self.backend, self.batch_size, self.merge_adapter = backend, batch_size, merge_adapter
         self.make_reference = reference
         self.reference: Optional[Reference] = None
         self.gen = torch.Generator().manual_seed(seed)  # minibatch shuffles
@@ -51,7 +52,7 @@ class RolloutSession:
         params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                 top_k=s.top_k, stop=tuple(s.stop), n=n)
         return cls(tokenizer, params, seed=cfg.train.seed, precision=cfg.train.precision, backend=s.backend,
-                   batch_size=s.rollout_batch_size, reference=rl_reference(cfg))
+                   batch_size=s.rollout_batch_size, reference=rl_reference(cfg), merge_adapter=s.merge_adapter)
 
     def sample(self, model, rows: list[dict]) -> Rollout:
         """Sample the rows' rendered prompts (`_prompt`); `self.metrics` gets this rollout's generation
@@ -75,7 +76,9 @@ class RolloutSession:
     def _next_rollout(self, model) -> float:
         t0 = time.perf_counter()
         if self._engine is None or self._engine.model is not model:
-            self._engine = RolloutEngine(model, self.tokenizer, backend=self.backend, batch_size=self.batch_size)
+            options = {"merge_adapter": True} if self.merge_adapter else {}  # an hf backend option
+            self._engine = RolloutEngine(model, self.tokenizer, backend=self.backend, batch_size=self.batch_size,
+                                         **options)
         self.params.seed = self.seed * 100_003 + self.rollouts
         self.rollouts += 1
         return t0
