@@ -11,29 +11,44 @@ points; `install` writes a `.pth` file into site-packages that adds a tiny impor
 registered its own models, so `--model hf` and every other built-in model keep working. Without
 the hook, `python -m posttrain.eval.harness run <lm_eval args>` registers the model and runs
 lm-eval's own CLI.
+
+The other direction: `run_lm_eval_task` runs an lm-eval task on an in-memory model through lm-eval's
+own `simple_evaluate`, for the `lm_eval:TASK[@N],...` suites (eval.suites.LmEvalTask) that
+`posttrain eval` and the forgetting guard run.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import sys
 from pathlib import Path
 
+import lm_eval
 import lm_eval.models  # noqa: F401  -- lm-eval's built-in models first; see lm_eval_hook for why
 from lm_eval.api.model import LM
+from lm_eval.tasks import TaskManager
 
-from posttrain.eval import lm as L, lm_eval_hook
+from posttrain.eval import lm as L, lm_eval_hook, stats
+from posttrain.eval.tasks import TaskError
 from posttrain.models.loading import load
 from posttrain.eval.lm_eval_hook import write_pth
 
 
 class PosttrainLM(LM):
     """`model_args`: model=DIR (required), adapter=DIR, dtype=fp32|bf16|fp16, device=auto|cpu|cuda,
-    batch_size=N, trust_remote_code=false."""
+    batch_size=N, trust_remote_code=false. From Python, `model` may also be an in-memory model with
+    its `tokenizer` (used as it is: no loading, its train/eval mode left to the caller)."""
 
-    def __init__(self, model: str | None = None, adapter: str | None = None, dtype: str = "fp32",
+    def __init__(self, model=None, adapter: str | None = None, dtype: str = "fp32",
                  device: str | None = None, batch_size: int | str | None = 16, trust_remote_code=False,
-                 max_length: int | None = None, **_ignored):
+                 max_length: int | None = None, tokenizer=None, **_ignored):
         super().__init__()
+        if tokenizer is not None and not isinstance(model, (str, Path)):
+            self.model, self.tokenizer = model, tokenizer
+            self.batch_size, self._max_length = int(batch_size), None
+            self._name = type(model).__name__
+            return
         if not model:
             raise ValueError("lm_eval --model posttrain needs --model_args model=DIR[,adapter=DIR]")
 
@@ -85,6 +100,74 @@ class PosttrainLM(LM):
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         return self.tokenizer.chat_template if chat_template else None
+
+
+_TASK_MANAGERS: dict = {}
+
+
+def _task_manager(include_path) -> TaskManager:
+    """One TaskManager per include path and process: indexing lm-eval's ~15,000 built-in task files
+    took 36 s on our shared 2-core machine, so a local task's folder is indexed alone."""
+    if include_path not in _TASK_MANAGERS:
+        _TASK_MANAGERS[include_path] = (TaskManager(include_path=include_path, include_defaults=False)
+                                        if include_path else TaskManager())
+    return _TASK_MANAGERS[include_path]
+
+
+def run_lm_eval_task(task, model, tokenizer, *, batch_size: int = 32) -> dict:
+    """One lm-eval task (`eval.suites.LmEvalTask`) on an in-memory model, through lm-eval's own
+    `simple_evaluate`; the result in `kinds.run_task`'s shape.
+
+    metrics: every metric lm-eval reports, under its own name without the default filter's ",none"
+        (`acc`, `acc_norm`; `exact_match,strict-match` for another filter), with lm-eval's value and
+        standard error (bootstrapped with 1,000 resamples where lm-eval bootstraps, instead of its
+        100,000: a guard check must stay cheap; the values are the same).
+    items: per-document values (lm-eval's logged samples), for paired base-vs-tuned deltas.
+    primary: `acc_norm` when reported, else the task's first metric. in_score: whether lm-eval says
+        higher is better for it (a perplexity is not averaged into the suite score).
+    Global random seeds are left alone (None): a guard check in the middle of training must not
+    reseed it; lm-eval's few-shot sampler keeps its own seed (1234, its default).
+    """
+    name = task.lm_eval_task
+    tm = _task_manager(task.include_path)
+    if name not in tm.all_tasks:
+        near = difflib.get_close_matches(name, tm.all_tasks, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        where = f" in {task.include_path}" if task.include_path else ""
+        raise TaskError(f"lm-eval has no task {name!r}{where}{hint}")
+    out = lm_eval.simple_evaluate(model=PosttrainLM(model, tokenizer=tokenizer, batch_size=batch_size), tasks=[name],
+                                  limit=task.limit, task_manager=tm, log_samples=True, bootstrap_iters=1000,
+                                  random_seed=None, numpy_random_seed=None, torch_random_seed=None,
+                                  verbosity="ERROR")
+    if name not in out["samples"]:
+        raise TaskError(f"lm-eval's {name!r} is a group or tag of tasks; list the tasks themselves: "
+                        f"lm_eval:{','.join(sorted(out['samples']))}")
+    res, docs = out["results"][name], out["samples"][name]
+    higher = out.get("higher_is_better", {}).get(name, {})
+    n = int(out["n-samples"][name]["effective"])
+    metrics, items = {}, {}
+    for key, value in res.items():
+        metric, _, filt = key.partition(",")
+        if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            continue
+        label = metric if filt == "none" else key
+        per_doc = [d[metric] for d in sorted(docs, key=lambda d: d["doc_id"]) if d.get("filter") == filt]
+        if per_doc and all(isinstance(v, (int, float)) for v in per_doc):
+            items[label] = [float(v) for v in per_doc]
+        se = res.get(f"{metric}_stderr,{filt}")
+        if not isinstance(se, (int, float)):  # "N/A": lm-eval computed none
+            se = stats.metric(items[label])["stderr"] if label in items else 0.0
+        metrics[label] = {"value": float(value), "stderr": float(se), "n": n}
+    if not metrics:
+        raise TaskError(f"lm-eval task {name!r} reported no metric")
+    primary = "acc_norm" if "acc_norm" in metrics else next(iter(metrics))
+    first = min(docs, key=lambda d: d["doc_id"])["filter"] if docs else "none"
+    samples = [{"origin": f"{name} doc {d['doc_id']}", "output": json.dumps(d["filtered_resps"], default=str)}
+               for d in sorted(docs, key=lambda d: d["doc_id"]) if d.get("filter") == first]
+    return {"kind": "lm_eval", "n": n, "primary": primary, "in_score": bool(higher.get(primary.split(",")[0], True)),
+            "metrics": metrics, "items": items, "samples": samples,
+            "settings": {"kind": "lm_eval", "task": name, "limit": task.limit, "include_path": task.include_path,
+                         "num_fewshot": out.get("n-shot", {}).get(name), "lm_eval": lm_eval.__version__}}
 
 
 # Registered by its import path, as the hook does, never as a class object: run as

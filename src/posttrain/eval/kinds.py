@@ -21,9 +21,9 @@ from posttrain.eval.tasks import Task, prompt_of, resolve_callable
 from posttrain.rewards import ToolCallParseError, parse_tool_calls, tool_call_reward, validate_call
 
 # metrics where lower is better; every other metric is better higher
-LOWER_IS_BETTER = {"over_refusal_rate", "perplexity", "word_perplexity", "bits_per_byte"}
-# metrics that are not 0-1 rates: thresholds on them are relative, not in points
-UNBOUNDED = {"perplexity", "word_perplexity", "bits_per_byte"}
+LOWER_IS_BETTER = {"over_refusal_rate", "perplexity", "word_perplexity", "bits_per_byte", "byte_perplexity"}
+# metrics that are not 0-1 rates: thresholds on them are relative, not in points (byte_perplexity: lm-eval's)
+UNBOUNDED = {"perplexity", "word_perplexity", "bits_per_byte", "byte_perplexity"}
 
 
 # ------------------------------------------------------------------ scorers (pure)
@@ -177,6 +177,8 @@ def model_outputs(task: Task, model, tokenizer, *, batch_size: int = 32, seed: i
 
 def run_task(task: Task, model, tokenizer, *, batch_size: int = 32, seed: int = 0) -> dict:
     """Evaluate one task: {"kind", "n", "primary", "metrics", "items", "samples"}."""
+    if task.kind == "lm_eval":  # lm-evaluation-harness runs its own tasks (eval.suites.LmEvalTask)
+        return task.run(model, tokenizer, batch_size=batch_size)
     outputs = model_outputs(task, model, tokenizer, batch_size=batch_size, seed=seed)
     items = SCORERS[task.kind](task, task.rows, outputs)
     metrics = summarize(items)

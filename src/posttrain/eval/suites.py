@@ -1,7 +1,10 @@
 """Suites: named lists of tasks. Built-in: `gym` (the target tasks) and `regression` (general skills).
 
 A suite is a YAML file `{name, description, tasks: [task.yaml, ...], trust_code}` (paths relative
-to it). `load_suite(spec)` accepts a built-in name, a suite YAML, or a single task YAML.
+to it). `load_suite(spec)` accepts a built-in name, a suite YAML, a single task YAML, or
+`lm_eval:TASK[@N][,TASK[@N]...]`: tasks of lm-evaluation-harness, each run by lm-eval itself on the
+model (`LmEvalTask`, `harness.run_lm_eval_task`), so `posttrain eval --suite` and the forgetting
+guard's `eval.regression_suite` take them like any other suite.
 
 A task's `verifier` or `detector` names a Python function (`package.module:function`) that is
 imported and run on model output, outside the code sandbox. Suites are shared files, so a hook
@@ -19,7 +22,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import yaml
 
@@ -33,6 +36,7 @@ from posttrain import gym
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 BUILTIN = ("gym", "regression")
+LM_EVAL = "lm_eval:"
 
 
 @dataclass
@@ -47,6 +51,8 @@ def load_suite(spec: Union[str, Path, Suite], *, limit: int | None = None) -> Su
     """A Suite from a built-in name, a suite YAML or a task YAML; `limit` keeps the first N rows per task."""
     if isinstance(spec, Suite):
         suite = spec
+    elif str(spec).startswith(LM_EVAL):
+        suite = lm_eval_suite(str(spec))
     else:
         s = str(spec)
         p = SUITES_DIR / f"{s}.yaml" if s in BUILTIN else Path(s)
@@ -80,7 +86,62 @@ def load_suite(spec: Union[str, Path, Suite], *, limit: int | None = None) -> Su
     if limit:
         for t in suite.tasks:
             t.rows = t.rows[:limit]
+            if isinstance(t, LmEvalTask):
+                t.limit = min(t.limit or limit, limit)
     return suite
+
+
+@dataclass
+class LmEvalTask(Task):
+    """A task of lm-evaluation-harness: lm-eval builds its requests and computes its metrics, and
+    posttrain's scoring functions answer the requests (`harness.PosttrainLM`), so the numbers are
+    those of lm-eval's own `simple_evaluate` on the same model.
+
+    lm_eval_task: the task's name in lm-eval's registry (or in `include_path`).
+    limit: the first N documents (lm-eval's `--limit`); None: all.
+    include_path: the folder of a local task YAML; only it is indexed, not lm-eval's built-in tasks.
+    """
+
+    lm_eval_task: str = ""
+    limit: Optional[int] = None
+    include_path: Optional[str] = None
+
+    def __post_init__(self):
+        pass  # the primary metric is known once lm-eval has run the task (see harness.run_lm_eval_task)
+
+    def run(self, model, tokenizer, *, batch_size: int = 32) -> dict:
+        """This task on an in-memory model, as `kinds.run_task` returns it (lm-eval's metric names)."""
+        # lm-eval is an optional dependency (`pip install lm-eval`), imported only when its tasks run
+        from posttrain.eval.harness import run_lm_eval_task
+
+        return run_lm_eval_task(self, model, tokenizer, batch_size=batch_size)
+
+
+def lm_eval_suite(spec: str) -> Suite:
+    """`lm_eval:TASK[@N][,TASK[@N]...]`: TASK is a task name of lm-eval's registry (`arc_easy`) or a
+    local lm-eval task YAML (`tasks/my_task.yaml`, whose `task:` names it); `@N` keeps its first N documents."""
+    items = [x.strip() for x in spec[len(LM_EVAL):].split(",") if x.strip()]
+    if not items:
+        raise TaskError(f"suite {spec!r}: name at least one lm-eval task: lm_eval:TASK[@N][,TASK[@N]...]")
+    tasks = []
+    for item in items:
+        name, limit, include = item, None, None
+        if "@" in item:
+            name, _, n = item.rpartition("@")
+            if not n.isdigit() or int(n) < 1:
+                raise TaskError(f"suite {spec!r}: {item!r}: the limit after '@' must be a whole number >= 1, got {n!r}")
+            limit = int(n)
+        if name.endswith((".yaml", ".yml")):
+            path = Path(name)
+            if not path.is_file():
+                raise TaskError(f"suite {spec!r}: lm-eval task file not found: {name}")
+            task_name = _read_spec(path).get("task")
+            if not isinstance(task_name, str) or not task_name:
+                raise TaskError(f"{path}: an lm-eval task YAML needs 'task: NAME' (suite {spec!r})")
+            name, include = task_name, str(path.resolve().parent)
+        tasks.append(LmEvalTask(name, "lm_eval", [], lm_eval_task=name, limit=limit, include_path=include,
+                                description=f"lm-evaluation-harness task {name}"))
+    return Suite(spec, tasks, None, "lm-evaluation-harness tasks")
 
 
 def _trusted(doc: dict, path: Path) -> bool:
