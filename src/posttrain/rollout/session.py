@@ -89,10 +89,11 @@ class RolloutSession:
             self.metrics["update_time_s"] = t0 - self._last_end
 
     @torch.no_grad()
-    def logprobs(self, model, t: dict, *, reference: bool, temperature: float) -> dict:
+    def logprobs(self, model, t: dict, *, reference: bool, temperature: float, old: bool = True) -> dict:
         """`logprobs`: old log-probs recomputed under bf16 autocast (so the first ratio is exactly 1 in
         the training precision; in fp32 the sampling-time log-probs match a training pass within the
-        bound tested in tests/rollout and are kept); `ref_logps` under the reference when asked."""
+        bound tested in tests/rollout and are kept); `old=False` skips that pass (a stage that updates
+        once per rollout uses its own detached log-probs); `ref_logps` under the reference when asked."""
         out = {}
         device = next(model.parameters()).device
         b = {k: v.to(device) for k, v in t.items() if torch.is_tensor(v)}
@@ -100,7 +101,7 @@ class RolloutSession:
         model.eval()
         try:
             with autocast(self.precision, device):
-                if self.precision == "bf16":
+                if self.precision == "bf16" and old:
                     out["logprobs"] = completion_logprobs(model, b, temperature=temperature).float().cpu()
                 if reference:
                     if self.reference is None:

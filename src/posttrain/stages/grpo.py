@@ -94,6 +94,9 @@ class GRPOStage(RolloutStage):
                                                             **self.g.environment_args)
         self.rewards = self.g.reward_set(reward_fns)
         self.steps_per_rollout = self.g.iterations * self.g.minibatches
+        # one update per rollout: the old policy is the one being updated, so in bf16 the loss takes its own
+        # (detached) log-probs as the old ones instead of a second bf16 pass (fp32 keeps the sampling ones)
+        self.old_is_current = self.steps_per_rollout == 1 and cfg.train.precision == "bf16"
         self.session = RolloutSession.for_run(tokenizer, self.g, cfg, n=self.g.num_generations)
 
     def rollout(self, model, batch: dict) -> list[list[dict]]:
@@ -103,7 +106,8 @@ class GRPOStage(RolloutStage):
         if self.g.mask_truncated:
             t["completion_mask"] = t["completion_mask"] * finished[:, None].long()
         t["advantages"] = group_advantages(rewards, G, estimator=self.g.advantage)
-        t.update(self.session.logprobs(model, t, reference=self.g.beta > 0, temperature=self.g.temperature))
+        t.update(self.session.logprobs(model, t, reference=self.g.beta > 0, temperature=self.g.temperature,
+                                       old=not self.old_is_current))
         zero_var = zero_variance_groups(rewards, G)
         metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                    **metrics, "zero_variance_groups": float(zero_var.sum()),
@@ -145,7 +149,8 @@ class GRPOStage(RolloutStage):
         mask = batch["completion_mask"].bool()
         longest = self.g.max_new_tokens * (self.g.max_turns if self.env else 1)  # the model's tokens of a row
         kw = {} if self.g.loss == "gspo" else {"aggregation": self.g.aggregation, "max_completion_length": longest}
-        loss, m = policy_loss(self.g.loss, logps, batch["logprobs"], batch["advantages"], mask,
+        old = logps.detach() if self.old_is_current else batch["logprobs"]
+        loss, m = policy_loss(self.g.loss, logps, old, batch["advantages"], mask,
                               ref_logps=batch.get("ref_logps"), beta=self.g.beta, eps_low=self.g.eps_low,
                               eps_high=self.g.eps_high, **kw)
         m = {**{k: float(v) for k, v in m.items()}, "entropy": float(masked_mean(entropy.detach(), mask)),
