@@ -86,7 +86,12 @@ def cmd_train(stage: str, argv: list[str]) -> int:
     finally:
         shutdown()
     if main:
-        print(f"posttrain: {stage} finished: {res.model_dir}")
+        reason = res.result.get("stop_reason")
+        if reason and "guard" in reason:  # one line: stopped, why, whose weights were published
+            print(f"posttrain: {stage} stopped at step {res.result['steps']} by the {reason}; published "
+                  f"{res.model_dir}")
+        else:
+            print(f"posttrain: {stage} finished: {res.model_dir}")
     return 0
 
 

@@ -63,6 +63,16 @@ class DataConfig(Section):
     format: Literal["auto", "text", "prompt_completion", "conversational"] = Field("auto", description="Row format; `auto` detects it from the fields.")
     chat_template: Optional[str] = Field(None, description="A Jinja chat template that replaces the tokenizer's own.")
     limit: Optional[int] = Field(None, gt=0, description="Use only the first N training rows (quick experiments).")
+    audit: Literal["error", "warn", "off"] = Field("error", description="The loss-mask and chat-template audit of "
+                                                   "the training data at the start of every stage that trains on "
+                                                   "rendered chat or completion data (posttrain.data.audit; "
+                                                   "`posttrain data inspect` shows it): error stops on a violation "
+                                                   "with the example's origin, warn prints one warning, off skips it.")
+
+    @field_validator("audit", mode="before")
+    @classmethod
+    def _off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare off as false
 
 
 class TrainConfig(Section):
@@ -129,6 +139,33 @@ class EvalConfig(Section):
     regression_every: Optional[int] = Field(None, gt=0, description="Run the regression suite every N steps.")
     regression_suite: str = Field("regression", description="Suite name or YAML path for the forgetting guard.")
     regression_max_drop: Optional[float] = Field(None, gt=0, description="Stop (and restore the best) when the regression score drops by more than this (0-1 scale).")
+    guard: Literal["on", "off"] = Field("on", description="The default forgetting guard in every training stage: "
+                                        "drift from the starting model (KL per token on its own continuations of "
+                                        "bundled general prompts) and the general-text perplexity change, checked "
+                                        "within `guard_budget` of the wall time; past a limit the run stops and "
+                                        "publishes the last checked weights within the limits. docs/eval.md.")
+    guard_max_drift_kl: Optional[float] = Field(0.5, gt=0, description="Stop and roll back when drift from the "
+                                                "start passes this (nats per token; from the gym calibration, "
+                                                "docs/eval.md); null: only log it.")
+    guard_max_ppl_change: Optional[float] = Field(1.0, gt=0, description="Stop and roll back when general-text "
+                                                  "perplexity rises by more than this share (1.0 = doubled); null: "
+                                                  "only log it.")
+    guard_budget: float = Field(0.10, gt=0, lt=1, description="Share of the run's wall time the guard may take, its "
+                                "set-up (building the base's reference when it is not cached) included; sets how "
+                                "often it checks.")
+    guard_prompts: Optional[int] = Field(64, gt=0, description="Drift prompts per check, spread over the 300 bundled "
+                                         "ones (null: all 300).")
+    guard_text: Optional[str] = Field(None, description="General text for the perplexity check (a file or gym:TASK; "
+                                      "its loss tokens are scored). Default: `data.mix.data` when the run mixes "
+                                      "general data in, else the bundled general-text sample.")
+    guard_rollback: bool = Field(True, description="When a limit is crossed, restore the trainable weights of the "
+                                 "last check within the limits (kept on the CPU); false: only stop.")
+
+    @field_validator("guard", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class RunConfig(Section):

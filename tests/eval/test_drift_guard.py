@@ -1,8 +1,6 @@
 """The default-on drift guard: its time budget, its stop and roll-back on a run that forgets, and its settings."""
 
 import json
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -97,14 +95,22 @@ def test_guard_limits_are_checked(tiny_models):
 
 
 def test_settings_default_on_and_off():
-    from posttrain.config import load_config
+    from posttrain.config import ConfigError, load_config
 
     s = guard_settings(load_config("sft"))
-    assert s["on"] is True and s["max_drift_kl"] == DEFAULT_MAX_DRIFT_KL and s["budget"] == 0.10
-    off = SimpleNamespace(eval=SimpleNamespace(guard="off"), data=SimpleNamespace(mix=None))
-    assert guard_settings(off)["on"] is False
-    with pytest.raises(ValueError, match="eval.guard must be 'on' or 'off', got 'maybe'"):
-        guard_settings(SimpleNamespace(eval=SimpleNamespace(guard="maybe")))
+    assert s == {"on": True, "max_drift_kl": 0.5, "max_ppl_change": 1.0, "budget": 0.10, "n_prompts": 64,
+                 "rollback": True, "text": None}
+    assert DEFAULT_MAX_DRIFT_KL == 0.5  # one source: the config's default
+    # YAML 1.1 reads a bare off as false: both spellings turn the guard off
+    assert guard_settings(load_config("sft", overrides=["eval.guard=off"]))["on"] is False
+    assert load_config("sft", overrides=["eval.guard=off"]).eval.guard == "off"
+    assert guard_settings(load_config("sft", overrides=["eval.guard_text=g.jsonl", "data.mix.data=m.jsonl"]))["text"] \
+        == "g.jsonl"
+    assert guard_settings(load_config("sft", overrides=["data.mix.data=m.jsonl"]))["text"] == "m.jsonl"
+    with pytest.raises(ConfigError, match=r"eval.guard: Input should be 'on' or 'off', got 'maybe'"):
+        load_config("sft", overrides=["eval.guard=maybe"])
+    with pytest.raises(ConfigError, match=r"eval.guard_budget: Input should be less than 1"):
+        load_config("sft", overrides=["eval.guard_budget=1.5"])
 
 
 def test_default_guard_uses_the_mix_data(tiny_models, tmp_path):

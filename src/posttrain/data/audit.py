@@ -58,9 +58,11 @@ class AuditReport:
         if self.violations:
             raise DataError(self._summary(show))
 
-    def warn(self, show: int = 5) -> None:
+    def warn(self) -> None:
+        """One warning line: the counts per check and the first violation with its origin."""
         if self.violations:
-            log.warning("%s", self._summary(show))
+            log.warning("%s; first: %s (data.audit: warn; posttrain data inspect CONFIG shows them all)",
+                        self._summary(0).splitlines()[0], self.violations[0])
 
     def _summary(self, show: int) -> str:
         per = {c: sum(v.check == c for v in self.violations) for c in CHECKS}
@@ -68,7 +70,7 @@ class AuditReport:
         n = self.counts.get("examples", 0)
         lines = [f"data audit: {len(self.violations)} violation(s) in {n} examples ({head})"]
         lines += [f"  {v}" for v in self.violations[:show]]
-        if len(self.violations) > show:
+        if show and len(self.violations) > show:
             lines.append(f"  ... and {len(self.violations) - show} more (posttrain data inspect CONFIG shows them all)")
         return "\n".join(lines)
 
@@ -236,7 +238,8 @@ def _examples(data_cfg, tokenizer, limit: Optional[int]) -> list[Example]:
 def audit_dataset(data_cfg, tokenizer, *, limit: Optional[int] = 1000, strict: bool = True) -> AuditReport:
     """The audit of a run's training data (`data.train`, its first `limit` rows: a template or mask
     mistake shows in any row, and 1000 rows take about 3 s): a DataError on any violation, or with
-    `strict=False` a logged warning. The call every stage with SFT-format data makes before training."""
+    `strict=False` one logged warning line. Every stage that trains on rendered chat, completion or
+    text data (sft, cpt, safety's sft form) makes this call before training (`data.audit`)."""
     examples = _examples(data_cfg, tokenizer, limit)
     report = audit_examples(examples, tokenizer, max_length=data_cfg.max_length, overflow=data_cfg.overflow)
     report.raise_if_any() if strict else report.warn()

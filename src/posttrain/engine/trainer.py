@@ -66,6 +66,35 @@ class RolloutStage(Stage, Protocol):
         """Restore what `state_dict` returned."""
 
 
+@runtime_checkable
+class StepCheck(Protocol):
+    """A check the engine runs after every optimizer step: the default forgetting guard
+    (`eval.guard.DriftGuard`), the RL reward-hacking monitor (`stages.rl_common.HackingCheck`).
+
+    `after_step` gets the model, the step just taken, the run's total steps and that step's training
+    metrics, and returns (metrics to log under `split`, or {}; a stop reason, or None). A check that
+    stops the run has already restored the weights it trusts, so the engine publishes them as they
+    are (and does not restore its loss-based best over them). `state_dict` goes into every
+    checkpoint's trainer state (JSON numbers, lists and dicts), so a resumed run's checks go on
+    from where they were.
+    """
+
+    name: str   # its summary's key in the run's result (manifest.json)
+    split: str  # where its metrics are logged: "eval" (a line of their own) or "train" (with the step's)
+
+    def after_step(self, model, step: int, total_steps: int, metrics: dict) -> tuple[dict, Optional[str]]:
+        """(metrics to log, stop reason or None)."""
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs (JSON-serialisable)."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+
+    def summary(self) -> dict:
+        """What the run's result records about this check (JSON)."""
+
+
 @dataclass
 class TrainData:
     """What the engine needs from a data pipeline: items and a collate function, plus the held-out
@@ -91,13 +120,15 @@ class Engine:
             (e.g. task accuracy, the regression suite); their metrics are logged
             with split "eval".
         guard: optional callable `(eval_metrics) -> str | None`; a non-None string
-            stops the run (the forgetting guard). The guard restores the weights it trusts
+            stops the run (the regression-suite guard). The guard restores the weights it trusts
             itself, and the loss-based best checkpoint is then not restored over them.
+        checks: `StepCheck`s run after every optimizer step (the default drift guard, the
+            reward-hacking monitor); one that returns a reason stops the run the same way.
     """
 
     def __init__(self, model: torch.nn.Module, stage: Stage, data: TrainData, cfg: RunConfig, *,
                  evaluators: Sequence[Callable] = (), guard: Optional[Callable[[dict], Optional[str]]] = None,
-                 device: Optional[torch.device] = None):
+                 checks: Sequence[StepCheck] = (), device: Optional[torch.device] = None):
         self.model = model
         self.stage = stage
         self.data = data
@@ -107,6 +138,7 @@ class Engine:
         self.ckpt_root = self.out / "checkpoints"
         self.evaluators = [*data.evaluators, *evaluators]
         self.guard = guard
+        self.checks = list(checks)
         self.device = device or next(model.parameters()).device
         self.sampler = BatchSampler(len(data.train), self.t.batch_size, seed=self.t.seed,
                                     rank=rank(), world_size=world_size())
@@ -141,7 +173,7 @@ class Engine:
     def _state(self) -> dict:
         return {"step": self.step, "sampler": self.sampler.state_dict(), "best": self.best,
                 "bad_evals": self.bad_evals, "total_steps": self.total_steps, "tokens_seen": self.tokens_seen,
-                "seed": self.t.seed}
+                "seed": self.t.seed, "checks": [c.state_dict() for c in self.checks]}
 
     # ------------------------------------------------------------ the loop
 
@@ -161,6 +193,8 @@ class Engine:
                 self.step, self.best, self.bad_evals = st["step"], st["best"], st["bad_evals"]
                 self.tokens_seen = st.get("tokens_seen", 0)
                 self.sampler.load_state_dict(st["sampler"])
+                for c, cs in zip(self.checks, st.get("checks") or []):
+                    c.load_state_dict(cs)
                 if isinstance(self.stage, RolloutStage) and st.get("stage_state"):
                     # the rollout's pending steps and the sampling counters: the next steps are the same
                     self.stage.load_state_dict(st["stage_state"]["stage"])
@@ -179,12 +213,14 @@ class Engine:
             while self.step < self.total_steps:
                 metrics = self._train_step()
                 self.step += 1
+                self._run_checks(metrics)
                 if self.step % self.t.log_every == 0 or self.step == self.total_steps:
                     mon.log(self.step, "train", metrics)
                 mon.progress(1, loss=metrics["loss"], tok_s=metrics["tokens_per_s"])
                 if self.t.eval_every and (self.step % self.t.eval_every == 0 or self.step == self.total_steps):
                     self._evaluate_and_maybe_stop()
-                if self.t.save_every and self.step % self.t.save_every == 0 and self.step < self.total_steps:
+                if self.t.save_every and self.step % self.t.save_every == 0 and self.step < self.total_steps \
+                        and not self.stop_reason:  # a stopped run's weights are published, not resumed
                     self._save(f"step-{self.step}")
                 if self.stop_reason:
                     mon.write(f"posttrain: stopping at step {self.step}: {self.stop_reason}")
@@ -215,6 +251,21 @@ class Engine:
                "epoch": self.sampler.pos.epoch + self.sampler.pos.batch / self.sampler.batches_per_epoch}
         out.update(stats)
         return out
+
+    def _run_checks(self, metrics: dict) -> None:
+        """The step checks, in order, until one stops the run: their metrics are logged at this step."""
+        for c in self.checks:
+            if self.stop_reason:
+                return
+            out, reason = c.after_step(self.model, self.step, self.total_steps, metrics)
+            if out:
+                if c.split == "train":  # logged with the step's own training metrics
+                    metrics.update(out)
+                else:
+                    self.monitor.log(self.step, c.split, out)
+                    self.history.append({"step": self.step, **out})
+            if reason:
+                self.stop_reason, self.guard_fired = reason, True
 
     def _next_micro_batches(self) -> list[dict]:
         """The micro-batches of the next optimizer step.

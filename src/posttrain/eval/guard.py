@@ -17,11 +17,13 @@ The default guard, on in every stage (`eval.guard: on`), needs no task at all:
 
 `DriftGuard` measures drift from the starting model (KL per token on its own continuations of
 the bundled general prompts) and the general-text perplexity change (`eval/drift.py`), on a
-budget: a check runs as soon as the time spent on checks, this one included, stays within
-`budget` (10%) of the training time so far, so the interval follows the measured cost of a check
-and the measured step time, and a stage with slow steps (RL) checks more often in steps. Past a
-limit it restores the trainable weights of the last check within the limits (the starting weights
-if none) and stops the run with a one-line reason.
+budget: a check runs as soon as the time spent on the guard, its set-up (the base's reference,
+built when it is not cached) and this check included, stays within `budget` (10%) of the wall
+time so far, so the interval follows the measured cost of a check and the measured step time, and
+a stage with slow steps (RL) checks more often in steps. A run too short to afford a check within
+the budget is not checked (its summary says so). Past a limit it restores the trainable weights of
+the last check within the limits (the starting weights if none) and stops the run with a one-line
+reason. The engine runs it as a `StepCheck` (`after_step`) after every optimizer step.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Callable, Optional
 
 import torch
 
+from posttrain.config import EvalConfig
+from posttrain.engine.dist import all_reduce_sum, rank
 from posttrain.eval import drift as drift_mod
 from posttrain.eval import perplexity
 
@@ -133,10 +137,12 @@ def from_config(cfg, tokenizer, *, model=None, baseline: Optional[float] = None)
 # ---------------------------------------------------------------- the default-on drift guard
 
 # Default limits, chosen from the gym calibration (docs/eval.md, "Calibration"): see the reasons there.
-DEFAULT_MAX_DRIFT_KL = 0.5
-DEFAULT_MAX_PPL_CHANGE = 1.0
-DEFAULT_BUDGET = 0.10
-DEFAULT_PROMPTS = 64
+# One source: the config's defaults (config.EvalConfig).
+_E = EvalConfig.model_fields
+DEFAULT_MAX_DRIFT_KL = _E["guard_max_drift_kl"].default
+DEFAULT_MAX_PPL_CHANGE = _E["guard_max_ppl_change"].default
+DEFAULT_BUDGET = _E["guard_budget"].default
+DEFAULT_PROMPTS = _E["guard_prompts"].default
 
 
 def within_budget(spent_s: float, check_s: float, train_s: float, budget: float) -> bool:
@@ -156,14 +162,15 @@ def _restore(model, state: dict) -> None:
 class DriftGuard:
     """Drift and general-text perplexity checks on a time budget, with stop and roll-back past a limit.
 
-    The engine calls, after every optimizer step, `due(step, total_steps)`; when it is true,
-    `metrics = guard(model, step)` (model in eval mode) and `reason = guard.check(metrics)`,
-    which is None or the one-line stop reason (the weights are already rolled back then).
+    The engine calls `after_step` after every optimizer step (an `engine.trainer.StepCheck`): when
+    `due(step, total_steps)`, it measures (`guard(model, step)`, model in eval mode) and returns the
+    metrics and `check(metrics)`, None or the one-line stop reason (the weights are rolled back then).
 
     max_drift_kl: limit on `drift_kl` (nats per token, KL(start ‖ now)); None: only logged.
     max_ppl_change: limit on `general_ppl_change` (relative, 0.25 = 25% higher perplexity); None: only logged.
-    budget: the share of training wall time the checks may take (0.10); the last step is always checked,
-        so that the model a run publishes was checked.
+    budget: the share of the wall time the guard may take (0.10), its set-up included: building the
+        base's reference (generation; cached per base model) and the general-text perplexity, and the
+        timed check of the starting model. A check, the last step's included, runs only within it.
     rollback: keep (on the CPU) the trainable weights of the last check within the limits and restore
         them when a limit is crossed; with False the run only stops.
     """
@@ -184,7 +191,7 @@ class DriftGuard:
         self.drift_ref = drift_mod.build_drift_reference(model, tokenizer, n_prompts=n_prompts,
                                                          max_new_tokens=max_new_tokens, batch_size=batch_size)
         self.text_ref = perplexity.text_reference(model, tokenizer, text_source, n=n_text, batch_size=batch_size)
-        self.setup_s = clock() - t0
+        self.setup_s = clock() - t0  # the reference's generation when it was not cached
         # snapshots and roll-back go through the model given here: a DDP wrapper the engine calls the
         # guard with shares its parameters but prefixes their names with "module."
         self.model = model
@@ -196,7 +203,7 @@ class DriftGuard:
         t1 = clock()
         self.start = self._measure(model)
         self.check_s = clock() - t1
-        self.spent_s = self.check_s
+        self.spent_s = self.setup_s + self.check_s  # the set-up counts against the budget too
         self.train_s = 0.0
         self._last = clock()
 
@@ -210,13 +217,37 @@ class DriftGuard:
             model.train(was)
         return {"drift_kl": d["drift_kl"], "drift_kl_stderr": d["drift_kl_stderr"], **p}
 
+    name = "guard"  # the run's result["guard"] is its summary()
+    split = "eval"  # its metrics are logged with the run's evaluations (the report plots them)
+
     def due(self, step: int, total_steps: int) -> bool:
         """Whether a check runs after `step`: the time since the last call counts as training time,
-        and a check is due when the checks' total would stay within `budget` of all the time spent."""
+        and a check is due when the guard's total would stay within `budget` of all the time spent.
+        Under several processes rank 0's clock decides for all (a check is a collective under FSDP)."""
         now = self.clock()
         self.train_s += now - self._last
         self._last = now
-        return step >= total_steps or within_budget(self.spent_s, self.check_s, self.train_s, self.budget)
+        d = within_budget(self.spent_s, self.check_s, self.train_s, self.budget)
+        return bool(all_reduce_sum(torch.tensor(int(d) if rank() == 0 else 0)).item())
+
+    def after_step(self, model, step: int, total_steps: int, metrics: dict) -> tuple[dict, Optional[str]]:
+        """The engine's hook: ({}, None) between checks; (the check's metrics, stop reason or None) at one."""
+        if not self.due(step, total_steps):
+            return {}, None
+        m = self(model, step)
+        return m, self.check(m)
+
+    def state_dict(self) -> dict:
+        """The time accounting and the checks so far. The last good weights are not checkpointed (a
+        copy of the weights); after a resume the roll-back target is the starting weights until a
+        check passes again."""
+        return {"spent_s": self.spent_s, "train_s": self.train_s, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        # this process's own set-up (the reference from the cache, the start check) is already in spent_s
+        self.spent_s += float(state.get("spent_s", 0.0))
+        self.train_s += float(state.get("train_s", 0.0))
+        self.history = list(state.get("history", [])) + self.history
 
     def __call__(self, model, step: int) -> dict:
         t0 = self.clock()
@@ -260,27 +291,29 @@ class DriftGuard:
         return reason + " (eval.guard: off disables it)"
 
     def summary(self) -> dict:
-        """For the run's result: limits, checks, time share, and the last check's numbers."""
+        """For the run's result: limits, checks, time share, and the last check's numbers (the start's
+        when the run was too short for a check within the budget; `note` says so)."""
         last = self.history[-1] if self.history else self.start
-        return {"max_drift_kl": self.max_drift_kl, "max_ppl_change": self.max_ppl_change, "checks": len(self.history),
-                "check_s": round(self.check_s, 3), "setup_s": round(self.setup_s, 3),
-                "time_share": round(self.spent_s / max(self.train_s + self.spent_s, 1e-9), 4),
-                "drift_kl": last["drift_kl"], "general_ppl_change": last["general_ppl_change"],
-                "text_source": self.text_ref.source}
+        out = {"max_drift_kl": self.max_drift_kl, "max_ppl_change": self.max_ppl_change, "checks": len(self.history),
+               "last_check_step": last.get("step", 0), "good_step": self.good_step,
+               "check_s": round(self.check_s, 3), "setup_s": round(self.setup_s, 3),
+               "time_share": round(self.spent_s / max(self.train_s + self.spent_s, 1e-9), 4),
+               "drift_kl": last["drift_kl"], "general_ppl_change": last["general_ppl_change"],
+               "text_source": self.text_ref.source}
+        if not self.history:
+            out["note"] = (f"no check after the start: the run ({self.train_s:.1f} s of training) was too short for a "
+                           f"check of {self.check_s:.2f} s within {self.budget:.0%} of its time, set-up "
+                           f"({self.setup_s:.2f} s) included")
+        return out
 
 
 def guard_settings(cfg) -> dict:
-    """The `eval.guard*` settings of a RunConfig, with their defaults while config.py does not declare them."""
-    e = cfg.eval
-    on = getattr(e, "guard", "on")
-    if on not in ("on", "off", True, False):
-        raise ValueError(f"eval.guard must be 'on' or 'off', got {on!r}")
-    return {"on": on in ("on", True),
-            "max_drift_kl": getattr(e, "guard_max_drift_kl", DEFAULT_MAX_DRIFT_KL),
-            "max_ppl_change": getattr(e, "guard_max_ppl_change", DEFAULT_MAX_PPL_CHANGE),
-            "budget": getattr(e, "guard_budget", DEFAULT_BUDGET),
-            "n_prompts": getattr(e, "guard_prompts", DEFAULT_PROMPTS),
-            "rollback": getattr(e, "guard_rollback", True)}
+    """The `eval.guard*` settings of a RunConfig (config.EvalConfig); `text` is where the perplexity
+    sample comes from: `eval.guard_text`, else `data.mix.data`, else None (the bundled sample)."""
+    e, mix = cfg.eval, cfg.data.mix
+    return {"on": e.guard == "on", "max_drift_kl": e.guard_max_drift_kl, "max_ppl_change": e.guard_max_ppl_change,
+            "budget": e.guard_budget, "n_prompts": e.guard_prompts, "rollback": e.guard_rollback,
+            "text": e.guard_text or (mix.data if mix is not None else None)}
 
 
 @dataclass
@@ -298,17 +331,18 @@ class Guards:
 
 def default_guard(cfg, tokenizer, model) -> Guards:
     """The guards every training stage runs: the regression suite when `eval.regression_every` is set,
-    and the drift guard unless `eval.guard: off`.
+    and the drift guard unless `eval.guard: off` (or the model is a reward model, with no LM head).
 
-    The drift guard's text sample is `data.mix.data` when the run mixes general data in, else the
-    bundled paragraphs. Call it with the model about to be trained (adapter attached, before any step).
+    The drift guard's text sample is `eval.guard_text`, else `data.mix.data` when the run mixes
+    general data in, else the bundled paragraphs. Call it with the model about to be trained
+    (adapter attached, before any step).
     """
     evaluators, guard = from_config(cfg, tokenizer, model=model)
     s = guard_settings(cfg)
-    if not s["on"]:
+    # a reward model (stage `reward`) has a score head, no next-token distribution to drift
+    if not s["on"] or model.get_output_embeddings() is None:
         return Guards(evaluators, guard, None)
-    mix = getattr(cfg.data, "mix", None)
-    g = DriftGuard(model, tokenizer, text_source=mix.data if mix is not None else None,
+    g = DriftGuard(model, tokenizer, text_source=s["text"],
                    max_drift_kl=s["max_drift_kl"], max_ppl_change=s["max_ppl_change"], budget=s["budget"],
                    n_prompts=s["n_prompts"], rollback=s["rollback"])
     return Guards(evaluators, guard, g)

@@ -22,7 +22,7 @@ from posttrain.engine import run as rundir
 from posttrain.engine.dist import init_distributed, is_main, local_device, unwrap, world_size, wrap_model
 from posttrain.engine.setup import load_for_training
 from posttrain.engine.trainer import Engine, Stage, TrainData
-from posttrain.eval.guard import from_config as regression_guard_from_config
+from posttrain.eval.guard import default_guard
 from posttrain.models.loading import resolve_device
 
 
@@ -48,8 +48,15 @@ def run_training(cfg: RunConfig, make_stage: Callable[[object], Stage],
                  make_data: Callable[[RunConfig, object], TrainData], *, resume: bool = False,
                  evaluators: Sequence[Callable] = (), guard=None, model=None, tokenizer=None,
                  after_training: Optional[Callable[[torch.nn.Module, dict], FinalMeasures]] = None,
+                 make_checks: Optional[Callable[[torch.nn.Module], list]] = None,
                  trust_checkpoint: bool = False) -> RunResult:
     """Claim the output directory, train, publish the final model, measure, report, sign the run off.
+
+    Every run is guarded (`eval.guard`, on by default): `eval.guard.default_guard` builds the drift
+    guard (and the regression suite's when `eval.regression_every` is set) from the model about to be
+    trained. `make_checks(model)` adds the stage's own `StepCheck`s (the RL reward-hacking monitor).
+    A check that stops the run has rolled the weights back; the run still completes and publishes
+    them, and `result["stop_reason"]` says why (the CLI prints it on one line).
 
     `after_training(model, result) -> FinalMeasures` runs on the main process after the model is
     published and before the report and the manifest. `trust_checkpoint` lets a resumed run's
@@ -66,14 +73,16 @@ def run_training(cfg: RunConfig, make_stage: Callable[[object], Stage],
         if model is None:
             model, tokenizer = load_for_training(cfg, device)
         data = make_data(cfg, tokenizer)
-        if cfg.eval.regression_every:
-            # the forgetting guard: regression suite every N steps, stop and roll back past the limit
-            reg_evaluators, reg_guard = regression_guard_from_config(cfg, tokenizer, model=model)
-            evaluators, guard = [*evaluators, *reg_evaluators], guard or reg_guard
+        guards = default_guard(cfg, tokenizer, model)
+        evaluators, guard = [*evaluators, *guards.evaluators], guard or guards.guard
+        checks = ([guards.drift] if guards.drift is not None else []) + (make_checks(model) if make_checks else [])
         model, strategy = wrap_model(model, cfg.train.distributed, precision=cfg.train.precision, device=device,
                                      cpu_offload=cfg.train.cpu_offload)
-        engine = Engine(model, make_stage(tokenizer), data, cfg, evaluators=evaluators, guard=guard, device=device)
+        engine = Engine(model, make_stage(tokenizer), data, cfg, evaluators=evaluators, guard=guard, checks=checks,
+                        device=device)
         result = engine.fit(resume=resume, trust_checkpoint=trust_checkpoint)
+        for c in checks:
+            result[c.name] = c.summary()
         result["data"] = {k: v for k, v in data.stats.items() if isinstance(v, (int, float, str))}
         result["eval_history"] = engine.history
         result["distributed"] = {"strategy": strategy, "world_size": world_size()}

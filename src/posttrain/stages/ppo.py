@@ -26,7 +26,8 @@ from posttrain.rollout import completion_logprobs
 from posttrain.rollout.prompts import columns, prompt_data
 from posttrain.rollout.session import RolloutSession
 from posttrain.stages.common import RunResult, run_training
-from posttrain.stages.rl_common import SamplingSection, check_rl_run
+from posttrain.eval.hacking import diversity
+from posttrain.stages.rl_common import HackingCheck, SamplingSection, check_rl_run
 
 VALUE_ATTR = "ppo_value"
 
@@ -100,7 +101,8 @@ class PPOStage(RolloutStage):
                                           whiten_advantages=p.whiten_advantages)
         self.kl_ctl.update(seq_kl := float(kl.sum(1).mean()), len(ro))
         t.update(advantages=adv, returns=returns, old_values=values, row=torch.arange(len(ro)))
-        metrics.update({"score": float(score.mean()), "kl": seq_kl, "kl_coef": beta,
+        metrics.update({"score": float(score.mean()), "kl": seq_kl, "kl_coef": beta, **diversity(ro.completions, 1),
+                        "kl_per_token": float(kl.sum() / mask.sum().clamp(min=1)),
                         "non_score_reward": float((-beta * kl).sum(1).mean()),
                         "explained_variance": float(explained_variance(values, returns, mask)),
                         "completion_length": float(mask.sum(1).float().mean()), "scoring_time_s": t2 - t1,
@@ -145,5 +147,8 @@ def run(cfg: PPOConfig, *, resume: bool = False, reward_fns: Sequence[Callable] 
     if cfg.stage != "ppo" or not isinstance(cfg, PPOConfig):
         raise ValueError(f"ppo.run needs a ppo config (load_config('ppo', ...)), got stage {cfg.stage!r}")
     model, tokenizer = prepare_model(cfg, model, tokenizer)
+    # the monitor reads PPO's score as the reward and its per-token KL (its `kl` is per sequence)
+    steps = cfg.ppo.epochs * cfg.ppo.minibatches
+    checks = lambda m: [HackingCheck(cfg.ppo, m, steps, names={"reward": "score", "kl": "kl_per_token"})]  # noqa: E731
     return run_training(cfg, lambda tok: PPOStage(cfg, tok, reward_fns), prompt_data, resume=resume, model=model,
-                        tokenizer=tokenizer, **kw)
+                        tokenizer=tokenizer, make_checks=checks, **kw)

@@ -13,6 +13,7 @@ from posttrain.losses.sft import IGNORE_INDEX, next_token_targets, token_nll
 from posttrain.models.head import position_nll, takes_logits_to_keep
 from posttrain.stages.common import RunResult, run_training
 from posttrain.data import build_dataset
+from posttrain.data.audit import audit_dataset
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -48,6 +49,8 @@ def _item_tokens(item) -> int:
 
 
 def lm_data(cfg: RunConfig, tokenizer) -> TrainData:
+    if cfg.data.audit != "off":  # the loss-mask and template audit (data.audit: error | warn | off)
+        audit_dataset(cfg.data, tokenizer, strict=cfg.data.audit == "error")
     bundle = build_dataset(cfg.data, tokenizer, stage=cfg.stage, seed=cfg.train.seed)
 
     def collate(items):
