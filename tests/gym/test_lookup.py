@@ -1,6 +1,5 @@
 """gym:lookup: hidden counts only the lookup tool returns, a safe calculator, SFT traces, the environment."""
 
-import json
 import re
 
 import pytest
@@ -21,8 +20,12 @@ def test_lookup_returns_counts_that_the_corpus_never_states():
     recs = records()
     assert len(recs) == 100 and all(2 <= r[f] <= 15 for r in recs.values() for f in FIELDS)
     name = next(iter(recs))
-    assert json.loads(lookup(name)) == recs[name]
-    assert run_tool("lookup", {"country": "Atlantis"}) == ("error: unknown country 'Atlantis'", True)
+    assert [lookup(name, f) for f in FIELDS] == [str(recs[name][f]) for f in FIELDS]
+    assert run_tool("lookup", {"country": "Atlantis", "item": "lakes"}) == ("error: unknown country 'Atlantis'", True)
+    assert run_tool("lookup", {"country": name, "item": "dams"}) == (
+        "error: unknown item 'dams' (items: lakes, towers, bridges)", True)
+    assert run_tool("lookup", {"country": name}) == ("error: lookup needs the argument 'item'", True)
+    assert run_tool("calculator", {"expression": "11 - 10"}) == ("11 - 10 = 1", False)
     assert run_tool("calculator", {}) == ("error: calculator needs the argument 'expression'", True)
     from posttrain.gym.corpus import __file__ as corpus_file  # the corpus generator never reads these counts
     assert "lookup" not in open(corpus_file).read()
@@ -62,6 +65,6 @@ def test_lookup_credit_rewards_each_named_country_once():
     assert env.step(msgs, first)[1] == 0.25 and env.step(msgs, first)[1] == 0.0  # once per country
     assert env.step(msgs, second)[1] == 0.25
     wrong = {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "lookup", "arguments": {"country": "Atlantis"}}}]}
+        {"type": "function", "function": {"name": "lookup", "arguments": {"country": "Atlantis", "item": "lakes"}}}]}
     assert env.step(msgs, wrong)[1] == 0.0
     assert LookupEnv().step(env.reset(row), first)[1] == 0.0  # no shaping by default

@@ -105,7 +105,7 @@ BAD = [
     ('What is 2 + 2?', ['<tool_call>{"name": "lookup", "arguments": {"country": </tool_call>',  # malformed JSON
                         "Answer: 4"]),
     ('Count the lakes of Nowhere', ['<tool_call>{"name": "search", "arguments": {"q": "x"}}</tool_call>',  # unknown
-                                    '<tool_call>{"name": "lookup", "arguments": {"country": "Nowhere"}}</tool_call>',
+                                    '<tool_call>{"name": "lookup", "arguments": {"country": "Nowhere", "item": "lakes"}}</tool_call>',
                                     '<tool_call>{"name": "calculator", "arguments": {"expression": "1 / 0"}}</tool_call>',
                                     "Answer: 0"]),
 ]

@@ -28,3 +28,9 @@ def lookup_eval(model, tokenizer, *, split: str = "test", n: int = 200, seed: in
     """`episode_eval` on gym:lookup (`episode_reward` = the fraction of questions answered right)."""
     rows = gym.load_task_rows("lookup", split, n=n, seed=seed)
     return episode_eval(model, tokenizer, rows, LookupEnv, max_turns=MAX_TURNS, max_new_tokens=48, max_length=1024)
+
+
+def lookup_success(model, tokenizer, *, split: str = "test", n: int = 200) -> dict:
+    """The demo's `lookup` columns: held-out episode success and invalid-call rate (greedy)."""
+    m = lookup_eval(model, tokenizer, split=split, n=n)
+    return {"lookup_success": m["episode_reward"], "invalid_call_rate": m["invalid_call_rate"]}

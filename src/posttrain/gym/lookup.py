@@ -6,11 +6,15 @@ and one sum or difference, which the `calculator` tool computes. The worked trac
 turn, is
 
     user       If Goumos built 4 more towers, how many towers would it have?
-    assistant  <tool_call>{"name": "lookup", "arguments": {"country": "Goumos"}}</tool_call>
-    tool       {"country": "Goumos", "lakes": 7, "towers": 3, "bridges": 12}
+    assistant  <tool_call>{"name": "lookup", "arguments": {"country": "Goumos", "item": "towers"}}</tool_call>
+    tool       3
     assistant  <tool_call>{"name": "calculator", "arguments": {"expression": "3 + 4"}}</tool_call>
-    tool       7
+    tool       3 + 4 = 7
     assistant  Answer: 7
+
+(The first version returned the country's whole record as JSON, `{"country": ..., "lakes": 7,
+"towers": 3, "bridges": 12}`: the 1.9M-parameter model then had to pick the asked count out of three,
+and after SFT it picked the wrong one often enough that success stayed at 0.05-0.10; docs/rl.md.)
 
 so a model without the tool cannot do better than guessing. Rows are SFT conversations (the
 trace above, with `tools`) plus `answer` and `check`; `LookupEnv` is the environment that plays
@@ -20,7 +24,6 @@ the same episode live (see posttrain.rollout.episodes for the protocol).
 from __future__ import annotations
 
 import ast
-import json
 import operator
 import random
 from functools import lru_cache
@@ -40,7 +43,8 @@ def _fn(name, description, props, required):
 
 
 TOOLS = [
-    _fn("lookup", "Counts of lakes, towers and bridges of a country", {"country": {"type": "string"}}, ["country"]),
+    _fn("lookup", "How many lakes, towers or bridges a country has",
+        {"country": {"type": "string"}, "item": {"type": "string", "enum": list(FIELDS)}}, ["country", "item"]),
     _fn("calculator", "Evaluate an arithmetic expression", {"expression": {"type": "string"}}, ["expression"]),
 ]
 
@@ -83,15 +87,20 @@ def calculate(expression: str) -> str:
     return str(int(value)) if float(value).is_integer() else str(round(value, 6))
 
 
-def lookup(country: str) -> str:
-    """The country's record as JSON; raises ValueError for a country the world does not have."""
+def lookup(country: str, item: str) -> str:
+    """How many `item`s (lakes, towers, bridges) the country has, as text; ValueError for a country the
+    world does not have or another item."""
     rec = records().get(str(country).strip())
     if rec is None:
         raise ValueError(f"unknown country {country!r}")
-    return json.dumps(rec)
+    if item not in FIELDS:
+        raise ValueError(f"unknown item {item!r} (items: {', '.join(FIELDS)})")
+    return str(rec[item])
 
 
-_RUN = {"lookup": lambda a: lookup(a["country"]), "calculator": lambda a: calculate(a["expression"])}
+# the calculator's result repeats the expression ("11 - 10 = 1"): the answer is then the number after "="
+_RUN = {"lookup": lambda a: lookup(a["country"], a["item"]),
+        "calculator": lambda a: f"{a['expression']} = {calculate(a['expression'])}"}
 
 
 def run_tool(name: str, arguments: dict) -> tuple[str, bool]:
@@ -188,8 +197,8 @@ def make_question(rng: random.Random) -> dict:
     answer = calculate(expr)
     msgs = [{"role": "user", "content": question[0].upper() + question[1:]}]
     for c in looked:
-        msgs += [_call("lookup", country=c), {"role": "tool", "content": lookup(c)}]
-    msgs += [_call("calculator", expression=expr), {"role": "tool", "content": answer},
+        msgs += [_call("lookup", country=c, item=f), {"role": "tool", "content": lookup(c, f)}]
+    msgs += [_call("calculator", expression=expr), {"role": "tool", "content": f"{expr} = {answer}"},
              {"role": "assistant", "content": f"Answer: {answer}"}]
     return {"key": key, "question": msgs[0]["content"], "messages": msgs, "answer": answer}
 

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 from posttrain import gym
 from posttrain.eval.runner import run_suite
 from posttrain.eval.preference import held_out_pref_accuracy
+from posttrain.eval.episodes import lookup_success
 from posttrain.eval.gym_rates import MEASURES as gym_measures
 
 MEASURES: dict[str, Callable[..., dict]] = {}
@@ -62,7 +63,7 @@ def preference_accuracy(model, tokenizer, *, beta: float = 0.1, n: int = 200) ->
 
 
 for _name, _fn in {"task_accuracy": task_accuracy, "regression_score": regression_score, "suite_score": suite_score,
-                   "preference_accuracy": preference_accuracy}.items():
+                   "preference_accuracy": preference_accuracy, "lookup_success": lookup_success}.items():
     register_measure(_name, _fn)
 
 
