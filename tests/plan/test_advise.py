@@ -21,6 +21,9 @@ def test_budget_parsing():
         parse_budget("1xZ80,1h")
     with pytest.raises(PlanError, match="name a device"):
         parse_budget("8h")
+    b = parse_budget("cpu,300MiB,1h")
+    assert (b.device.name, b.device.memory_bytes, b.hours) == ("cpu", 300 * 2**20, 1.0)
+    assert parse_budget("1xA100-40GB,20GB").device.memory_bytes == 20 * 10**9
 
 
 def _data(n=2000, known=0.5, gap=0.5):

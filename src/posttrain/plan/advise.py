@@ -26,6 +26,7 @@ import yaml
 
 from posttrain.plan.devices import Device, cpu_device, get_device
 from posttrain.plan.memory import adapter_params
+from posttrain.plan.pilots import binomial_noise
 from posttrain.plan.planner import plan
 from posttrain.plan.shapes import PlanError
 
@@ -63,14 +64,19 @@ class Budget:
 
 
 def parse_budget(text: Optional[str]) -> Budget:
-    """'1xA100-40GB,8h' -> 1 A100-40GB for 8 hours; 'cpu,30m'; None -> this machine, no time limit."""
+    """'1xA100-40GB,8h' -> 1 A100-40GB for 8 hours; 'cpu,30m'; 'cpu,300MiB' (a memory limit); None ->
+    this machine, no time limit."""
     if not text:
         return Budget(cpu_device())
-    gpus, dev, hours = 1, None, None
+    gpus, dev, hours, memory = 1, None, None, None
     for part in (p.strip() for p in text.split(",") if p.strip()):
         m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(h|m|min)", part)
         if m:
             hours = float(m.group(1)) / (60 if m.group(2) != "h" else 1)
+            continue
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(MiB|GiB|MB|GB)", part)
+        if m:
+            memory = int(float(m.group(1)) * {"MiB": 2**20, "GiB": 2**30, "MB": 10**6, "GB": 10**9}[m.group(2)])
             continue
         m = re.fullmatch(r"(?:(\d+)\s*x\s*)?(.+)", part)
         gpus, name = int(m.group(1) or 1), m.group(2)
@@ -80,6 +86,8 @@ def parse_budget(text: Optional[str]) -> Budget:
             raise PlanError(f"--budget {text!r}: {e.args[0]}") from None
     if dev is None:
         raise PlanError(f"--budget {text!r}: name a device, e.g. '1xA100-40GB,8h' or 'cpu,30m'")
+    if memory is not None:  # a memory limit below the device's (a share of a GPU, a container's limit)
+        dev = dataclasses.replace(dev, memory_bytes=memory)
     return Budget(dev, gpus, hours)
 
 
@@ -182,28 +190,31 @@ def _correct(row: dict, completion: str, reference: str) -> bool:
     return " ".join(completion.split()).lower() == " ".join(reference.split()).lower()
 
 
+def prompt_answer_pairs(records, limit: int) -> list[tuple[dict, object, str]]:
+    """(row, prompt, reference answer) of the first `limit` records that have a prompt/answer split."""
+    from posttrain.data.formats import to_example
+
+    out = []
+    for r in records:
+        try:
+            got = _split_example(to_example(r))
+        except ValueError:
+            continue
+        if got is not None:
+            out.append((r.data, *got))
+        if len(out) >= limit:
+            break
+    return out
+
+
 def prompting_baselines(model, tokenizer, train_records, held_records, *, max_length: int, n: int = 50) -> dict:
     """Zero-shot and k-shot accuracy of the base model on `n` held-out examples (greedy decoding), k as
     many training examples as fit `max_length` tokens (at most MAX_SHOTS); None when the data has no
     prompt/answer split."""
-    from posttrain.data.formats import to_example
     from posttrain.eval.lm import generate
 
-    def pairs(records, limit):
-        out = []
-        for r in records:
-            try:
-                got = _split_example(to_example(r))
-            except ValueError:
-                continue
-            if got is not None:
-                out.append((r.data, *got))
-            if len(out) >= limit:
-                break
-        return out
-
-    held = pairs(held_records, n)
-    shots_pool = pairs(train_records, MAX_SHOTS)
+    held = prompt_answer_pairs(held_records, n)
+    shots_pool = prompt_answer_pairs(train_records, MAX_SHOTS)
     if not held or not shots_pool:
         return {"zero_shot": None, "k_shot": None, "k": 0, "n": 0}
     longest = max(len(tokenizer(_prompt_text(tokenizer, [], p))["input_ids"]) for _, p, _ in held)
@@ -237,7 +248,8 @@ def _candidate(cfg, method: str, budget: Budget, rows: int, loss_fraction: float
 
         s = read_shape(cfg.model)
         out.update(peak_memory_bytes=s.total_params * 2, fits=s.total_params * 2 <= 0.95 * budget.device.memory_bytes,
-                   wall_time_s=0.0, tokens_per_s=None, adapter_bytes=0, trainable_params=0, change=None)
+                   wall_time_s=0.0, tokens_per_s=None, adapter_bytes=0, trainable_params=0, change=None,
+                   step_time_s=None, total_steps=0)
         return out
     ov = {"adapter": {**cfg.adapter.model_dump(), "type": kind},
           "train": {**cfg.train.model_dump(), "precision": "bf16" if budget.device.kind == "gpu" else "fp32"}}
@@ -252,7 +264,8 @@ def _candidate(cfg, method: str, budget: Budget, rows: int, loss_fraction: float
         change, peak, step = p.fix["change"], p.fix["peak_memory_bytes"], p.fix["step_time_s"]
     fits = p.fits or change is not None
     wall = None if p.total_steps is None else p.total_steps * step * (2 if method == "cpt+sft" else 1)
-    out.update(peak_memory_bytes=int(peak), fits=fits, change=change, wall_time_s=wall,
+    out.update(peak_memory_bytes=int(peak), fits=fits, change=change, wall_time_s=wall, step_time_s=step,
+               total_steps=p.total_steps,
                tokens_per_s=p.tokens_per_step / step, trainable_params=p.to_json()["params"]["trainable"],
                adapter_bytes=4 * adapter_params(p.shape, p.spec) if kind != "none" else None)
     return out
@@ -301,6 +314,82 @@ def decide(data: dict, candidates: dict[str, dict], *, params: int, domain_text:
     return "prompting", reasons + ["no training method fits the budget: prompting only"]
 
 
+PILOT_MARGIN = 0.05  # a pilot must beat the rule of thumb's pick by at least this (and the noise)
+
+
+def pilot_plan(candidates: dict[str, dict], data: dict, domain_text: Optional[str]) -> list[str]:
+    """Which methods get a pilot: prompt tuning and LoRA where they fit, QLoRA where LoRA does not fit
+    and QLoRA does, full fine-tuning where it fits, continued pretraining then SFT when domain text is given."""
+    fits = {m for m, c in candidates.items() if c["fits"]}
+    wanted = ["prompt_tuning", "lora", "full"] + (["qlora"] if "lora" not in fits else [])
+    wanted += ["cpt+sft"] if domain_text else []
+    return [m for m in METHODS if m in wanted and m in fits]
+
+
+def full_steps(candidate: dict, budget: Budget) -> int:
+    """The full run's optimizer steps: the planned epochs or max_steps, cut to the time budget."""
+    steps = candidate["total_steps"] or 1
+    if budget.hours is not None and candidate["step_time_s"]:
+        steps = min(steps, int(budget.hours * 3600 / candidate["step_time_s"] / (2 if candidate["method"] == "cpt+sft" else 1)))
+    return max(1, steps)
+
+
+def run_pilots(cfg, candidates: dict[str, dict], data: dict, budget: Budget, *, minutes: float, out_dir: Path,
+               domain_text: Optional[str] = None) -> dict[str, dict]:
+    """A pilot of each method `pilot_plan` names, `minutes` of predicted compute each (docs/advise.md)."""
+    from posttrain.data.sources import read_records
+    from posttrain.eval.drift import build_drift_reference
+    from posttrain.eval.perplexity import text_reference
+    from posttrain.models.loading import load
+    from posttrain.plan.pilots import HeldOut, pilot_steps, run_pilot
+
+    if not isinstance(cfg.data.eval, str):
+        raise PlanError("pilots score held-out examples: set data.eval=FILE (or pass --no-pilots)")
+    held = prompt_answer_pairs(read_records(cfg.data.eval, split="validation"), 50)
+    if not held:
+        raise PlanError(f"{cfg.data.eval}: no example with a prompt and an answer to score the pilots on")
+    base, tok = load(cfg.model, dtype="fp32", device="cpu", trust_remote_code=cfg.trust_remote_code,
+                     allow_pickle=cfg.allow_pickle)
+    # the forgetting references are the base model's; every pilot is measured against the same ones
+    references = (build_drift_reference(base, tok, n_prompts=32), text_reference(base, tok, n=32))
+    del base
+    scorer = HeldOut(tok, held, _prompt_text, _correct)
+    out = {}
+    for method in pilot_plan(candidates, data, domain_text):
+        c = candidates[method]
+        total = full_steps(c, budget)
+        steps = pilot_steps(minutes, c["step_time_s"], total)
+        lr = LEARNING_RATES[method][1] if method != "cpt+sft" else LEARNING_RATES["lora"][1]
+        kw = {}
+        if method == "cpt+sft":  # half the compute continues pretraining, half fine-tunes; so does the full run
+            steps = max(1, steps // 2)
+            kw = {"domain_text": domain_text, "cpt_steps": steps, "cpt_lr": LEARNING_RATES["lora"][1]}
+        out[method] = run_pilot(cfg, method, steps=steps, full_steps=total, lr=lr, scorer=scorer,
+                                out_dir=out_dir / "pilots" / method, references=references, **kw)
+    return out
+
+
+def decide_with_pilots(rule_pick: str, candidates: dict[str, dict]) -> tuple[str, list[str]]:
+    """The rule of thumb's pick stands unless another method's expected score beats it by more than the
+    noise: the larger of both uncertainties and PILOT_MARGIN. A pick without a score (not piloted)
+    gives way to the best scored method."""
+    scored = {m: c for m, c in candidates.items() if c["fits"] and c.get("expected_score") is not None}
+    if not any(m != "prompting" for m in scored):
+        return rule_pick, ["no pilot scored: the rule of thumb decides"]
+    best = max(scored, key=lambda m: scored[m]["expected_score"])
+    b = scored[best]
+    say = lambda m: (f"{m} {scored[m]['expected_score']:.0%} ± {scored[m]['uncertainty']:.0%}"  # noqa: E731
+                     + (" (measured)" if m == "prompting" else ""))
+    if rule_pick not in scored:
+        return best, [f"pilots: {say(best)} is the best expected score"]
+    r = scored[rule_pick]
+    noise = max(b["uncertainty"], r["uncertainty"], PILOT_MARGIN)
+    if b["expected_score"] - r["expected_score"] > noise:
+        return best, [f"pilots: {say(best)} beats the rule's {say(rule_pick)} by more than the noise ({noise:.0%})"]
+    return rule_pick, [f"pilots: no method beats {say(rule_pick)} by more than the noise ({noise:.0%}; best "
+                       f"{say(best)}): the rule of thumb's pick stands"]
+
+
 def write_recipe(path: Path, cfg, method: str, out_dir: Path, domain_text: Optional[str]) -> Path:
     """A `posttrain pipeline` recipe that runs the recommendation."""
     data = {k: v for k, v in {"train": cfg.data.train, "eval": cfg.data.eval,
@@ -332,8 +421,10 @@ def write_recipe(path: Path, cfg, method: str, out_dir: Path, domain_text: Optio
 
 
 def advise(cfg, *, budget: Budget, out_dir: Path, general: str = "gym:regression:train",
-           domain_text: Optional[str] = None, analysis: Optional[dict] = None) -> dict:
-    """The whole --no-pilots advice as one JSON-ready dict; writes out_dir/advice.yaml and advice.json."""
+           domain_text: Optional[str] = None, analysis: Optional[dict] = None,
+           pilot_minutes: Optional[float] = None) -> dict:
+    """The whole advice as one JSON-ready dict; writes out_dir/advice.yaml. Without `pilot_minutes`
+    (--no-pilots) it decides from the data, the planner and the rules of thumb alone."""
     from posttrain.plan.quality import check_data
     from posttrain.plan.shapes import read_shape
     from posttrain.data.sources import read_records
@@ -353,6 +444,7 @@ def advise(cfg, *, budget: Budget, out_dir: Path, general: str = "gym:regression
     if base.get("k_shot") is not None:
         candidates["prompting"]["expected_score"] = max(base["k_shot"], base["zero_shot"])
         candidates["prompting"]["score_source"] = f"measured: {base['k']}-shot and zero-shot on {base['n']} held-out"
+        candidates["prompting"]["uncertainty"] = binomial_noise(candidates["prompting"]["expected_score"], base["n"])
     if budget.hours is not None:
         for c in candidates.values():
             if c["wall_time_s"] is not None and c["wall_time_s"] > budget.hours * 3600:
@@ -360,21 +452,40 @@ def advise(cfg, *, budget: Budget, out_dir: Path, general: str = "gym:regression
                 c["over_time_budget"] = True
     rec, reasons = decide(data, candidates, params=shape.total_params, domain_text=domain_text is not None)
     out_dir.mkdir(parents=True, exist_ok=True)
+    pilots = None
+    if pilot_minutes is not None:
+        pilots = run_pilots(cfg, candidates, data, budget, minutes=pilot_minutes, out_dir=out_dir,
+                            domain_text=domain_text)
+        for m, p in pilots.items():
+            candidates[m].update(expected_score=p["expected_score"], uncertainty=p["uncertainty"],
+                                 forgetting_risk=p["forgetting_risk"], score_source="pilot", pilot=p)
+        rec, more = decide_with_pilots(rec, candidates)
+        reasons += more
     recipe = write_recipe(out_dir / "advice.yaml", cfg, rec, out_dir, domain_text)
+    for c in candidates.values():
+        c["device_hours"] = None if c["wall_time_s"] is None else c["wall_time_s"] / 3600 * budget.gpus
+    note = ("expected_score: pilots extrapolated to the full run (docs/advise.md); prompting's is measured"
+            if pilots else "no pilots run (--no-pilots): no score is predicted")
     return {"recommendation": rec, "reasons": reasons, "candidates": list(candidates.values()),
             "recipe": str(recipe), "data": data, "quality": quality.counts,
-            "budget": {"device": budget.device.name, "gpus": budget.gpus, "hours": budget.hours},
-            "pilots": None, "expected_score_note": "no pilots run (--no-pilots): no score is predicted"}
+            "budget": {"device": budget.device.name, "gpus": budget.gpus, "hours": budget.hours,
+                       "memory_bytes": budget.device.memory_bytes},
+            "pilots": pilots, "expected_score_note": note}
 
 
 def format_advice(a: dict) -> str:
     lines = [f"recommendation: {a['recommendation']}"] + [f"  - {r}" for r in a["reasons"]]
-    lines += ["", f"{'method':<15}{'fits':<6}{'peak GiB':>10}{'time h':>9}  {'forgetting':<11}{'lr':<16}serving"]
+    lines += ["", f"{'method':<15}{'fits':<6}{'expected':>13}{'peak GiB':>10}{'time h':>9}{'dev-h':>7}"
+              f"{'adapter MiB':>12}  {'forgetting':<11}{'lr':<16}serving"]
     for c in a["candidates"]:
         t = "-" if c["wall_time_s"] is None else f"{c['wall_time_s'] / 3600:.2f}"
+        dh = "-" if c.get("device_hours") is None else f"{c['device_hours']:.2f}"
         lr = "-" if not c["learning_rate"] else f"{c['learning_rate'][0]:.0e}-{c['learning_rate'][1]:.0e}"
-        lines.append(f"{c['method']:<15}{'yes' if c['fits'] else 'no':<6}{c['peak_memory_bytes'] / 2**30:>10.2f}"
-                     f"{t:>9}  {c['forgetting_risk']:<11}{lr:<16}{c['serving']}")
+        score = "-" if c["expected_score"] is None else f"{c['expected_score']:.0%}" + (
+            f" ± {c['uncertainty']:.0%}" if c.get("uncertainty") is not None else " (meas.)")
+        size = "-" if not c.get("adapter_bytes") else f"{c['adapter_bytes'] / 2**20:.2f}"
+        lines.append(f"{c['method']:<15}{'yes' if c['fits'] else 'no':<6}{score:>13}{c['peak_memory_bytes'] / 2**30:>10.2f}"
+                     f"{t:>9}{dh:>7}{size:>12}  {c['forgetting_risk']:<11}{lr:<16}{c['serving']}")
     q = a["quality"]
     lines += ["", f"data: {q['exact_duplicate_examples']} exact duplicates, {q['near_duplicate_pairs']} near-duplicate "
               f"pairs, {q['contaminated_held_out']} held-out examples overlapping training (posttrain data check: "

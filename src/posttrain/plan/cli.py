@@ -109,10 +109,11 @@ def data_check_main(argv: list[str]) -> int:
     return 0
 
 
-def advise_main(argv: list[str]) -> int:
-    """`posttrain advise model=M data.train=D [data.eval=E] [--budget 1xA100-40GB,8h] --no-pilots [--json]`."""
-    import sys
+PILOT_MINUTES = 5.0  # per method, of predicted compute
 
+
+def advise_main(argv: list[str]) -> int:
+    """`posttrain advise model=M data.train=D data.eval=E [--budget 1xA100-40GB,8h] [--pilot-minutes N | --no-pilots]`."""
     from posttrain.plan.advise import advise, format_advice, parse_budget
     from posttrain.stages import load_config
 
@@ -124,19 +125,20 @@ def advise_main(argv: list[str]) -> int:
     p.add_argument("--budget", default=None, help="devices and time, e.g. '1xA100-40GB,8h' or 'cpu,30m' "
                    "(default: this machine, no time limit)")
     p.add_argument("--no-pilots", action="store_true", help="decide without pilot runs")
-    p.add_argument("--pilot-minutes", type=float, default=None, help="(pilots are not implemented yet)")
+    p.add_argument("--pilot-minutes", type=float, default=PILOT_MINUTES, help="predicted compute per pilot, the "
+                   f"same for every method (default {PILOT_MINUTES:g}); pilots need data.eval")
     p.add_argument("--general", default="gym:regression:train", help="general text to compare the answers' loss with")
     p.add_argument("--domain-text", default=None, help="raw domain text (enables continued pretraining then SFT)")
     p.add_argument("--out", default="advice", help="directory for advice.yaml and advice.json")
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", help="model=..., data.train=..., data.eval=..., train.*, adapter.*")
     a = p.parse_args(argv)
-    if not a.no_pilots:
-        print("posttrain advise: pilots are not implemented yet; deciding without them (--no-pilots)",
-              file=sys.stderr)
+    if a.pilot_minutes <= 0:
+        raise PlanError(f"--pilot-minutes must be > 0, got {a.pilot_minutes:g}")
     cfg = load_config("sft", a.config, a.overrides)
     out = Path(a.out)
-    result = advise(cfg, budget=parse_budget(a.budget), out_dir=out, general=a.general, domain_text=a.domain_text)
+    result = advise(cfg, budget=parse_budget(a.budget), out_dir=out, general=a.general, domain_text=a.domain_text,
+                    pilot_minutes=None if a.no_pilots else a.pilot_minutes)
     (out / "advice.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2) if a.json else format_advice(result))
     return 0
