@@ -132,3 +132,30 @@ def test_a_time_budget_rules_out_training(tmp_path):
     trained = [c for c in out["candidates"] if c["method"] != "prompting"]
     assert all(c["over_time_budget"] and not c["fits"] for c in trained)
     assert all(c["wall_time_s"] > 1.08 for c in trained)
+
+
+def test_d_a_memory_budget_too_small_for_lora_picks_qlora(tmp_path):
+    """(d) Llama-2-7B (its config.json alone) on one 24 GB L4: LoRA in bf16 autocast keeps the 27 GB of
+    fp32 base weights and does not fit; QLoRA (NF4 base, quantized on the CPU before it moves, so
+    loading fits too) does. Planner-level: no GPU was lent to measure the run itself (docs/advise.md)."""
+    from transformers import LlamaConfig
+
+    from posttrain.plan.advise import advise
+    from posttrain.stages import load_config
+
+    model = tmp_path / "llama-2-7b"
+    LlamaConfig(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, intermediate_size=11008).save_pretrained(model)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f" a{i}"}) + "\n" for i in range(2000)))
+    cfg = load_config("sft", None, [f"model={model}", f"data.train={train}", "data.max_length=512",
+                                    "train.batch_size=4"])
+    out = advise(cfg, budget=parse_budget("1xL4-24GB,8h"), out_dir=tmp_path / "adv",
+                 analysis={**_data(n=2000), "loss_fraction": 0.3, "baselines": None})
+    c = {x["method"]: x for x in out["candidates"]}
+    assert out["recommendation"] == "qlora"
+    assert out["reasons"][-1] == "rule 6: LoRA does not fit the budget's memory, QLoRA (NF4 base) does"
+    assert not c["lora"]["fits"] and not c["full"]["fits"] and c["qlora"]["fits"]
+    assert c["qlora"]["peak_memory_bytes"] <= 0.95 * 24 * 10**9 < c["lora"]["peak_memory_bytes"]
+    assert c["lora"]["change"] is None and c["qlora"]["change"] is None  # not even checkpointing rescues LoRA
+    assert round(c["qlora"]["peak_memory_bytes"] / 2**30, 2) == 17.35 and round(c["lora"]["peak_memory_bytes"] / 2**30, 2) == 50.42
