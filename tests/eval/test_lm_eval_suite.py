@@ -47,6 +47,7 @@ def task_dir(tmp_path_factory):
         doc_to_target: "{{text}}"
         metric_list: [{metric: word_perplexity}, {metric: bits_per_byte}]
         """))
+    (d / "pt_group.yaml").write_text("group: pt_group\ntask: [pt_mc, pt_ppl]\n")
     return d
 
 
@@ -85,6 +86,11 @@ def test_unknown_task_is_a_clear_error(tiny, task_dir, offline):
     typo = Suite("typo", [LmEvalTask("pt_mcc", "lm_eval", [], lm_eval_task="pt_mcc", include_path=str(task_dir))])
     with pytest.raises(TaskError, match=f"lm-eval has no task 'pt_mcc' in {task_dir} \\(did you mean 'pt_mc'\\?\\)"):
         run_suite(model, tok, typo)
+    group = Suite("group", [LmEvalTask("pt_group", "lm_eval", [], lm_eval_task="pt_group", limit=1,
+                                       include_path=str(task_dir))])
+    with pytest.raises(TaskError, match="lm-eval's 'pt_group' is a group or tag of tasks; list the tasks themselves: "
+                                        "lm_eval:pt_mc,pt_ppl"):
+        run_suite(model, tok, group)
 
 
 def test_equals_lm_evals_own_simple_evaluate(tiny, task_dir, offline):
