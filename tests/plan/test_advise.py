@@ -77,7 +77,8 @@ def test_advise_on_gym_data_writes_a_runnable_recipe(tmp_path):
     assert out["data"]["baselines"]["n"] == 50 and out["data"]["baselines"]["k_shot"] < 0.2
     recipe = load_recipe(out["recipe"])
     assert [s.stage for s in recipe.stages] == ["sft"]
-    assert recipe.stages[0].cfg.adapter.type == "lora" and recipe.stages[0].cfg.train.lr == 2e-4
+    # LoRA's 2e-4 (QLoRA paper, 7B) times LR(N)/LR(7B) of Kaplan et al. 2020 for 1.7M parameters (x12.6)
+    assert recipe.stages[0].cfg.adapter.type == "lora" and recipe.stages[0].cfg.train.lr == 2.5e-3
     assert json.loads((tmp_path / "adv" / "advice.json").read_text())["recommendation"] == "lora"
 
 
@@ -115,6 +116,25 @@ def test_every_recipe_the_adviser_writes_is_a_valid_pipeline(tmp_path, method, s
     if adapter is not None:
         last = recipe.stages[-1].cfg
         assert last.adapter.type == adapter and last.train.lr == LEARNING_RATES[method][1]
+    if method == "cpt+sft":  # continued pretraining trains every weight
+        assert recipe.stages[0].cfg.adapter.type == "none" and recipe.stages[0].cfg.train.lr == LEARNING_RATES["full"][1]
+
+
+def test_learning_rates_scale_with_model_size(tmp_path):
+    """Kaplan et al. 2020, eq. D.1: the table (7B) stands at 7B; the bundled 1.7M-parameter model gets x12.6."""
+    from transformers import LlamaConfig
+
+    from posttrain import gym
+    from posttrain.plan.advise import LEARNING_RATES, kaplan_lr, learning_rates
+    from posttrain.plan.shapes import read_shape
+
+    LlamaConfig(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, intermediate_size=11008).save_pretrained(tmp_path)
+    assert learning_rates(read_shape(tmp_path)) == LEARNING_RATES
+    small = learning_rates(read_shape(gym.base_model_path()))
+    assert kaplan_lr(1_723_328) / kaplan_lr(6e9) == pytest.approx(12.59, abs=0.01)
+    assert small["lora"] == (1.3e-3, 2.5e-3) and small["full"] == (1.3e-4, 2.5e-4)
+    assert small["prompt_tuning"] == LEARNING_RATES["prompt_tuning"]  # Lester et al. use 0.3 at every size
 
 
 def test_a_time_budget_rules_out_training(tmp_path):

@@ -18,6 +18,7 @@ model: `--no-pilots` from the planner and the data alone stays light.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Optional
@@ -44,6 +45,26 @@ PROMPT_TUNING_SCALE = 1e9  # parameters: prompt tuning lags full fine-tuning bel
 # (low, high) peak learning rates as the cited papers used them; docs/advise.md gives the sources
 LEARNING_RATES = {"full": (1e-5, 2e-5), "lora": (1e-4, 2e-4), "qlora": (1e-4, 2e-4), "prompt_tuning": (3e-2, 3e-1),
                   "prefix_tuning": (5e-5, 1e-4), "cpt+sft": (1e-5, 2e-4)}
+LR_REFERENCE_PARAMS = 6e9  # non-embedding parameters at and above which the table stands (Llama-2-7B: 6.5e9)
+UNSCALED = ("prompt_tuning",)  # Lester et al. 2021 use 0.3 at every model size
+
+
+def kaplan_lr(non_embedding_params: float) -> float:
+    """The learning rate that trained best at each size in Kaplan et al. 2020 (eq. D.1):
+    LR(N) = 0.003239 - 0.0001395 log N, N the non-embedding parameters."""
+    return 0.003239 - 0.0001395 * math.log(non_embedding_params)
+
+
+def learning_rates(shape) -> dict[str, tuple[float, float]]:
+    """The table's ranges scaled by LR(N) / LR(7B) (Kaplan et al. 2020): a smaller model takes larger
+    steps (the bundled model, 1.7M non-embedding parameters: x12.6); at 7B and above the table stands."""
+    n = shape.linear_params + shape.norm_params
+    ref = kaplan_lr(LR_REFERENCE_PARAMS)
+    scale = max(1.0, kaplan_lr(n) / ref) if n < LR_REFERENCE_PARAMS else 1.0
+    two = lambda x: float(f"{x:.2g}")  # noqa: E731  (a recipe's learning rate, to two digits)
+    return {m: (lo, hi) if m in UNSCALED else (two(lo * scale), two(hi * scale)) for m, (lo, hi) in LEARNING_RATES.items()}
+
+
 FORGETTING = {"prompting": "none", "prompt_tuning": "low", "prefix_tuning": "low", "lora": "low",
               "qlora": "low", "full": "high", "cpt+sft": "high"}
 SERVING = {"prompting": "the base model as is, with the prompt",
@@ -239,10 +260,10 @@ def prompting_baselines(model, tokenizer, train_records, held_records, *, max_le
 # ---------------------------------------------------------------- candidates and the decision
 
 
-def _candidate(cfg, method: str, budget: Budget, rows: int, loss_fraction: float) -> dict:
+def _candidate(cfg, method: str, budget: Budget, rows: int, loss_fraction: float, lrs: dict) -> dict:
     kind = ADAPTER_OF[method]
     out = {"method": method, "expected_score": None, "forgetting_risk": FORGETTING[method],
-           "serving": SERVING[method], "learning_rate": LEARNING_RATES.get(method)}
+           "serving": SERVING[method], "learning_rate": lrs.get(method)}
     if kind is None:  # prompting: inference only; its score is measured, not predicted
         from posttrain.plan.shapes import read_shape
 
@@ -335,7 +356,7 @@ def full_steps(candidate: dict, budget: Budget) -> int:
 
 
 def run_pilots(cfg, candidates: dict[str, dict], data: dict, budget: Budget, *, minutes: float, out_dir: Path,
-               domain_text: Optional[str] = None) -> dict[str, dict]:
+               lrs: dict, domain_text: Optional[str] = None) -> dict[str, dict]:
     """A pilot of each method `pilot_plan` names, `minutes` of predicted compute each (docs/advise.md)."""
     from posttrain.data.sources import read_records
     from posttrain.eval.drift import build_drift_reference
@@ -359,11 +380,11 @@ def run_pilots(cfg, candidates: dict[str, dict], data: dict, budget: Budget, *, 
         c = candidates[method]
         total = full_steps(c, budget)
         steps = pilot_steps(minutes, c["step_time_s"], total)
-        lr = LEARNING_RATES[method][1] if method != "cpt+sft" else LEARNING_RATES["lora"][1]
+        lr = lrs[method][1] if method != "cpt+sft" else lrs["lora"][1]
         kw = {}
         if method == "cpt+sft":  # half the compute continues pretraining, half fine-tunes; so does the full run
             steps = max(1, steps // 2)
-            kw = {"domain_text": domain_text, "cpt_steps": steps, "cpt_lr": LEARNING_RATES["lora"][1]}
+            kw = {"domain_text": domain_text, "cpt_steps": steps, "cpt_lr": lrs["full"][1]}
         out[method] = run_pilot(cfg, method, steps=steps, full_steps=total, lr=lr, scorer=scorer,
                                 out_dir=out_dir / "pilots" / method, references=references, **kw)
     return out
@@ -390,13 +411,19 @@ def decide_with_pilots(rule_pick: str, candidates: dict[str, dict]) -> tuple[str
                        f"{say(best)}): the rule of thumb's pick stands"]
 
 
-def write_recipe(path: Path, cfg, method: str, out_dir: Path, domain_text: Optional[str]) -> Path:
-    """A `posttrain pipeline` recipe that runs the recommendation."""
+def write_recipe(path: Path, cfg, method: str, out_dir: Path, domain_text: Optional[str],
+                 lrs: Optional[dict] = None) -> Path:
+    """A `posttrain pipeline` recipe that runs the recommendation. cpt+sft continues pretraining with
+    every weight trained (as Gururangan et al. 2020 do) for as many steps as the SFT stage, then
+    fine-tunes with LoRA; `lrs` are the model's ranges (`learning_rates`), the 7B table by default."""
+    lrs = lrs or LEARNING_RATES
     data = {k: v for k, v in {"train": cfg.data.train, "eval": cfg.data.eval,
                               "max_length": cfg.data.max_length}.items() if v is not None}
-    lr = LEARNING_RATES.get(method, (None, None))[1]
+    lr = lrs["lora" if method == "cpt+sft" else method][1] if method in lrs else None
     train = {"lr": lr, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
              "precision": cfg.train.precision, "gradient_checkpointing": cfg.train.gradient_checkpointing}
+    if cfg.train.max_steps:
+        train["max_steps"] = cfg.train.max_steps
     kind = ADAPTER_OF[method]
     if method == "prompting":
         stages = [{"name": "baseline", "stage": "eval", "model": cfg.model}]
@@ -408,7 +435,7 @@ def write_recipe(path: Path, cfg, method: str, out_dir: Path, domain_text: Optio
         if method == "cpt+sft":
             cpt = {"name": "cpt", "stage": "cpt", "model": cfg.model,
                    "data": {"train": domain_text, "max_length": cfg.data.max_length},
-                   "adapter": {"type": "lora"}, "train": {**train, "lr": LEARNING_RATES["lora"][1]}}
+                   "train": {**train, "lr": lrs["full"][1]}}
             stages = [cpt, sft]
         else:
             sft["model"] = cfg.model
@@ -439,7 +466,8 @@ def advise(cfg, *, budget: Budget, out_dir: Path, general: str = "gym:regression
                      for r in read_records(s, split="train")]
     held = read_records(cfg.data.eval, split="validation") if isinstance(cfg.data.eval, str) else None
     quality = check_data(train_records, held)
-    candidates = {m: _candidate(cfg, m, budget, data["examples"], data["loss_fraction"]) for m in METHODS}
+    lrs = learning_rates(shape)
+    candidates = {m: _candidate(cfg, m, budget, data["examples"], data["loss_fraction"], lrs) for m in METHODS}
     base = data.get("baselines") or {}
     if base.get("k_shot") is not None:
         candidates["prompting"]["expected_score"] = max(base["k_shot"], base["zero_shot"])
@@ -454,14 +482,14 @@ def advise(cfg, *, budget: Budget, out_dir: Path, general: str = "gym:regression
     out_dir.mkdir(parents=True, exist_ok=True)
     pilots = None
     if pilot_minutes is not None:
-        pilots = run_pilots(cfg, candidates, data, budget, minutes=pilot_minutes, out_dir=out_dir,
+        pilots = run_pilots(cfg, candidates, data, budget, minutes=pilot_minutes, out_dir=out_dir, lrs=lrs,
                             domain_text=domain_text)
         for m, p in pilots.items():
             candidates[m].update(expected_score=p["expected_score"], uncertainty=p["uncertainty"],
                                  forgetting_risk=p["forgetting_risk"], score_source="pilot", pilot=p)
         rec, more = decide_with_pilots(rec, candidates)
         reasons += more
-    recipe = write_recipe(out_dir / "advice.yaml", cfg, rec, out_dir, domain_text)
+    recipe = write_recipe(out_dir / "advice.yaml", cfg, rec, out_dir, domain_text, lrs)
     for c in candidates.values():
         c["device_hours"] = None if c["wall_time_s"] is None else c["wall_time_s"] / 3600 * budget.gpus
     note = ("expected_score: pilots extrapolated to the full run (docs/advise.md); prompting's is measured"

@@ -124,7 +124,6 @@ def run_pilot(cfg, method: str, *, steps: int, full_steps: int, lr: float, score
     cpt+sft), score the held-out rows PILOT_POINTS times, extrapolate to `full_steps`, measure forgetting."""
     from posttrain.eval.drift import drift
     from posttrain.eval.perplexity import perplexity_change
-    from posttrain.models import adapters
     from posttrain.stages import cpt, load_config, sft
 
     common = [f"data.max_length={cfg.data.max_length}", f"train.batch_size={cfg.train.batch_size}",
@@ -133,11 +132,10 @@ def run_pilot(cfg, method: str, *, steps: int, full_steps: int, lr: float, score
               f"train.gradient_checkpointing={str(cfg.train.gradient_checkpointing).lower()}"]
     start = str(cfg.model)
     if method == "cpt+sft":
-        c = load_config("cpt", None, [f"model={start}", f"data.train={domain_text}", "adapter.type=lora",
+        c = load_config("cpt", None, [f"model={start}", f"data.train={domain_text}", "adapter.type=none",
                                       f"train.lr={cpt_lr}", f"train.max_steps={cpt_steps}",
                                       f"output_dir={out_dir / 'cpt'}", *common])
-        run = cpt.run(c)
-        start = str(adapters.merge_to_dir(cfg.model, run.model_dir, out_dir / "cpt-merged"))
+        start = str(cpt.run(c).model_dir)
     points, correct = [], []
 
     def evaluate(model, step):
