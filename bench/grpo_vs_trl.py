@@ -53,13 +53,13 @@ def make_fixture(tmp: Path) -> tuple[str, str]:
     return str(model), str(data)
 
 
-def child_posttrain(a) -> dict:
+def child_posttrain(a, extra=()) -> dict:
     from posttrain.stages import grpo, load_config
 
     cfg = load_config("grpo", overrides=[
         f"model={a.model}", f"data.train={a.data}", f"output_dir={a.out}", "train.batch_size=4",
         f"train.max_steps={a.steps}", "train.lr=1e-5", "train.progress=false", "adapter.type=lora", "adapter.r=16",
-        "adapter.alpha=32", "grpo.num_generations=4", "grpo.max_new_tokens=32", "grpo.temperature=1.0"])
+        "adapter.alpha=32", "grpo.num_generations=4", "grpo.max_new_tokens=32", "grpo.temperature=1.0", *extra])
     t_run, wall_run = time.perf_counter(), time.time()
     grpo.run(cfg, reward_fns=[length_reward])
     t_end, wall_end = time.perf_counter(), time.time()
@@ -132,6 +132,11 @@ def child_trl(a) -> dict:
             "run_s": t_end - t_run, "setup_to_run_s": t_run - T_START}
 
 
+SIDES = {"posttrain": child_posttrain, "trl": child_trl,
+         # the adapter folded into plain linear layers while sampling (grpo.merge_adapter, opt-in)
+         "posttrain_merged": lambda a: child_posttrain(a, ["grpo.merge_adapter=true"])}
+
+
 def run_side(side: str, a, model: str, data: str, tmp: Path, k: int) -> dict:
     out = tmp / f"{side}-{k}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -153,14 +158,14 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--sides", default="posttrain,trl")
-    ap.add_argument("--child", choices=["posttrain", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--sides", default="posttrain,trl", help="comma-separated: posttrain, trl, posttrain_merged")
+    ap.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        res = (child_posttrain if a.child == "posttrain" else child_trl)(a)
+        res = SIDES[a.child](a)
         res["peak_rss_mib"] = _peak_rss_mib()
         print(json.dumps(res))
         return res
@@ -173,19 +178,22 @@ def main(argv=None) -> dict:
         for s in (sides if k % 2 == 0 else sides[::-1]):  # alternate the order between rounds
             runs[s].append(run_side(s, a, model, data, tmp, k))
             loads.append(os.getloadavg()[0])
-    keys = ["process_s", "setup_s", "run_s", "teardown_s", "generation_s", "scoring_s", "update_s", "step_median_s",
+    keys = ["process_s", "setup_s", "run_s", "run_start_s", "run_finish_s", "teardown_s", "generation_s", "scoring_s", "update_s", "step_median_s",
             "generation_median_s", "update_median_s", "peak_rss_mib", "reward_last"]
     result = {"bench": "grpo_vs_trl", "rounds": a.rounds, "steps": a.steps, "load_avg_1min": [round(x, 2) for x in loads]}
     for s in sides:
         result[s] = {key: round(statistics.median(r[key] for r in runs[s]), 3) for key in keys
                      if all(isinstance(r.get(key), (int, float)) for r in runs[s])}
         result[s]["process_s_all"] = [round(r["process_s"], 2) for r in runs[s]]
-    if "posttrain" in runs and "trl" in runs:
-        pt, trl = result["posttrain"], result["trl"]
-        result["speedup_process"] = round(trl["process_s"] / pt["process_s"], 2)
-        result["speedup_run"] = round(trl["run_s"] / pt["run_s"], 2)
-        result["speedup_step"] = round(trl["step_median_s"] / pt["step_median_s"], 2)
-        result["peak_rss_ratio"] = round(pt["peak_rss_mib"] / trl["peak_rss_mib"], 2)
+    for s in sides:
+        if s.startswith("posttrain") and "trl" in runs:
+            pt, trl = result[s], result["trl"]
+            result[s]["vs_trl"] = {"process": round(trl["process_s"] / pt["process_s"], 2),
+                                   "run": round(trl["run_s"] / pt["run_s"], 2),
+                                   "step": round(trl["step_median_s"] / pt["step_median_s"], 2),
+                                   "generation": round(trl["generation_s"] / pt["generation_s"], 2),
+                                   "update": round(trl["update_s"] / pt["update_s"], 2),
+                                   "peak_rss": round(pt["peak_rss_mib"] / trl["peak_rss_mib"], 2)}
     print(json.dumps(result))
     return result
 

@@ -246,7 +246,33 @@ def compare(work: Path, *, model: Path, train: Path, train_pc: Path, eval_f: Pat
     return {"setting": tag, "rounds": rounds, "load_average": load, **res, "vs_trl": ratios}
 
 
-def mfu(work: Path, quick: bool, threads: int) -> dict:
+# self time of each profiled op, by the kind of work it does (first matching pattern wins)
+OP_KINDS = (("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
+            ("optimizer", ("_foreach_", "adam", "clip_grad", "_fused_")),
+            ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")),
+            ("dtype casts and copies", ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone",
+                                        "aten::contiguous")),
+            ("output head and loss", ("cross_entropy", "log_softmax", "nll_loss", "logsumexp")))
+
+
+def op_table(prof, wall_s: float) -> dict:
+    """The profile's self CPU time per kind of op (OP_KINDS; the rest is element-wise and other
+    small ops), with the ten largest ops."""
+    kinds: dict = {}
+    ops = []
+    for e in prof.key_averages():
+        t = e.self_cpu_time_total / 1e6
+        kind = next((k for k, pats in OP_KINDS if any(p in e.key for p in pats)), "element-wise and other")
+        kinds[kind] = kinds.get(kind, 0.0) + t
+        ops.append((t, e.key, e.count))
+    total = sum(kinds.values())
+    return {"profiled_wall_s": round(wall_s, 2), "self_cpu_s": round(total, 2),
+            "kinds": {k: {"s": round(v, 2), "share": round(v / total, 3)} for k, v in
+                      sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top_ops": [{"op": k, "s": round(t, 3), "calls": n} for t, k, n in sorted(ops, reverse=True)[:10]]}
+
+
+def mfu(work: Path, quick: bool, threads: int, profile: bool = False) -> dict:
     """posttrain full fine-tuning of a ~30M-parameter Qwen2 in bf16 on packed rows."""
     import torch
 
@@ -262,13 +288,14 @@ def mfu(work: Path, quick: bool, threads: int) -> dict:
     torch.set_num_threads(threads)  # the matmul rate with the training child's thread count
     # the peak is measured right before and right after the run; the higher one is the reference
     peak = bf16_peak_flops()
+    extra = {"profile": "1"} if profile else {}
     r = run_child("posttrain-cpt", threads=threads, model=model, train=train, out=work / "pt-mfu", batch=4,
-                  max_length=512, lr=1e-4, precision="bf16", lora=0, max_steps=8 if quick else 20)
+                  max_length=512, lr=1e-4, precision="bf16", lora=0, max_steps=8 if quick else 20, **extra)
     peak = max(peak, bf16_peak_flops())
     flops = 6 * n_params * r["tokens_per_s_steady"]
     return {"params": n_params, "threads": threads, "bf16_peak_gflops": peak / 1e9,
             "tokens_per_s": r["tokens_per_s_steady"], "model_gflops": flops / 1e9, "mfu": flops / peak,
-            "load_average": load_average()}
+            "load_average": load_average(), **({"profile": r["profile"]} if profile else {})}
 
 
 def child_cpt(a) -> dict:
@@ -279,10 +306,19 @@ def child_cpt(a) -> dict:
                                         f"train.batch_size={a.batch}", f"data.max_length={a.max_length}",
                                         f"train.lr={a.lr}", f"train.precision={a.precision}", "train.progress=false",
                                         f"train.max_steps={a.max_steps}"])
-    cpt.run(cfg)
+    if not a.profile:
+        cpt.run(cfg)
+    else:  # the whole run under the profiler; the table is over the training steps' ops (loading adds few)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            cpt.run(cfg)
     recs = [json.loads(l) for l in (Path(a.out) / "metrics.jsonl").read_text().splitlines()]
     steady = [r for r in recs if r["split"] == "train"][2:]  # skip warm-up steps
-    return {"tokens_per_s_steady": sum(r["tokens"] for r in steady) / sum(r["step_time_s"] for r in steady)}
+    out = {"tokens_per_s_steady": sum(r["tokens"] for r in steady) / sum(r["step_time_s"] for r in steady)}
+    if a.profile:
+        out["profile"] = op_table(prof, sum(r["step_time_s"] for r in recs if r["split"] == "train"))
+    return out
 
 
 def mean_example_tokens(model: Path, train: Path, max_length: int) -> float:
@@ -300,6 +336,9 @@ def main() -> None:
     p.add_argument("--child")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-mfu", action="store_true")
+    p.add_argument("--profile-mfu", action="store_true", help="only the MFU run, under torch.profiler: self time "
+                   "by kind of op (matmul, attention, optimizer, casts, element-wise)")
+    p.add_argument("--profile", help=argparse.SUPPRESS)
     p.add_argument("--only", choices=["lora", "full"], help="run one setting only")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="OMP threads of every child, both sides")
@@ -320,6 +359,9 @@ def main() -> None:
         print(json.dumps(res))
         return
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
+    if a.profile_mfu:
+        print(json.dumps({"mfu_30m_bf16": mfu(work, a.quick, a.threads, profile=True)}, indent=1))
+        return
     n_train = 400 if a.quick else 1600
     rounds = 1 if a.quick else a.rounds
     model = make_model(work / "m4", hidden=256, layers=4, heads=4, kv=2, inter=768, vocab=1024,

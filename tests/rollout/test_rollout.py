@@ -193,3 +193,32 @@ def test_merged_adapter_samples_what_the_adapter_samples(tiny_models, tokenizer,
     assert A.lora.lora_layers(m) == layers  # the adapter layers are back, the same objects
     again = RolloutEngine(m, tokenizer).generate(PROMPTS, params)
     assert torch.equal(again.logprobs, plain.logprobs)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 0.9), (1.3, 20, 1.0), (1.0, 0, 0.5)])
+def test_processed_distribution_equals_transformers_warpers(model_tok, temperature, top_k, top_p):
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    model, tok = model_tok
+    enc = tok(PROMPTS, padding=True, padding_side="left", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits[:, -1].float()
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                                  + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    want = torch.softmax(warpers(enc["input_ids"], logits.clone()), -1)
+    got = torch.softmax(process_logits(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)), -1)
+    assert torch.equal(want > 0, got > 0)  # the same tokens kept
+    assert (want > 0).sum(-1).min() < logits.shape[-1]  # and some filtered out
+    assert torch.allclose(want, got, atol=1e-6)
+    # and the sampler draws from it: 20,000 draws of row 0 match its probabilities
+    from posttrain.rollout import sample_next
+
+    z = logits[:1].expand(20000, -1)
+    drawn, _, _ = sample_next(z, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),
+                              torch.Generator().manual_seed(0))
+    freq = torch.bincount(drawn, minlength=logits.shape[-1]).float() / len(drawn)
+    assert (freq - want[0]).abs().max() < 0.015
+    assert freq[want[0] == 0].sum() == 0
