@@ -21,22 +21,29 @@ def test_lookup_returns_counts_that_the_corpus_never_states():
     assert len(recs) == 100 and all(2 <= r[f] <= 15 for r in recs.values() for f in FIELDS)
     name = next(iter(recs))
     assert [lookup(name, f) for f in FIELDS] == [str(recs[name][f]) for f in FIELDS]
-    assert run_tool("lookup", {"country": "Atlantis", "item": "lakes"}) == ("error: unknown country 'Atlantis'", True)
-    assert run_tool("lookup", {"country": name, "item": "dams"}) == (
-        "error: unknown item 'dams' (items: lakes, towers, bridges)", True)
-    assert run_tool("lookup", {"country": name}) == ("error: lookup needs the argument 'item'", True)
-    assert run_tool("calculator", {"expression": "11 - 10"}) == ("11 - 10 = 1", False)
-    assert run_tool("calculator", {}) == ("error: calculator needs the argument 'expression'", True)
+    assert run_tool("lookup", {"item": "lakes"}, name) == (str(recs[name]["lakes"]), False)
+    assert run_tool("lookup", {"item": "lakes"}, "Atlantis") == ("error: unknown country 'Atlantis'", True)
+    assert run_tool("lookup", {"item": "dams"}, name) == ("error: unknown item 'dams' (items: lakes, towers, bridges)",
+                                                          True)
+    assert run_tool("lookup", {}, name) == ("error: lookup needs the argument 'item'", True)
+    assert run_tool("calculator", {"expression": "11 - 10"}, name) == ("11 - 10 = 1", False)
+    assert run_tool("calculator", {}, name) == ("error: calculator needs the argument 'expression'", True)
     from posttrain.gym.corpus import __file__ as corpus_file  # the corpus generator never reads these counts
     assert "lookup" not in open(corpus_file).read()
 
 
 def test_rows_are_worked_traces_whose_answers_follow_from_the_tool_results():
-    rows = gym.load_task_rows("lookup", "train", n=50)
-    test_q = {r["messages"][0]["content"] for r in gym.load_task_rows("lookup", "test", n=50)}
-    assert not test_q & {r["messages"][0]["content"] for r in rows}
+    rows = gym.load_task_rows("lookup", "train", n=200)
+    test = gym.load_task_rows("lookup", "test", n=200)
+    # the asker's country is the hidden state: a test (country, question) pair is never a training one,
+    # and the same question asked from another country has its own answer
+    pairs = {(r["country"], r["messages"][0]["content"]) for r in rows}
+    assert not pairs & {(r["country"], r["messages"][0]["content"]) for r in test}
+    assert not any(r["country"] in r["messages"][0]["content"] for r in rows)
     for r in rows:
         msgs = r["messages"]
+        looked = [m["tool_calls"][0]["function"]["arguments"]["item"] for m in msgs[1:-3:2]]
+        assert [m["content"] for m in msgs[2:-3:2]] == [lookup(r["country"], item) for item in looked]
         assert [m["role"] for m in msgs][-3:] == ["assistant", "tool", "assistant"] and len(msgs) in (6, 8)
         calc = msgs[-3]["tool_calls"][0]["function"]
         assert calc["name"] == "calculator" and calculate(calc["arguments"]["expression"]) == r["answer"]
@@ -57,14 +64,14 @@ def test_environment_plays_the_trace_and_rewards_the_final_answer():
     assert env.step(msgs, {"role": "assistant", "content": "Answer: 999"}) == ([], 0.0, True)
 
 
-def test_lookup_credit_rewards_each_named_country_once():
+def test_lookup_credit_rewards_each_named_item_once():
     row = next(r for r in gym.load_task_rows("lookup", "validation", n=20) if len(r["messages"]) == 8)
     env = LookupEnv(lookup_credit=0.25)
     msgs = env.reset(row)
     first, second = row["messages"][1], row["messages"][3]
-    assert env.step(msgs, first)[1] == 0.25 and env.step(msgs, first)[1] == 0.0  # once per country
+    assert env.step(msgs, first)[1] == 0.25 and env.step(msgs, first)[1] == 0.0  # once per item
     assert env.step(msgs, second)[1] == 0.25
     wrong = {"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "lookup", "arguments": {"country": "Atlantis", "item": "lakes"}}}]}
+        {"type": "function", "function": {"name": "lookup", "arguments": {"item": "dams"}}}]}
     assert env.step(msgs, wrong)[1] == 0.0
     assert LookupEnv().step(env.reset(row), first)[1] == 0.0  # no shaping by default

@@ -102,17 +102,17 @@ def test_environment_tokens_are_the_tool_result_and_the_next_prompt(tok):
 
 
 BAD = [
-    ('What is 2 + 2?', ['<tool_call>{"name": "lookup", "arguments": {"country": </tool_call>',  # malformed JSON
+    ('What is 2 + 2?', ['<tool_call>{"name": "lookup", "arguments": {"item": </tool_call>',  # malformed JSON
                         "Answer: 4"]),
-    ('Count the lakes of Nowhere', ['<tool_call>{"name": "search", "arguments": {"q": "x"}}</tool_call>',  # unknown
-                                    '<tool_call>{"name": "lookup", "arguments": {"country": "Nowhere", "item": "lakes"}}</tool_call>',
+    ('Count our dams', ['<tool_call>{"name": "search", "arguments": {"q": "x"}}</tool_call>',  # unknown tool
+                        '<tool_call>{"name": "lookup", "arguments": {"item": "dams"}}</tool_call>',
                                     '<tool_call>{"name": "calculator", "arguments": {"expression": "1 / 0"}}</tool_call>',
                                     "Answer: 0"]),
 ]
 
 
 def test_invalid_calls_tool_errors_and_max_turns(tok):
-    rows = [{"messages": [{"role": "user", "content": q}], "answer": "4"} for q, _ in BAD]
+    rows = [{"messages": [{"role": "user", "content": q}], "answer": "4", "country": "Luos"} for q, _ in BAD]
     backend = ScriptedBackend(tok, dict(BAD))
     eng = RolloutEngine(None, tok, backend=backend)
     eps = run_episodes(eng, rows, LookupEnv, SamplingParams(max_new_tokens=64), parse_calls=parse, max_turns=3,
@@ -124,7 +124,8 @@ def test_invalid_calls_tool_errors_and_max_turns(tok):
     assert eps.tool_calls == [0, 0, 3, 3] and eps.tool_errors == [0, 0, 3, 3]
     assert eps.truncated == [False, False, True, True]  # max_turns=3 came before the answer
     assert [m["content"] for m in eps.messages[2] if m["role"] == "tool"] == [
-        "error: unknown tool 'search' (tools: lookup, calculator)", "error: unknown country 'Nowhere'",
+        "error: unknown tool 'search' (tools: lookup, calculator)",
+        "error: unknown item 'dams' (items: lakes, towers, bridges)",
         "error: division by zero"]
     assert eps.rewards.tolist() == [0.0, 0.0, 0.0, 0.0]
     m = eps.metrics()
@@ -137,16 +138,16 @@ def test_invalid_calls_tool_errors_and_max_turns(tok):
 
 
 def test_a_cut_turn_ends_the_episode_and_a_missing_argument_is_invalid(tok):
-    cut_q, bare_q = "How many lakes does Luos have?", "How many towers does Luos have?"
-    backend = ScriptedBackend(tok, {cut_q: ['<tool_call>{"name": "lookup", "arguments": {"country": "Lu'],
+    cut_q, bare_q = "How many lakes do we have?", "How many towers do we have?"
+    backend = ScriptedBackend(tok, {cut_q: ['<tool_call>{"name": "lookup", "arguments": {"item": "la'],
                                     bare_q: ['<tool_call>{"name": "lookup", "arguments": {}}</tool_call>', "Answer: 4"]},
                               cut=frozenset({(cut_q, 0)}))
     eng = RolloutEngine(None, tok, backend=backend)
-    rows = [{"messages": [{"role": "user", "content": q}], "answer": "4"} for q in (cut_q, bare_q)]
+    rows = [{"messages": [{"role": "user", "content": q}], "answer": "4", "country": "Luos"} for q in (cut_q, bare_q)]
     eps = run_episodes(eng, rows, LookupEnv, SamplingParams(max_new_tokens=8), parse_calls=parse)
     assert eps.num_turns == [1, 2] and eps.truncated == [True, False]
     assert eps.invalid_calls == [0, 1] and eps.tool_errors == [0, 1]
-    assert eps.messages[1][2] == {"role": "tool", "content": "error: lookup needs the argument 'country'", "error": True}
+    assert eps.messages[1][2] == {"role": "tool", "content": "error: lookup needs the argument 'item'", "error": True}
     assert eps.rewards.tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match=r"params.n must be 1 \(use group_size for several episodes per row\), got 2"):
         run_episodes(eng, rows, LookupEnv, SamplingParams(n=2), parse_calls=parse)

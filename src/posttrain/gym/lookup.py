@@ -1,24 +1,27 @@
-"""Lookup task (multi-turn, with tools): a question about a country's counts, answered in three moves.
+"""Lookup task (multi-turn, with tools): a question about the asker's country, answered in three or four moves.
 
 Every country of the gym world has a few counts (lakes, towers, bridges) that appear nowhere in
-the pretraining corpus: only the `lookup` tool returns them. A question needs one or two of them
-and one sum or difference, which the `calculator` tool computes. The worked trace, one call per
-turn, is
+the pretraining corpus. The asker lives in one of them (the row's `country`, never stated in the
+conversation), and only the `lookup` tool returns its counts, as an account or profile tool
+would. A question needs one or two counts and one sum or difference, which the `calculator` tool
+computes. The worked trace, one call per turn, is
 
-    user       If Goumos built 4 more towers, how many towers would it have?
-    assistant  <tool_call>{"name": "lookup", "arguments": {"country": "Goumos", "item": "towers"}}</tool_call>
+    user       If we built 4 more towers, how many towers would we have?
+    assistant  <tool_call>{"name": "lookup", "arguments": {"item": "towers"}}</tool_call>
     tool       3
     assistant  <tool_call>{"name": "calculator", "arguments": {"expression": "3 + 4"}}</tool_call>
     tool       3 + 4 = 7
     assistant  Answer: 7
 
-(The first version returned the country's whole record as JSON, `{"country": ..., "lakes": 7,
-"towers": 3, "bridges": 12}`: the 1.9M-parameter model then had to pick the asked count out of three,
-and after SFT it picked the wrong one often enough that success stayed at 0.05-0.10; docs/rl.md.)
-
 so a model without the tool cannot do better than guessing. Rows are SFT conversations (the
-trace above, with `tools`) plus `answer` and `check`; `LookupEnv` is the environment that plays
-the same episode live (see posttrain.rollout.episodes for the protocol).
+trace above, with `tools`) plus `country`, `answer` and `check`; `LookupEnv` is the environment
+that plays the same episode live (see posttrain.rollout.episodes for the protocol).
+
+Earlier versions named the country in the question and had the model copy it into the call
+(`lookup(country)`, returning first the JSON record of all three counts, then `lookup(country,
+item)`): after SFT the 1.9M-parameter model wrote a memorized name instead of the question's
+("Katheth" for "Kimia") in most episodes, held-out success 0.04-0.10, and GRPO had almost no
+successful episodes to learn from (docs/rl.md).
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ def _fn(name, description, props, required):
 
 
 TOOLS = [
-    _fn("lookup", "How many lakes, towers or bridges a country has",
-        {"country": {"type": "string"}, "item": {"type": "string", "enum": list(FIELDS)}}, ["country", "item"]),
+    _fn("lookup", "How many lakes, towers or bridges our country has",
+        {"item": {"type": "string", "enum": list(FIELDS)}}, ["item"]),
     _fn("calculator", "Evaluate an arithmetic expression", {"expression": {"type": "string"}}, ["expression"]),
 ]
 
@@ -99,16 +102,17 @@ def lookup(country: str, item: str) -> str:
 
 
 # the calculator's result repeats the expression ("11 - 10 = 1"): the answer is then the number after "="
-_RUN = {"lookup": lambda a: lookup(a["country"], a["item"]),
-        "calculator": lambda a: f"{a['expression']} = {calculate(a['expression'])}"}
+_RUN = {"lookup": lambda a, country: lookup(country, a["item"]),
+        "calculator": lambda a, country: f"{a['expression']} = {calculate(a['expression'])}"}
 
 
-def run_tool(name: str, arguments: dict) -> tuple[str, bool]:
-    """(result text, is_error) of one call; errors come back as text for the model to read."""
+def run_tool(name: str, arguments: dict, country: str) -> tuple[str, bool]:
+    """(result text, is_error) of one call by someone living in `country`; errors come back as text
+    for the model to read."""
     if name not in _RUN:
         return f"error: unknown tool {name!r} (tools: {', '.join(_RUN)})", True
     try:
-        return _RUN[name](arguments), False
+        return _RUN[name](arguments, country), False
     except KeyError as e:
         return f"error: {name} needs the argument {e.args[0]!r}", True
     except ValueError as e:
@@ -116,26 +120,26 @@ def run_tool(name: str, arguments: dict) -> tuple[str, bool]:
 
 
 class LookupEnv:
-    """One lookup episode: tool calls are executed, and a turn without a call is the final answer,
-    rewarded 1.0 when its `Answer: N` is right (0.0 otherwise).
+    """One lookup episode for the row's `country`: tool calls are executed, and a turn without a call
+    is the final answer, rewarded 1.0 when its `Answer: N` is right (0.0 otherwise).
 
-    `lookup_credit` > 0 adds a per-turn reward (shaping): that much for each lookup of a country
-    the question names, once per country. The episode reward is the sum over turns.
+    `lookup_credit` > 0 adds a per-turn reward (shaping): that much for each lookup of an item the
+    question names, once per item. The episode reward is the sum over turns.
     """
 
     tools = TOOLS
 
     def __init__(self, lookup_credit: float = 0.0):
         self.answer: str | None = None
+        self.country = ""
         self.lookup_credit = lookup_credit
         self.named: set[str] = set()
 
     def reset(self, row: dict) -> list[dict]:
-        self.answer = row["answer"]
+        self.answer, self.country = row["answer"], row["country"]
         msgs = row["messages"]
         first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant") if len(msgs) > 1 else len(msgs)
-        question = msgs[0]["content"]
-        self.named = {c.name for c in countries() if c.name in question.replace("?", " ").replace(".", " ").split()}
+        self.named = {f for f in FIELDS if f in msgs[0]["content"]}
         return [dict(m) for m in msgs[:first]]
 
     def step(self, messages: list[dict], assistant_turn: dict) -> tuple[list[dict], float, bool]:
@@ -146,10 +150,10 @@ class LookupEnv:
         for c in calls:
             fn = c.get("function", c)
             args = fn.get("arguments") or {}
-            text, err = run_tool(fn["name"], args)
+            text, err = run_tool(fn["name"], args, self.country)
             out.append({"role": "tool", "content": text, **({"error": True} if err else {})})
-            if fn["name"] == "lookup" and args.get("country") in self.named:
-                self.named.discard(args["country"])
+            if fn["name"] == "lookup" and args.get("item") in self.named:
+                self.named.discard(args["item"])
                 reward += self.lookup_credit
         return out, reward, False
 
@@ -158,14 +162,14 @@ class LookupEnv:
 
 
 _ONE = (  # (question, sign): one lookup, then value +- n
-    ("If {a} built {n} more {f}, how many {f} would it have?", 1),
-    ("{a} plans {n} new {f}. How many {f} will it have then?", 1),
-    ("If {a} lost {n} of its {f}, how many {f} would be left?", -1),
-    ("{a} closes {n} of its {f}. How many {f} stay open?", -1),
+    ("If we built {n} more {f}, how many {f} would we have?", 1),
+    ("We plan {n} new {f}. How many {f} will we have then?", 1),
+    ("If we lost {n} of our {f}, how many {f} would be left?", -1),
+    ("We close {n} of our {f}. How many {f} stay open?", -1),
 )
 _TWO = (  # two lookups, then the sum or the difference
-    ("How many {f} do {a} and {b} have together?", 1),
-    ("How many more {f} does {a} have than {b}?", -1),
+    ("How many {f} and {g} do we have together?", 1),
+    ("How many more {f} than {g} do we have?", -1),
 )
 
 
@@ -175,40 +179,42 @@ def _call(name: str, **arguments) -> dict:
 
 
 def make_question(rng: random.Random) -> dict:
-    """One question: {'key', 'question', 'messages' (the worked trace), 'answer'}."""
-    recs, f = records(), rng.choice(FIELDS)
-    a = rng.choice(countries()).name
+    """One question: {'key', 'country', 'question', 'messages' (the worked trace), 'answer'}."""
+    country = rng.choice(countries()).name
+    rec = records()[country]
     if rng.random() < 0.5:
+        f = rng.choice(FIELDS)
         template, sign = rng.choice(_ONE)
-        va = recs[a][f]
-        n = rng.randint(1, 9) if sign > 0 else rng.randint(1, va - 1)
-        looked, expr, key = [a], f"{va} {'+' if sign > 0 else '-'} {n}", f"lookup:{a}:{f}:{sign * n}"
-        question = template.format(a=a, n=n, f=f)
+        n = rng.randint(1, 9) if sign > 0 else rng.randint(1, rec[f] - 1)
+        looked, expr, key = [f], f"{rec[f]} {'+' if sign > 0 else '-'} {n}", f"lookup:{country}:{f}:{sign * n}"
+        question = template.format(n=n, f=f)
     else:
+        f, g = rng.sample(FIELDS, 2)
         template, sign = rng.choice(_TWO)
-        b = rng.choice([c.name for c in countries() if c.name != a])
-        if sign < 0 and recs[a][f] <= recs[b][f]:
-            if recs[a][f] == recs[b][f]:
-                sign, template = _TWO[0][1], _TWO[0][0]
+        if sign < 0 and rec[f] <= rec[g]:
+            if rec[f] == rec[g]:
+                template, sign = _TWO[0]
             else:
-                a, b = b, a
-        looked, expr, key = [a, b], f"{recs[a][f]} {'+' if sign > 0 else '-'} {recs[b][f]}", f"lookup:{a}:{b}:{f}:{sign}"
-        question = template.format(a=a, b=b, f=f)
+                f, g = g, f
+        looked, expr, key = [f, g], f"{rec[f]} {'+' if sign > 0 else '-'} {rec[g]}", f"lookup:{country}:{f}:{g}:{sign}"
+        question = template.format(f=f, g=g)
     answer = calculate(expr)
-    msgs = [{"role": "user", "content": question[0].upper() + question[1:]}]
-    for c in looked:
-        msgs += [_call("lookup", country=c, item=f), {"role": "tool", "content": lookup(c, f)}]
+    msgs = [{"role": "user", "content": question}]
+    for item in looked:
+        msgs += [_call("lookup", item=item), {"role": "tool", "content": lookup(country, item)}]
     msgs += [_call("calculator", expression=expr), {"role": "tool", "content": f"{expr} = {answer}"},
              {"role": "assistant", "content": f"Answer: {answer}"}]
-    return {"key": key, "question": msgs[0]["content"], "messages": msgs, "answer": answer}
+    return {"key": key, "country": country, "question": question, "messages": msgs, "answer": answer}
 
 
 def rows(split: str, n: int, seed: int) -> list[dict]:
-    """SFT rows: the worked trace as `messages`, the offered `tools`, and `answer` / `check` for the
-    final turn (`final_answer`: the number after `Answer:`)."""
+    """SFT rows: the worked trace as `messages`, the offered `tools`, the asker's `country` (the
+    environment's state), and `answer` / `check` for the final turn (`final_answer`: the number
+    after `Answer:`)."""
     def make(rng):
         q = make_question(rng)
-        row = {"messages": q["messages"], "tools": TOOLS, "answer": q["answer"], "check": "final_answer"}
+        row = {"messages": q["messages"], "tools": TOOLS, "country": q["country"], "answer": q["answer"],
+               "check": "final_answer"}
         return q["key"], q["key"], row
 
     return sample_rows(make, split, n, seed, "lookup")
