@@ -40,7 +40,16 @@ def test_grpo_raises_held_out_reasoning_accuracy_within_ten_minutes(demo):
     assert rl["train_time_s"] <= MAX_TRAIN_S, rl
     lin = json.loads((out / "lineage.json").read_text())
     assert lin["stages"]["grpo"]["started_from"] == "reasoning"
-    assert lin["stages"]["reasoning"]["started_from"] == "model"  # `from: base`: the recipe's model
+    assert lin["stages"]["reasoning"]["started_from"] == "sft"
+
+
+def test_the_guarded_chain_keeps_the_base_skills(demo):
+    """Issue 17 item 6: regression within 2 points of the base in both rows, and the default forgetting
+    guard (on in every stage) stops neither."""
+    _, s = demo
+    for row in ("reasoning", "grpo"):
+        assert s[row]["regression_score"] >= s["base"]["regression_score"] - 0.02, (s["base"], s[row])
+        assert "stop_reason" not in s[row] and s[row]["drift_kl"] <= 0.5, s[row]
     # the training log shows the reward rising and zero-variance groups counted
     recs = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r.get("split") == "train"]

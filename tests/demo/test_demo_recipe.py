@@ -19,13 +19,22 @@ def test_print_recipe_is_the_shipped_recipe_and_it_validates(capsys, tmp_path):
     assert [(s.name, s.stage) for s in rec.stages][:8] == [("sft", "sft"), ("dpo", "dpo"), ("safety", "safety"),
                                                            ("tools", "sft"), ("rm", "reward"), ("ppo", "ppo"),
                                                            ("reasoning", "sft"), ("grpo", "grpo")]
-    assert rec.stages[6].source == "base" and rec.stages[7].cfg.grpo.rewards == ["gym:reasoning"]
+    # the guarded reasoning chain goes on from sft with a LoRA and the regression mix; the unguarded one
+    # (optional rows) is a full fine-tune of the base with the guard off
+    reasoning, grpo, unguarded, grpo_unguarded = rec.stages[6:10]
+    assert reasoning.source == "sft" and reasoning.cfg.adapter.type == "lora" and reasoning.cfg.data.mix.ratio == 0.2
+    assert grpo.source == "reasoning" and grpo.cfg.grpo.rewards == ["gym:reasoning"] and grpo.cfg.eval.guard == "on"
+    assert (unguarded.name, unguarded.source, unguarded.cfg.adapter.type, unguarded.cfg.eval.guard) == \
+        ("reasoning_unguarded", "base", "none", "off")
+    assert (grpo_unguarded.source, grpo_unguarded.cfg.eval.guard) == ("reasoning_unguarded", "off")
+    assert demo.FORGETTING_ROWS == ("base", "reasoning", "grpo", "reasoning_unguarded", "grpo_unguarded")
     assert order_warnings(rec) == []
     sft = rec.stages[0].cfg
     assert (sft.adapter.type, sft.adapter.r, sft.train.max_steps, sft.data.mix.ratio) == ("lora", 16, 150, 0.2)
     # the rows the demo offers come from the recipe (side stages such as the reward model are not rows)
     assert demo.DEFAULT_STAGES == ("base", "sft", "dpo", "safety", "tools", "ppo", "reasoning", "grpo")
-    assert demo.ALL_STAGES[:8] == demo.DEFAULT_STAGES and set(demo.ALL_STAGES[8:]) <= set(demo.OPTIONAL_ROWS)
+    assert demo.ALL_STAGES[:10] == (*demo.DEFAULT_STAGES, "reasoning_unguarded", "grpo_unguarded")
+    assert set(demo.ALL_STAGES[8:]) <= set(demo.OPTIONAL_ROWS)
     # every measurement the recipe names is registered (the gym's rates included)
     from posttrain.pipeline import MEASURES
 
@@ -76,3 +85,20 @@ def test_optional_rows_run_only_when_named(capsys, tmp_path):
         main(["demo", "--recipe", str(path), "--stages", "base,distil"])
     assert "unknown stage(s) ['distil']; available: base, sft, dpo, safety, tools, ppo, reasoning, grpo, distill" \
         in capsys.readouterr().err
+
+
+def test_table_names_forgetting_rows_and_stopped_runs():
+    summary = {"base": {"task_accuracy": 0.0, "regression_score": 0.835},
+               "sft": {"task_accuracy": 0.93, "regression_score": 0.91, "regression_delta": 0.075, "drift_kl": 0.41},
+               "reasoning_unguarded": {"task_accuracy": 0.0, "regression_score": 0.21, "regression_delta": -0.625,
+                                       "reasoning_accuracy": 0.315},
+               "safety": {"task_accuracy": 0.835, "regression_score": 0.835, "regression_delta": 0.0,
+                          "stop_reason": "forgetting guard: drift from the base 0.671 nats/token > limit 0.5; "
+                                         "weights rolled back to step 0 (eval.guard: off disables it)"}}
+    lines = demo.format_table(summary).splitlines()
+    assert lines[3].split() == ["sft", "0.930", "0.910", "+0.075"]
+    assert lines[4].split() == ["drift_kl", "0.410"]
+    assert lines[-2] == ("forgetting: regression fell more than 0.02 below the base in reasoning_unguarded (-0.625) "
+                         "(posttrain demo --forgetting shows the guard; docs/eval.md)")
+    assert lines[-1] == ("stopped: safety: forgetting guard: drift from the base 0.671 nats/token > limit 0.5; "
+                         "weights rolled back to step 0 (eval.guard: off disables it)")

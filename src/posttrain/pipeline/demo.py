@@ -43,8 +43,13 @@ def all_stages(path: Path = RECIPE) -> tuple[str, ...]:
 
 
 ALL_STAGES = all_stages()
-# rows the recipe may hold that run only when `--stages` names them (multi-turn tool RL, distillation)
-OPTIONAL_ROWS = ("lookup_sft", "lookup", "distill")
+# rows the recipe may hold that run only when `--stages` names them: the unguarded reasoning chain
+# (`--forgetting` runs it beside the guarded one), multi-turn tool RL, distillation
+OPTIONAL_ROWS = ("reasoning_unguarded", "grpo_unguarded", "lookup_sft", "lookup", "distill")
+
+
+# `--forgetting`'s second table: the guarded reasoning chain (default rows) beside the unguarded one
+FORGETTING_ROWS = ("base", "reasoning", "grpo", "reasoning_unguarded", "grpo_unguarded")
 
 
 def default_stages(path: Path = RECIPE) -> tuple[str, ...]:
@@ -91,13 +96,17 @@ REGRESSION_LIMIT = 0.02
 
 def format_table(summary: dict) -> str:
     """The closing table in at most 100 columns (`report.table`), each row's regression delta against
-    the base beside it, and a line naming every row that forgot more than `REGRESSION_LIMIT`."""
+    the base beside it, a line naming every row that forgot more than `REGRESSION_LIMIT`, and one
+    line per row the forgetting guard stopped (the reason as the run gave it)."""
     table = format_summary_table(summary)
     flagged = [f"{name} ({row['regression_delta']:+.3f})" for name, row in summary.items()
                if row.get("regression_delta", 0.0) < -REGRESSION_LIMIT]
     if flagged:
         table += (f"\nforgetting: regression fell more than {REGRESSION_LIMIT:.2f} below the base in "
                   + ", ".join(flagged) + " (posttrain demo --forgetting shows the guard; docs/eval.md)")
+    for name, row in summary.items():
+        if row.get("stop_reason"):
+            table += f"\nstopped: {name}: {row['stop_reason']}"
     return table
 
 
@@ -133,6 +142,12 @@ def run_demo(out: Path, *, stages=DEFAULT_STAGES, n_task: int = 200, n_reg: int 
             row["final_train_loss"] = round(loss, 4)
         if "regression_score" in row and "regression_score" in summary.get("base", {}):
             row["regression_delta"] = round(row["regression_score"] - summary["base"]["regression_score"], 4)
+        # the forgetting guard's last drift from the stage's start, and why it stopped the run, if it did
+        if "guard.drift_kl" in e.get("metrics", {}):
+            row["drift_kl"] = round(e["metrics"]["guard.drift_kl"], 3)
+        stop = _stop_reason(Path(e["run_dir"]))
+        if stop:
+            row["stop_reason"] = stop
         summary[name] = row
         runs[name] = Path(e["run_dir"])
         _say(f"[demo] {name}: {row}")
@@ -147,6 +162,14 @@ def run_demo(out: Path, *, stages=DEFAULT_STAGES, n_task: int = 200, n_reg: int 
           f"lineage: {out / 'lineage.json'}")
     print(f"look at the runs, compare them and chat with the adapters: posttrain studio --runs {out}")
     return summary
+
+
+def _stop_reason(run_dir: Path) -> str:
+    """Why the run stopped before its last step (the forgetting guard, early stopping), or ''."""
+    manifest = run_dir / "manifest.json"
+    if not manifest.exists():
+        return ""
+    return (json.loads(manifest.read_text()).get("result") or {}).get("stop_reason") or ""
 
 
 def _last(run_dir: Path, split: str, key: str) -> float:
@@ -168,13 +191,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--recipe", default=None, help="run the demo from this recipe instead of the shipped one")
     p.add_argument("--print-recipe", action="store_true", help="print the demo's pipeline recipe and exit")
     p.add_argument("--forgetting", action="store_true",
-                   help="instead: show catastrophic forgetting, a naive vs a guarded fine-tune (docs/eval.md)")
+                   help="instead: show catastrophic forgetting: a naive vs a guarded fine-tune (docs/eval.md), then "
+                        "the unguarded reasoning chain beside the guarded one (OUT/reasoning-chains, docs/pipeline.md)")
     a = p.parse_args(argv)
     if a.print_recipe:
         print(recipe_text(), end="")
         return 0
     if a.forgetting:
         forgetting.run(Path(a.out))
+        run_demo(Path(a.out) / "reasoning-chains", stages=FORGETTING_ROWS)
         return 0
     recipe = Path(a.recipe) if a.recipe else RECIPE
     available = all_stages(recipe)

@@ -2,7 +2,7 @@
 
 Two fine-tunes of the bundled base model on the same narrow gym data (chat instructions):
 
-- naive: full fine-tuning, a high learning rate (1e-3), many epochs (10), nothing watching;
+- naive: full fine-tuning, a high learning rate (1e-3), many epochs (10), nothing watching (`eval.guard=off`);
 - guarded: LoRA at the default adapter learning rate, 20% general text mixed in (`data.mix`
   with 600 rows of the gym's plain-text regression skills, train split), early stopping on held-out
   loss, and the forgetting guard (regression suite every `guard_every` steps, stop and roll back
@@ -31,7 +31,9 @@ from posttrain.engine.setup import load_for_training
 from posttrain.models.loading import load
 from posttrain.report import build_report
 
-NAIVE = ["adapter.type=none", "train.lr=1e-3", "train.epochs=10", "train.schedule=constant", "train.warmup_steps=5"]
+# nothing watching: the default drift guard (eval.guard) would stop this run, which is the point of the other one
+NAIVE = ["adapter.type=none", "train.lr=1e-3", "train.epochs=10", "train.schedule=constant", "train.warmup_steps=5",
+         "eval.guard=off"]
 GUARDED = ["adapter.type=lora", "adapter.r=16", "train.epochs=3", "train.warmup_steps=10",
            "data.mix.ratio=0.2", "train.early_stopping_patience=3"]  # + data.mix.data=<general file>
 COMMON = ["train.batch_size=16", "data.max_length=256", "train.progress=false", "train.precision=fp32"]
