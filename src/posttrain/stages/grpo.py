@@ -2,10 +2,12 @@
 
 Batch: `train.batch_size` prompts, each sampled G = `grpo.num_generations` times and scored by the reward
 functions (or, with `grpo.environment`, G multi-turn episodes rewarded by the environment, whose
-tokens carry no loss: `rollout.episodes`); advantages are relative to the group (`losses.group_advantages`:
-grpo, dr_grpo, rloo, reinforce_pp). Each rollout feeds `iterations x minibatches` steps of `losses.policy_loss` (grpo, gspo,
-cispo) with an optional k3 KL to the reference; no critic. Measured per rollout: rewards, zero-variance
-groups, length, truncation, clip fraction, entropy, time of generation, scoring, update. docs/rl.md.
+tokens carry no loss: `rollout.episodes`); advantages are relative to the group
+(`losses.group_advantages`: grpo, dr_grpo, rloo, reinforce_pp). Each rollout feeds `iterations x
+minibatches` steps of `losses.policy_loss` (grpo, gspo, cispo) with an optional k3 KL to the reference;
+no critic. Measured per rollout: rewards, zero-variance groups, length, truncation, clip fraction,
+entropy, time of generation, scoring, update; with an environment also turns and tool calls per
+episode, the invalid-call rate, tool errors and reward per turn. docs/rl.md.
 """
 
 from __future__ import annotations
