@@ -167,8 +167,10 @@ def diversity_collapse(distinct: Sequence[float], identical: Sequence[float] = (
     accuracy moves toward 0 or 1, with every completion still different. That is a run sharpening
     (all right) or degrading (all wrong), and it leaves GRPO without learning signal, but it is not
     collapse; collapse is the completions becoming the same, which the first two measures see.
-    The rises of 0.3 are about 2.7 standard errors of a change in a share between two 5-step
-    windows of 8 groups (sd of a window mean of a share <= sqrt(0.25 / 40) = 0.08; of the change 0.11).
+    Zero-variance groups are a share of 8 groups a step (GRPO's batch in the gym demo): the SD of a
+    change between two 5-step window means is <= 0.11, so +0.3 is about 2.7 of those. Identical
+    completions are a share of 64 completions (SD of the change <= 0.04): +0.3 is a size (a third more
+    of the completions copies of another), far beyond noise.
     """
     c = _change(distinct, window)
     ratio = c[1] / c[0] if c is not None and c[0] > 0 else None
