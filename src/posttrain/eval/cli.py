@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory, or a finished posttrain run directory")
     p.add_argument("--adapter", help="adapter directory (PEFT format) to apply to --model")
     p.add_argument("--suite", default="regression",
-                   help="built-in suite name, suite YAML or task YAML (default: regression)")
+                   help="built-in suite name, suite YAML, task YAML, or lm-evaluation-harness tasks: "
+                   "lm_eval:TASK[@N][,TASK[@N]...] (a task name or a local lm-eval task YAML; @N: first N documents) "
+                   "(default: regression)")
     p.add_argument("--baseline", help="baseline model to compare against (same suite and settings)")
     p.add_argument("--baseline-adapter", help="adapter for the baseline (alone: the --model base with this adapter)")
     p.add_argument("--out", help="write results.json, samples-*.jsonl and report.html here")
