@@ -81,6 +81,18 @@ def test_spec_parsing_and_errors(task_dir):
         assert msg in str(e.value)
 
 
+def test_without_lm_eval_installed_the_suite_says_what_to_install(monkeypatch, capsys):
+    from posttrain.eval import suites
+
+    monkeypatch.setattr(suites, "find_spec", lambda name: None)  # as on a machine without the package
+    with pytest.raises(TaskError, match=r"^suite 'lm_eval:arc_easy': lm-evaluation-harness is not installed: "
+                                        r"pip install lm-eval$"):
+        load_suite("lm_eval:arc_easy")
+    assert eval_main(["--model", "nowhere", "--suite", "lm_eval:arc_easy"]) == 2
+    assert capsys.readouterr().err == ("posttrain eval: error: suite 'lm_eval:arc_easy': lm-evaluation-harness is "
+                                       "not installed: pip install lm-eval\n")
+
+
 def test_unknown_task_is_a_clear_error(tiny, task_dir, offline):
     d, model, tok = tiny
     typo = Suite("typo", [LmEvalTask("pt_mcc", "lm_eval", [], lm_eval_task="pt_mcc", include_path=str(task_dir))])

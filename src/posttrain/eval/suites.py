@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Optional, Union
 
@@ -120,6 +121,8 @@ class LmEvalTask(Task):
 def lm_eval_suite(spec: str) -> Suite:
     """`lm_eval:TASK[@N][,TASK[@N]...]`: TASK is a task name of lm-eval's registry (`arc_easy`) or a
     local lm-eval task YAML (`tasks/my_task.yaml`, whose `task:` names it); `@N` keeps its first N documents."""
+    if find_spec("lm_eval") is None:
+        raise TaskError(f"suite {spec!r}: lm-evaluation-harness is not installed: pip install lm-eval")
     items = [x.strip() for x in spec[len(LM_EVAL):].split(",") if x.strip()]
     if not items:
         raise TaskError(f"suite {spec!r}: name at least one lm-eval task: lm_eval:TASK[@N][,TASK[@N]...]")
