@@ -147,3 +147,28 @@ def test_posttrain_eval_and_the_guard_take_the_suite(tiny, other_tiny, task_dir,
     want = run_suite(model, tok, spec)["tasks"]["pt_mc"]["metrics"]["acc_norm"]["value"]
     assert m["regression_score"] == pytest.approx(want) and m["regression_drop"] == 0.0
     assert guard(m) is None
+
+
+def test_a_training_run_guards_with_an_lm_eval_suite(tiny, task_dir, tmp_path, offline):
+    """`eval.regression_suite=lm_eval:...` in a real SFT run: the regression score it logs at each
+    evaluation is lm-eval's acc_norm of the model at that step."""
+    from posttrain.stages import load_config, sft
+
+    d, model, tok = tiny
+    train = tmp_path / "narrow.jsonl"
+    train.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say it {i}"},
+                                                       {"role": "assistant", "content": "yes yes"}]}) + "\n"
+                             for i in range(8)))
+    spec = f"lm_eval:{task_dir / 'pt_mc.yaml'}@5"
+    cfg = load_config("sft", overrides=[
+        f"model={d}", f"data.train={train}", f"output_dir={tmp_path / 'run'}", "train.lr=1e-2", "train.max_steps=2",
+        "train.batch_size=4", "train.eval_every=2", "train.progress=false", "eval.guard=off",
+        "eval.regression_every=2", f"eval.regression_suite={spec}", "eval.regression_max_drop=0.9"])
+    res = sft.run(cfg)
+    logged = [json.loads(x) for x in (res.output_dir / "metrics.jsonl").read_text().splitlines()]
+    scores = [(r["step"], r["regression_score"]) for r in logged if "regression_score" in r]
+    base = run_suite(model, tok, spec)["score"]["value"]
+    tuned = run_suite(res.model, tok, spec)["tasks"]["pt_mc"]["metrics"]["acc_norm"]["value"]
+    assert scores == [(2, pytest.approx(tuned))]
+    drops = [r["regression_drop"] for r in logged if "regression_drop" in r]
+    assert drops == [pytest.approx(base - tuned)]
