@@ -184,3 +184,15 @@ def test_a_normal_run_fires_nothing(tiny_models, tmp_path):
     train = [r for r in _records(res.output_dir) if r["split"] == "train"]
     assert len(train) == 10 and all(r[f"hack/{d}"] == 0.0 for r in train for d in
                                     ("length_drift", "kl_bound", "diversity_collapse"))
+
+
+def test_help_lists_the_guard_audit_and_hacking_keys(capsys):
+    for stage, keys in (("sft", ("eval.guard  on | off = 'on'", "eval.guard_max_drift_kl  float | null = 0.5",
+                                 "eval.guard_budget  float = 0.1", "eval.guard_text  str | null = null",
+                                 "data.audit  error | warn | off = error")),
+                        ("grpo", ("grpo.hacking_stop_on  list[reward_vs_verifier | length_drift", "grpo.hacking_window")),
+                        ("ppo", ("ppo.hacking_stop_on", "ppo.hacking_max_kl  float = 0.5"))):
+        with pytest.raises(SystemExit):
+            main([stage, "--help"])
+        out = capsys.readouterr().out
+        assert all(k in out for k in keys), (stage, [k for k in keys if k not in out])

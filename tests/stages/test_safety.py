@@ -81,7 +81,9 @@ def test_a_run_records_refusal_rates_before_and_after(tiny_models, tmp_path, met
     train = gym.export("refusal", "train", tmp_path / "train.jsonl", n=12)
     val = gym.export("refusal", "validation", tmp_path / "val.jsonl", n=10)
     retain = gym.export("instruct", "train", tmp_path / "retain.jsonl", n=8)
-    extra = [f"safety.retain={retain}", "safety.retain_ratio=0.25"] if method == "sft" else \
+    # sft: a 64-token limit (for speed) leaves one long refusal prompt no loss token, which training
+    # drops; the data audit is right to stop on it, so it only warns here (this test is about the rates)
+    extra = [f"safety.retain={retain}", "safety.retain_ratio=0.25", "data.audit=warn"] if method == "sft" else \
         ["adapter.type=lora", "dpo.reference=adapter"]
     cfg = load_config("safety", overrides=[
         f"model={tiny_models('qwen2')}", f"data.train={train}", f"data.eval={val}",

@@ -29,7 +29,8 @@ from typing import Optional, Sequence
 from posttrain.data import render
 from posttrain.data.formats import Example, to_example
 from posttrain.data.render import IGNORE_INDEX
-from posttrain.data.sources import DataError, read_records
+from posttrain.data.hub import as_list, load_records
+from posttrain.data.sources import DataError
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +228,10 @@ def _examples(data_cfg, tokenizer, limit: Optional[int]) -> list[Example]:
     `data.chat_template`, when set, is put on the tokenizer as training does."""
     if not data_cfg.train:
         raise DataError("no training data: set data.train (a file, a list of files, or gym:TASK)")
-    sources = data_cfg.train if isinstance(data_cfg.train, list) else [data_cfg.train]
-    records = [r for s in sources for r in read_records(s)]
     n = min(x for x in (limit, data_cfg.limit) if x) if (limit or data_cfg.limit) else None
+    # read as training reads them: Hub sources, data.columns (Alpaca, Q/A and ShareGPT rows mapped)
+    records = [r for s in as_list(data_cfg.train) for r in load_records(s, columns=data_cfg.columns,
+                                                                          streaming=data_cfg.streaming, limit=n)[0]]
     if data_cfg.chat_template:
         tokenizer.chat_template = data_cfg.chat_template
     return [to_example(r, data_cfg.format) for r in (records[:n] if n else records)]
