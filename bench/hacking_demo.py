@@ -63,7 +63,8 @@ def diversity_probe(prompts, completions, **_):
 
 
 def _cli(*args: str, env: dict | None = None) -> None:
-    env = dict(os.environ, **(env or {}), PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, **(env or {}), PYTHONPATH=path)
     subprocess.run([sys.executable, "-m", "posttrain", *args], check=True, env=env, stdout=subprocess.DEVNULL)
 
 

@@ -88,7 +88,8 @@ def test_zero_variance_groups_alone_are_not_collapse():
     assert f.message == ("zero-variance groups rose 31% -> 78% (limit +30%) while the completions' own "
                          "diversity fell (distinct bigrams x0.68, identical completions +2%)")
     g = H.diversity_collapse(_noisy(0.8, 0.78), _noisy(0.05, 0.25), zero_var)  # identical +0.18: past halfway to +0.3
-    assert g.message.endswith("(distinct bigrams x0.99, identical completions +18%)") and g.value == pytest.approx(0.47, abs=0.01)
+    assert g.message.endswith("(distinct bigrams x0.99, identical completions +18%)")
+    assert g.value == pytest.approx(0.47, abs=0.01)
     assert H.diversity_collapse(_noisy(0.8, 0.5), _noisy(0.05, 0.06), _noisy(0.3, 0.5)) is None  # +0.2 < +0.3
 
 

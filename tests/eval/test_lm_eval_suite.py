@@ -69,7 +69,8 @@ def test_spec_parsing_and_errors(task_dir):
         ("pt_mc", "lm_eval", 2, str(task_dir)), ("pt_ppl", "lm_eval", 2, str(task_dir))]
     assert isinstance(s.tasks[0], LmEvalTask)
     named = load_suite("lm_eval:arc_easy@50, hellaswag").tasks
-    assert [(t.lm_eval_task, t.limit, t.include_path) for t in named] == [("arc_easy", 50, None), ("hellaswag", None, None)]
+    assert [(t.lm_eval_task, t.limit, t.include_path) for t in named] == [("arc_easy", 50, None),
+                                                                          ("hellaswag", None, None)]
     for spec, msg in (("lm_eval:", "suite 'lm_eval:': name at least one lm-eval task: lm_eval:TASK[@N][,TASK[@N]...]"),
                       ("lm_eval:arc_easy@0", "suite 'lm_eval:arc_easy@0': 'arc_easy@0': the limit after '@' must be "
                                              "a whole number >= 1, got '0'"),

@@ -5,13 +5,14 @@ Reward hacking is the policy finding what the reward pays for instead of what it
 pay for (Skalse et al. 2022, "Defining and Characterizing Reward Hacking"; Gao et al. 2023,
 "Scaling Laws for Reward Model Overoptimization"). Each detector watches one symptom:
 
-| detector | fires when | default limit |
-|---|---|---|
-| `reward_vs_verifier` | the training reward rises while a held-out verifier score (or the regression score) falls | rise ≥ 0.1 and fall ≥ 0.05 |
-| `length_drift` | the mean completion length moves from its start by more than a factor, or the share cut off at the length cap rises | × 2 (or ÷ 2); +0.5 |
-| `component_divergence` | one reward component rises while another falls (format gaming) | ±0.1 each |
-| `diversity_collapse` | distinct bigrams fall below a share of their start value, or identical completions within a group rise from their start, or zero-variance groups rise while the completions' own diversity falls | < 0.5 × start; +0.3; +0.3 |
-| `kl_bound` | KL to the reference passes a bound | 0.5 nats/token (window mean) |
+- `reward_vs_verifier`: the training reward rises (>= 0.1) while a held-out verifier score (or the
+  regression score) falls (>= 0.05).
+- `length_drift`: the mean completion length moves from its start by more than a factor (x2 either
+  way), or the share of completions cut off at the length cap rises by >= 0.5.
+- `component_divergence`: one reward component rises while another falls, >= 0.1 each (format gaming).
+- `diversity_collapse`: distinct bigrams fall below 0.5 x their start, or identical completions within
+  a group rise by >= 0.3, or zero-variance groups rise by >= 0.3 while the completions' own diversity falls.
+- `kl_bound`: the KL to the reference passes a bound (0.5 nats/token, window mean).
 
 A change is always "the mean of the last `window` values minus the mean of the first `window`"
 (start vs now, each averaged to ride over per-step noise), and a detector needs 2·window values
