@@ -195,6 +195,24 @@ def test_merged_adapter_samples_what_the_adapter_samples(tiny_models, tokenizer,
     assert torch.equal(again.logprobs, plain.logprobs)
 
 
+def test_lean_lora_layers_sample_bit_for_bit_what_the_adapter_layers_sample(tiny_models, tokenizer, tmp_path):
+    from posttrain.rollout.hf import lean_adapter
+
+    path = tiny_models("qwen2")
+    m = A.load_adapters(_load(path), {"a": _make_adapter(path, tmp_path / "a", 1)})
+    with lean_adapter(m):
+        assert type(m.model.layers[0].self_attn.q_proj).__name__ == "_LeanLora"
+    assert type(m.model.layers[0].self_attn.q_proj).__name__ == "LoraLinear"
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, n=3, seed=7)
+    eng = RolloutEngine(m, tokenizer)
+    lean = eng.generate(PROMPTS, params)  # one active adapter: the lean layers
+    adapted = eng.generate(PROMPTS, params, adapters="a")  # named adapters: the adapter layers themselves
+    assert torch.equal(lean.completion_ids, adapted.completion_ids)
+    assert torch.equal(lean.logprobs, adapted.logprobs)
+    base = eng.generate(PROMPTS, params, adapters="none")
+    assert not torch.equal(base.logprobs, lean.logprobs)  # the adapter is really in the lean layers
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 0.9), (1.3, 20, 1.0), (1.0, 0, 0.5)])
 def test_processed_distribution_equals_transformers_warpers(model_tok, temperature, top_k, top_p):
     from transformers.generation.logits_process import (

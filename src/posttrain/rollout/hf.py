@@ -9,6 +9,9 @@ What makes it faster than `model.generate` on the same batch:
   steps run on the unfinished rows only;
 * the attention mask and output buffers are allocated once per batch, and no logits
   processors / stopping-criteria objects run per step;
+* a LoRA policy samples through lean layers that run the adapted layer's own ops in its order
+  (base linear, then + B(A(x)·s)) without its per-call module dispatch: bitwise the same numbers,
+  about a fifth less decoding time for LoRA r16 on the tiny GRPO benchmark model;
 * with `merge_adapter=True`, a LoRA/DoRA model samples through plain linear layers that fold the
   active adapter in (W + s B A, built once per `generate` call, the adapter layers put back after):
   1.5x faster decoding of a LoRA r16 policy on CPU (docs/benchmarks.md). The merged product
@@ -21,6 +24,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from posttrain.rollout.backend import GeneratedIds
 from posttrain.rollout.sampling import SamplingParams, sample_next
@@ -35,28 +39,67 @@ def _select(model, names: Optional[list[str]]):
     return select(model, names[0] if len(set(names)) == 1 else names)
 
 
-@contextmanager
-def merged_adapter(model):
-    """Inside the block, every LoRA layer of `model` is a plain linear layer with the active adapter
-    folded in; the adapter layers (and their trainable weights) are put back on exit. A model without
-    one single active LoRA/DoRA adapter (none, prompt/prefix, disabled, per-row selection) is left as is."""
+class _LeanLora(torch.nn.Module):
+    """`LoraLinear.forward` for one plain LoRA adapter without dropout, as bare ops in the same order."""
+
+    def __init__(self, base: torch.nn.Linear, A: torch.Tensor, B: torch.Tensor, scaling: float):
+        super().__init__()
+        self.weight, self.bias, self.A, self.B, self.scaling = base.weight, base.bias, A, B, scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        return out + F.linear(F.linear(x, self.A) * self.scaling, self.B)
+
+
+def _single_lora(model) -> Optional[str]:
+    """The one active adapter's name when every row uses it (no per-row selection, not disabled)."""
     st = get_state(model)
     if st is None or st.kind not in ("lora", "dora") or st.disabled or st.rows is not None or len(st.active) != 1:
-        yield model
-        return
-    name = st.active[0]
+        return None
+    return st.active[0]
+
+
+@contextmanager
+def _swapped(model, make):
+    """Inside the block, each LoRA layer for which `make(layer)` gives a module is replaced by it."""
     swapped = []
     for path, layer in lora_layers(model).items():
-        if name in layer.adapters:
+        new = make(layer)
+        if new is not None:
             parent, _, child = path.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
-            setattr(owner, child, layer.merged_linear(name))
+            setattr(owner, child, new)
             swapped.append((owner, child, layer))
     try:
         yield model
     finally:
         for owner, child, layer in swapped:
             setattr(owner, child, layer)
+
+
+def lean_adapter(model):
+    """Plain LoRA layers (fp32 or one dtype throughout, no dropout, no DoRA, a plain base) sample
+    through `_LeanLora`: the same ops, so the same numbers; any other layer is left as is."""
+    name = _single_lora(model)
+
+    def make(layer):
+        ad = layer.adapters[name] if name in layer.adapters else None
+        if ad is None or ad.is_dora or not isinstance(ad.dropout, torch.nn.Identity) \
+                or type(layer.base_layer) is not torch.nn.Linear or ad.lora_A.weight.dtype != layer.weight.dtype:
+            return None
+        return _LeanLora(layer.base_layer, ad.lora_A.weight, ad.lora_B.weight, ad.scaling)
+
+    return _swapped(model, make) if name is not None else nullcontext()
+
+
+def merged_adapter(model):
+    """Inside the block, every LoRA layer of `model` is a plain linear layer with the active adapter
+    folded in; the adapter layers (and their trainable weights) are put back on exit. A model without
+    one single active LoRA/DoRA adapter (none, prompt/prefix, disabled, per-row selection) is left as is."""
+    name = _single_lora(model)
+    if name is None:
+        return nullcontext()
+    return _swapped(model, lambda layer: layer.merged_linear(name) if name in layer.adapters else None)
 
 
 class HFBackend:
@@ -85,7 +128,8 @@ class HFBackend:
         was_training = self.model.training
         self.model.eval()
         # per-row adapters (serving, eval) need the adapter layers; one merged policy does not
-        merging = merged_adapter(self.model) if self.merge_adapter and adapters is None else nullcontext()
+        merging = nullcontext() if adapters is not None else \
+            merged_adapter(self.model) if self.merge_adapter else lean_adapter(self.model)
         try:
             order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
             # keep n * prompts per batch near batch_size rows
