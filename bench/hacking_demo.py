@@ -112,10 +112,10 @@ def main() -> None:
     from posttrain import gym
 
     sft = out / "reasoning-sft"
-    if not (sft / "manifest.json").exists():
+    if not (sft / "manifest.json").exists():  # eval.guard=off: the start the documented runs had, unguarded
         _cli("sft", f"model={gym.base_model_path()}", "data.train=gym:reasoning:train", "data.max_length=256",
              "train.lr=2e-3", "train.batch_size=16", "train.max_steps=60", "train.warmup_steps=5",
-             "train.progress=false", f"output_dir={sft}")
+             "train.progress=false", "eval.guard=off", f"output_dir={sft}")
     tag = "" if a.lr == "5e-5" else f"-lr{a.lr}"
     runs = {}
     probe = "hacking_demo:diversity_probe"
