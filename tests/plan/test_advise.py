@@ -121,7 +121,8 @@ def test_every_recipe_the_adviser_writes_is_a_valid_pipeline(tmp_path, method, s
 
 
 def test_learning_rates_scale_with_model_size(tmp_path):
-    """Kaplan et al. 2020, eq. D.1: the table (7B) stands at 7B; the bundled 1.7M-parameter model gets x12.6."""
+    """Kaplan et al. 2020, eq. D.1: the table (7B) stands at 7B; the bundled 1.7M-parameter model gets
+    x12.6; continued pretraining runs at LR(N)."""
     from transformers import LlamaConfig
 
     from posttrain import gym
@@ -130,8 +131,11 @@ def test_learning_rates_scale_with_model_size(tmp_path):
 
     LlamaConfig(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=32, intermediate_size=11008).save_pretrained(tmp_path)
-    assert learning_rates(read_shape(tmp_path)) == LEARNING_RATES
+    big = learning_rates(read_shape(tmp_path))
+    assert {m: r for m, r in big.items() if m != "cpt"} == LEARNING_RATES
+    assert big["cpt"] == (4.4e-5, 8.7e-5)  # continued pretraining at LR(6.5e9) itself
     small = learning_rates(read_shape(gym.base_model_path()))
+    assert small["cpt"] == (6.2e-4, 1.2e-3)
     assert kaplan_lr(1_723_328) / kaplan_lr(6e9) == pytest.approx(12.59, abs=0.01)
     assert small["lora"] == (1.3e-3, 2.5e-3) and small["full"] == (1.3e-4, 2.5e-4)
     assert small["prompt_tuning"] == LEARNING_RATES["prompt_tuning"]  # Lester et al. use 0.3 at every size

@@ -12,10 +12,14 @@ import pytest
 from posttrain import gym
 from posttrain.eval.lm import generate
 from posttrain.gym.verify import verify
-from posttrain.plan.advise import LEARNING_RATES, advise, parse_budget
+from posttrain.plan.advise import advise, learning_rates, parse_budget
+from posttrain.plan.shapes import read_shape
 from posttrain.stages import load_config, sft
 
 STEPS = 100  # about 5 epochs of 300 rows at batch 16, the same for every method
+C_STEPS = 200  # scenario (c): each stage's steps (continued pretraining, then SFT)
+C_PILOT_MINUTES = 1.0  # per method, of predicted compute
+PILOT_MINUTES = 0.25
 
 
 def _accuracy(model, tok, rows) -> float:
@@ -31,10 +35,11 @@ def _accuracy(model, tok, rows) -> float:
 
 def _train_and_score(tmp_path, base: list[str], rows) -> dict:
     """Held-out accuracy of LoRA, prompt tuning and full fine-tuning, each trained STEPS steps at the
-    adviser's learning rate."""
+    adviser's learning rate for the bundled model (`learning_rates`)."""
     scores = {}
+    lrs = learning_rates(read_shape(gym.base_model_path()))
     for method, kind in [("lora", "lora"), ("prompt_tuning", "prompt"), ("full", "none")]:
-        cfg = load_config("sft", None, base + [f"adapter.type={kind}", f"train.lr={LEARNING_RATES[method][1]}",
+        cfg = load_config("sft", None, base + [f"adapter.type={kind}", f"train.lr={lrs[method][1]}",
                                                f"train.max_steps={STEPS}", "train.batch_size=16",
                                                "train.warmup_steps=5", "train.progress=false",
                                                f"output_dir={tmp_path / method}"])
@@ -52,12 +57,16 @@ def test_a_skill_the_base_has_needs_no_training(tmp_path):
     held = gym.export("regression", "validation", tmp_path / "val.jsonl", n=50)
     rows = [json.loads(x) for x in held.read_text().splitlines()]
     base = [f"model={gym.base_model_path()}", f"data.train={train}", "data.max_length=128"]
-    advice = advise(load_config("sft", None, base + [f"data.eval={held}"]), budget=parse_budget(None),
-                    out_dir=tmp_path / "advice")
+    advice = advise(load_config("sft", None, base + [f"data.eval={held}", "train.batch_size=16",
+                                                     f"train.max_steps={STEPS}"]),
+                    budget=parse_budget(None), out_dir=tmp_path / "advice", pilot_minutes=PILOT_MINUTES)
     b = advice["data"]["baselines"]
     scores = {"prompting": max(b["k_shot"], b["zero_shot"]), **_train_and_score(tmp_path, base, rows)}
+    predicted = {c["method"]: c["expected_score"] for c in advice["candidates"]}
+    print("scenario a:", scores, predicted, advice["reasons"][-1])
     assert advice["recommendation"] == "prompting" and scores["prompting"] >= 0.9, scores
     assert scores["prompting"] >= max(scores.values()) - 0.05, scores
+    assert abs(predicted["prompting"] - scores["prompting"]) <= 0.10
 
 
 @pytest.mark.slow
@@ -71,9 +80,82 @@ def test_a_new_skill_from_a_few_hundred_examples(tmp_path):
     held = gym.export("instruct", "validation", tmp_path / "val.jsonl", n=50)
     rows = [json.loads(x) for x in held.read_text().splitlines()]
     base = [f"model={gym.base_model_path()}", f"data.train={train}", "data.max_length=128"]
-    advice = advise(load_config("sft", None, base + [f"data.eval={held}"]), budget=parse_budget(None),
-                    out_dir=tmp_path / "advice")
+    advice = advise(load_config("sft", None, base + [f"data.eval={held}", "train.batch_size=16",
+                                                     f"train.max_steps={STEPS}"]),
+                    budget=parse_budget(None), out_dir=tmp_path / "advice", pilot_minutes=PILOT_MINUTES)
     b = advice["data"]["baselines"]
     scores = {"prompting": max(b["k_shot"], b["zero_shot"]), **_train_and_score(tmp_path, base, rows)}
-    assert advice["recommendation"] == "lora"
-    assert scores["lora"] == max(scores.values()) and scores["lora"] > scores["prompting"], scores
+    predicted = {c["method"]: c["expected_score"] for c in advice["candidates"]}
+    print("scenario b:", scores, predicted, advice["reasons"][-1])
+    pick = advice["recommendation"]
+    assert pick != "prompting" and scores[pick] > scores["prompting"] + 0.1, (pick, scores)
+    assert scores[pick] >= max(scores.values()) - 0.05, (pick, scores)  # the measured best, within the noise
+    assert abs(predicted[pick] - scores[pick]) <= 0.10, (predicted, scores)
+
+
+COUNT_SENTENCES = ("{c} has {n} {f}.", "The number of {f} in {c} is {n}.", "In {c} there are {n} {f}.",
+                   "{c} counts {n} {f}.")
+
+
+def _counts_scenario(out, reps: int = 4):
+    """Counts of lakes, towers and bridges of the gym's countries (`gym.lookup.records`): numbers the
+    base never saw as text. Domain text states every country's counts in four phrasings; the SFT rows
+    ask them as `Q: How many lakes does X have?` for the countries whose split is train; the held-out
+    rows ask the others'. So a held-out answer is known only from the domain text."""
+    import random
+
+    from posttrain.gym.facts import split_of
+    from posttrain.gym.lookup import FIELDS, records
+
+    rng = random.Random(0)
+    docs, train, held = [], [], []
+    for c, rec in records().items():
+        for _ in range(reps):
+            sents = [rng.choice(COUNT_SENTENCES).format(c=c, n=rec[f], f=f) for f in FIELDS]
+            rng.shuffle(sents)
+            docs.append({"text": " ".join(sents)})
+        for f in FIELDS:
+            row = {"prompt": f"Q: How many {f} does {c} have?\nA:", "completion": f" {rec[f]}", "check": "prefix"}
+            (train if split_of("counts:" + c) == "train" else held).append(row)
+    rng.shuffle(docs)
+    rng.shuffle(train)
+    paths = []
+    for name, rows in (("domain.jsonl", docs), ("train.jsonl", train), ("val.jsonl", held)):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(out / name)
+    return paths
+
+
+@pytest.mark.slow
+def test_c_new_knowledge_needs_continued_pretraining(tmp_path):
+    """(c) Counts the base never saw (400 domain documents, 249 SFT rows, 51 held-out questions about
+    other countries): continued pretraining then SFT beats SFT alone, trained to the end at the adviser's
+    learning rates; the adviser (with pilots) picks cpt+sft and predicts its score within 10 points.
+    Measured (11 min at load 7): SFT alone 2%, cpt+sft 31%; pilots: cpt+sft 23% ± 8%, prompt tuning 6%,
+    LoRA 5%, full 4%."""
+    from posttrain.plan.shapes import read_shape
+    from posttrain.stages import cpt
+    from posttrain.plan.advise import learning_rates
+
+    domain, train, held = _counts_scenario(tmp_path)
+    rows = [json.loads(x) for x in held.read_text().splitlines()]
+    model = gym.base_model_path()
+    common = ["data.max_length=128", "train.batch_size=16", f"train.max_steps={C_STEPS}"]
+    cfg = load_config("sft", None, [f"model={model}", f"data.train={train}", f"data.eval={held}", *common])
+    advice = advise(cfg, budget=parse_budget(None), out_dir=tmp_path / "advice", domain_text=str(domain),
+                    pilot_minutes=C_PILOT_MINUTES)
+    predicted = {c["method"]: c["expected_score"] for c in advice["candidates"]}
+    lrs = learning_rates(read_shape(model))
+    run = ["train.warmup_steps=5", "train.progress=false", "eval.guard=off", *common]
+    sft_alone = sft.run(load_config("sft", None, [f"model={model}", f"data.train={train}", "adapter.type=lora",
+                                                  f"train.lr={lrs['lora'][1]}", f"output_dir={tmp_path / 'sft'}", *run]))
+    pre = cpt.run(load_config("cpt", None, [f"model={model}", f"data.train={domain}", "adapter.type=none",
+                                            f"train.lr={lrs['cpt'][1]}", f"output_dir={tmp_path / 'cpt'}", *run]))
+    both = sft.run(load_config("sft", None, [f"model={pre.model_dir}", f"data.train={train}", "adapter.type=lora",
+                                             f"train.lr={lrs['lora'][1]}", f"output_dir={tmp_path / 'cpt-sft'}", *run]))
+    scores = {"sft": _accuracy(sft_alone.model, sft_alone.tokenizer, rows),
+              "cpt+sft": _accuracy(both.model, both.tokenizer, rows)}
+    print("scenario c:", scores, predicted, advice["reasons"][-1])
+    assert scores["cpt+sft"] > scores["sft"] + 0.1, scores
+    assert advice["recommendation"] == "cpt+sft", advice["reasons"]
+    assert abs(predicted["cpt+sft"] - scores["cpt+sft"]) <= 0.10, (predicted, scores)

@@ -62,7 +62,12 @@ def learning_rates(shape) -> dict[str, tuple[float, float]]:
     ref = kaplan_lr(LR_REFERENCE_PARAMS)
     scale = max(1.0, kaplan_lr(n) / ref) if n < LR_REFERENCE_PARAMS else 1.0
     two = lambda x: float(f"{x:.2g}")  # noqa: E731  (a recipe's learning rate, to two digits)
-    return {m: (lo, hi) if m in UNSCALED else (two(lo * scale), two(hi * scale)) for m, (lo, hi) in LEARNING_RATES.items()}
+    out = {m: (lo, hi) if m in UNSCALED else (two(lo * scale), two(hi * scale)) for m, (lo, hi) in LEARNING_RATES.items()}
+    # continued pretraining goes on at the pretraining rate of the model's size (LR(N) itself, at
+    # least full fine-tuning's): new knowledge has to be written into the weights, not nudged
+    top = max(kaplan_lr(n), out["full"][1])
+    out["cpt"] = (two(top / 2), two(top))
+    return out
 
 
 FORGETTING = {"prompting": "none", "prompt_tuning": "low", "prefix_tuning": "low", "lora": "low",
@@ -384,7 +389,8 @@ def run_pilots(cfg, candidates: dict[str, dict], data: dict, budget: Budget, *, 
         kw = {}
         if method == "cpt+sft":  # half the compute continues pretraining, half fine-tunes; so does the full run
             steps = max(1, steps // 2)
-            kw = {"domain_text": domain_text, "cpt_steps": steps, "cpt_lr": lrs["full"][1]}
+            total *= 2
+            kw = {"domain_text": domain_text, "cpt_steps": steps, "cpt_lr": lrs["cpt"][1]}
         out[method] = run_pilot(cfg, method, steps=steps, full_steps=total, lr=lr, scorer=scorer,
                                 out_dir=out_dir / "pilots" / method, references=references, **kw)
     return out
@@ -403,6 +409,8 @@ def decide_with_pilots(rule_pick: str, candidates: dict[str, dict]) -> tuple[str
                      + (" (measured)" if m == "prompting" else ""))
     if rule_pick not in scored:
         return best, [f"pilots: {say(best)} is the best expected score"]
+    if best == rule_pick:
+        return best, [f"pilots agree: {say(best)} is the best expected score"]
     r = scored[rule_pick]
     noise = max(b["uncertainty"], r["uncertainty"], PILOT_MARGIN)
     if b["expected_score"] - r["expected_score"] > noise:
@@ -414,7 +422,7 @@ def decide_with_pilots(rule_pick: str, candidates: dict[str, dict]) -> tuple[str
 def write_recipe(path: Path, cfg, method: str, out_dir: Path, domain_text: Optional[str],
                  lrs: Optional[dict] = None) -> Path:
     """A `posttrain pipeline` recipe that runs the recommendation. cpt+sft continues pretraining with
-    every weight trained (as Gururangan et al. 2020 do) for as many steps as the SFT stage, then
+    every weight trained (as Gururangan et al. 2020 do) with the SFT stage's steps (or epochs), then
     fine-tunes with LoRA; `lrs` are the model's ranges (`learning_rates`), the 7B table by default."""
     lrs = lrs or LEARNING_RATES
     data = {k: v for k, v in {"train": cfg.data.train, "eval": cfg.data.eval,
@@ -435,7 +443,7 @@ def write_recipe(path: Path, cfg, method: str, out_dir: Path, domain_text: Optio
         if method == "cpt+sft":
             cpt = {"name": "cpt", "stage": "cpt", "model": cfg.model,
                    "data": {"train": domain_text, "max_length": cfg.data.max_length},
-                   "train": {**train, "lr": lrs["full"][1]}}
+                   "train": {**train, "lr": lrs["cpt"][1] if "cpt" in lrs else LEARNING_RATES["full"][1]}}
             stages = [cpt, sft]
         else:
             sft["model"] = cfg.model
