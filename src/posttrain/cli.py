@@ -25,7 +25,7 @@ take seconds to import, and `posttrain --help` or a usage error needs none of th
     posttrain studio [--runs DIR] [--host 127.0.0.1] [--port 7860] [--api-key KEY]
     posttrain plan --config run.yaml [key=value ...] [--device H100-80GB] [--gpus N] [--json]
     posttrain data check data.train=D [data.eval=E] [model=M] [--json]
-    posttrain advise model=M data.train=D [data.eval=E] [--budget 1xA100-40GB,8h] --no-pilots [--json] [--out DIR]
+    posttrain advise model=M data.train=D data.eval=E [--budget 1xA100-40GB,8h] [--pilot-minutes N | --no-pilots] [--json] [--out DIR]
     posttrain data inspect CONFIG [key=value ...] [--show N] [--limit N]
 """
 
