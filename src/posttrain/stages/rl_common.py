@@ -95,7 +95,7 @@ class HackingCheck:
 
     def after_step(self, model, step: int, total_steps: int, metrics: dict) -> tuple[dict, Optional[str]]:
         if step % self.every:
-            return {}, None
+            return self.monitor.metrics(), None
         seen = {ours: metrics[theirs] for ours, theirs in self.names.items() if theirs in metrics}
         seen.update({k: v for k, v in metrics.items() if k.startswith("reward/")})
         if world_size() > 1:  # each rank samples its own prompts: decide on the mean of all
