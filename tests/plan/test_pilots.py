@@ -80,3 +80,18 @@ def test_which_methods_get_a_pilot():
     assert pilot_plan(fits(*every), {}, None) == ["prompt_tuning", "lora", "full"]
     assert pilot_plan(fits(*every), {}, "domain.jsonl") == ["prompt_tuning", "lora", "full", "cpt+sft"]
     assert pilot_plan(fits("prompting", "prompt_tuning", "qlora"), {}, None) == ["prompt_tuning", "qlora"]
+
+
+def test_drift_is_projected_to_the_full_run():
+    from posttrain.plan.pilots import project_drift
+
+    assert project_drift([10, 20, 40], [0.1, 0.2, 0.4], 80) == pytest.approx(0.8)  # drift ∝ t
+    assert project_drift([10, 20, 40], [0.3, 0.2, 0.1], 80) == pytest.approx(0.006 ** (1 / 3))  # shrinking: the mean level
+    assert project_drift([10], [0.2], 80) == 0.2
+
+
+def test_a_run_the_guard_would_stop_is_not_picked():
+    cands = {"prompting": _cand(0.0), "lora": _cand(0.9), "full": {**_cand(0.96), "guard_stops": True}}
+    pick, reasons = decide_with_pilots("lora", cands)
+    assert pick == "lora"
+    assert reasons[0].startswith("pilots: the forgetting guard would stop full (drift from the base projected")

@@ -400,22 +400,27 @@ def decide_with_pilots(rule_pick: str, candidates: dict[str, dict]) -> tuple[str
     """The rule of thumb's pick stands unless another method's expected score beats it by more than the
     noise: the larger of both uncertainties and PILOT_MARGIN. A pick without a score (not piloted)
     gives way to the best scored method."""
-    scored = {m: c for m, c in candidates.items() if c["fits"] and c.get("expected_score") is not None}
+    scored = {m: c for m, c in candidates.items() if c["fits"] and c.get("expected_score") is not None
+              and not c.get("guard_stops")}
+    stopped = [m for m, c in candidates.items() if c.get("guard_stops")]
+    said = ([f"pilots: the forgetting guard would stop {', '.join(stopped)} (drift from the base projected to "
+             f"the full run above eval.guard_max_drift_kl): not picked"] if stopped else [])
     if not any(m != "prompting" for m in scored):
-        return rule_pick, ["no pilot scored: the rule of thumb decides"]
+        return rule_pick, said + ["no pilot scored: the rule of thumb decides"]
     best = max(scored, key=lambda m: scored[m]["expected_score"])
     b = scored[best]
     say = lambda m: (f"{m} {scored[m]['expected_score']:.0%} ± {scored[m]['uncertainty']:.0%}"  # noqa: E731
                      + (" (measured)" if m == "prompting" else ""))
     if rule_pick not in scored:
-        return best, [f"pilots: {say(best)} is the best expected score"]
+        return best, said + [f"pilots: {say(best)} is the best expected score"]
     if best == rule_pick:
-        return best, [f"pilots agree: {say(best)} is the best expected score"]
+        return best, said + [f"pilots agree: {say(best)} is the best expected score"]
     r = scored[rule_pick]
     noise = max(b["uncertainty"], r["uncertainty"], PILOT_MARGIN)
     if b["expected_score"] - r["expected_score"] > noise:
-        return best, [f"pilots: {say(best)} beats the rule's {say(rule_pick)} by more than the noise ({noise:.0%})"]
-    return rule_pick, [f"pilots: no method beats {say(rule_pick)} by more than the noise ({noise:.0%}; best "
+        return best, said + [f"pilots: {say(best)} beats the rule's {say(rule_pick)} by more than the noise "
+                             f"({noise:.0%})"]
+    return rule_pick, said + [f"pilots: no method beats {say(rule_pick)} by more than the noise ({noise:.0%}; best "
                        f"{say(best)}): the rule of thumb's pick stands"]
 
 
@@ -492,9 +497,11 @@ def advise(cfg, *, budget: Budget, out_dir: Path, general: str = "gym:regression
     if pilot_minutes is not None:
         pilots = run_pilots(cfg, candidates, data, budget, minutes=pilot_minutes, out_dir=out_dir, lrs=lrs,
                             domain_text=domain_text)
+        limit = cfg.eval.guard_max_drift_kl if cfg.eval.guard == "on" else None
         for m, p in pilots.items():
             candidates[m].update(expected_score=p["expected_score"], uncertainty=p["uncertainty"],
-                                 forgetting_risk=p["forgetting_risk"], score_source="pilot", pilot=p)
+                                 forgetting_risk=p["forgetting_risk"], score_source="pilot", pilot=p,
+                                 guard_stops=limit is not None and p["projected_drift_kl"] > limit)
         rec, more = decide_with_pilots(rec, candidates)
         reasons += more
     recipe = write_recipe(out_dir / "advice.yaml", cfg, rec, out_dir, domain_text, lrs)

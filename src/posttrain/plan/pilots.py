@@ -121,7 +121,8 @@ class HeldOut:
 def run_pilot(cfg, method: str, *, steps: int, full_steps: int, lr: float, scorer: HeldOut, out_dir: Path,
               references: tuple, domain_text: Optional[str] = None, cpt_steps: int = 0, cpt_lr: float = 0.0) -> dict:
     """One pilot: train `steps` SFT steps of `method` (after `cpt_steps` of continued pretraining for
-    cpt+sft), score the held-out rows PILOT_POINTS times, extrapolate to `full_steps`, measure forgetting."""
+    cpt+sft, counted in the curve's steps), score the held-out rows PILOT_POINTS times, extrapolate to
+    `full_steps` (both stages for cpt+sft), measure forgetting."""
     from posttrain.eval.drift import drift
     from posttrain.eval.perplexity import perplexity_change
     from posttrain.stages import cpt, load_config, sft
@@ -136,23 +137,39 @@ def run_pilot(cfg, method: str, *, steps: int, full_steps: int, lr: float, score
                                       f"train.lr={cpt_lr}", f"train.max_steps={cpt_steps}",
                                       f"output_dir={out_dir / 'cpt'}", *common])
         start = str(cpt.run(c).model_dir)
-    points, correct = [], []
+    points, correct, drifts = [], [], []
+    drift_ref, text_ref = references
 
     def evaluate(model, step):
-        points.append(step)
+        points.append(cpt_steps + step)  # cpt+sft: the curve runs over both stages' steps
         correct.append(scorer(model))
-        return {"target_score": sum(correct[-1]) / len(correct[-1])}
+        drifts.append(drift(model, drift_ref, pad_id=scorer.tok.pad_token_id or 0)["drift_kl"])
+        return {"target_score": sum(correct[-1]) / len(correct[-1]), "drift_kl": drifts[-1]}
 
     ov = [f"model={start}", f"data.train={cfg.data.train}", f"adapter.type={PILOT_ADAPTERS[method]}",
           f"train.lr={lr}", f"train.max_steps={steps}", f"train.eval_every={max(1, steps // PILOT_POINTS)}",
           f"output_dir={out_dir / 'sft'}", *common]
     run = sft.run(load_config("sft", None, ov), evaluators=[evaluate])
-    drift_ref, text_ref = references
     pad = run.tokenizer.pad_token_id or 0
     forgetting = {**drift(run.model, drift_ref, pad_id=pad), **perplexity_change(run.model, text_ref, pad_id=pad)}
     out = extrapolate(points, correct, full_steps)
     out.update(method=method, pilot_steps=steps, cpt_steps=cpt_steps, learning_rate=lr,
                pilot_score=out["points"][-1]["score"], drift_kl=forgetting["drift_kl"],
                general_ppl_change=forgetting["general_ppl_change"],
-               forgetting_risk=forgetting_label(forgetting["general_ppl_change"], forgetting["drift_kl"]))
+               forgetting_risk=forgetting_label(forgetting["general_ppl_change"], forgetting["drift_kl"]),
+               drift_points=drifts, projected_drift_kl=project_drift(points, drifts, full_steps))
     return out
+
+
+def project_drift(steps: Sequence[int], drifts: Sequence[float], target: int) -> float:
+    """The drift from the base at `target` steps: a power law in steps, drift = B t^beta, fitted by least
+    squares in log-log space on the pilot's points (drift grows as training moves away from the base)."""
+    pts = [(s, d) for s, d in zip(steps, drifts) if d > 0]
+    if len(pts) < 2:
+        return max(drifts, default=0.0)
+    x = [math.log(s) for s, _ in pts]
+    y = [math.log(d) for _, d in pts]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxx = sum((a - mx) ** 2 for a in x)
+    beta = max(0.0, sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx) if sxx > 0 else 0.0
+    return max(drifts[-1], math.exp(my + beta * (math.log(target) - mx)))
