@@ -116,8 +116,10 @@ def test_every_recipe_the_adviser_writes_is_a_valid_pipeline(tmp_path, method, s
     if adapter is not None:
         last = recipe.stages[-1].cfg
         assert last.adapter.type == adapter and last.train.lr == LEARNING_RATES[method][1]
-    if method == "cpt+sft":  # continued pretraining trains every weight
-        assert recipe.stages[0].cfg.adapter.type == "none" and recipe.stages[0].cfg.train.lr == LEARNING_RATES["full"][1]
+    if method == "cpt+sft":  # continued pretraining trains every weight, unguarded; the SFT after it is guarded
+        first = recipe.stages[0].cfg
+        assert first.adapter.type == "none" and first.train.lr == LEARNING_RATES["full"][1]
+        assert first.eval.guard == "off" and recipe.stages[1].cfg.eval.guard == "on"
 
 
 def test_learning_rates_scale_with_model_size(tmp_path):

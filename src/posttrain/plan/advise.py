@@ -448,7 +448,10 @@ def write_recipe(path: Path, cfg, method: str, out_dir: Path, domain_text: Optio
         if method == "cpt+sft":
             cpt = {"name": "cpt", "stage": "cpt", "model": cfg.model,
                    "data": {"train": domain_text, "max_length": cfg.data.max_length},
-                   "train": {**train, "lr": lrs["cpt"][1] if "cpt" in lrs else LEARNING_RATES["full"][1]}}
+                   "train": {**train, "lr": lrs["cpt"][1] if "cpt" in lrs else LEARNING_RATES["full"][1]},
+                   # new domain text moves the model away from the base by design: the drift guard would
+                   # roll it back; the SFT stage after it is guarded (against the CPT model)
+                   "eval": {"guard": "off"}}
             stages = [cpt, sft]
         else:
             sft["model"] = cfg.model
@@ -501,7 +504,9 @@ def advise(cfg, *, budget: Budget, out_dir: Path, general: str = "gym:regression
         for m, p in pilots.items():
             candidates[m].update(expected_score=p["expected_score"], uncertainty=p["uncertainty"],
                                  forgetting_risk=p["forgetting_risk"], score_source="pilot", pilot=p,
-                                 guard_stops=limit is not None and p["projected_drift_kl"] > limit)
+                                 # continued pretraining moves the model by design; its recipe runs
+                                 # that stage unguarded, and the SFT after it is guarded against the CPT model
+                                 guard_stops=m != "cpt+sft" and limit is not None and p["projected_drift_kl"] > limit)
         rec, more = decide_with_pilots(rec, candidates)
         reasons += more
     recipe = write_recipe(out_dir / "advice.yaml", cfg, rec, out_dir, domain_text, lrs)
