@@ -1,0 +1,48 @@
+"""The demo's multi-turn tool rows (issue 21): `lookup_sft` (SFT of the bundled base on gym:lookup traces),
+then `lookup` (multi-turn GRPO against the gym:lookup environment).
+
+Success is the fraction of 200 held-out questions answered right by greedy episodes (`lookup_success`).
+The run is the shipped recipe's optional rows through `posttrain demo --stages base,lookup_sft,lookup`,
+so these are the numbers the demo prints. Marked slow (numbers and duration in docs/rl.md).
+"""
+
+import json
+
+import pytest
+
+from posttrain.pipeline.demo import DEFAULT_STAGES, OPTIONAL_ROWS, run_demo
+
+pytestmark = pytest.mark.slow
+
+TARGET_GAIN = 0.20          # success points (0-1): issue 21
+MAX_INVALID = 0.02          # invalid tool calls after GRPO
+MAX_TRAIN_S = 600           # "within 10 minutes on 2 cores"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-lookup")
+    return out, run_demo(out, stages=("base", "lookup_sft", "lookup"))
+
+
+def test_the_lookup_rows_are_optional():
+    assert {"lookup_sft", "lookup"} <= set(OPTIONAL_ROWS) and not {"lookup_sft", "lookup"} & set(DEFAULT_STAGES)
+
+
+def test_multi_turn_grpo_raises_lookup_success(demo):
+    out, s = demo
+    sft, rl = s["lookup_sft"], s["lookup"]
+    print(json.dumps({"lookup_sft": sft, "lookup": rl}))
+    assert 0.1 <= sft["lookup_success"] <= 0.7, sft      # SFT leaves room: a moderate X
+    assert rl["lookup_success"] - sft["lookup_success"] >= TARGET_GAIN, (sft, rl)
+    assert rl["invalid_call_rate"] <= MAX_INVALID, rl
+    assert rl["train_time_s"] <= MAX_TRAIN_S, rl
+    lin = json.loads((out / "lineage.json").read_text())
+    assert lin["stages"]["lookup"]["started_from"] == "lookup_sft"
+    # the training log carries the episode metrics, and the reward rose
+    train = [r for r in map(json.loads, (out / "lookup" / "metrics.jsonl").read_text().splitlines())
+             if r.get("split") == "train"]
+    assert all({"turns_per_episode", "tool_calls_per_episode", "invalid_call_rate", "reward_per_turn"} <= set(r)
+               for r in train)
+    k = max(1, len(train) // 4)
+    assert sum(r["reward"] for r in train[-k:]) / k > sum(r["reward"] for r in train[:k]) / k, train
