@@ -42,13 +42,14 @@ def _select(model, names: Optional[list[str]]):
 class _LeanLora(torch.nn.Module):
     """`LoraLinear.forward` for one plain LoRA adapter without dropout, as bare ops in the same order."""
 
-    def __init__(self, base: torch.nn.Linear, A: torch.Tensor, B: torch.Tensor, scaling: float):
+    def __init__(self, base: torch.nn.Linear, lora_A: torch.nn.Linear, lora_B: torch.nn.Linear, scaling: float):
         super().__init__()
-        self.weight, self.bias, self.A, self.B, self.scaling = base.weight, base.bias, A, B, scaling
+        # the layers, not their tensors: weights are read at call time (FSDP2 swaps in unsharded ones)
+        self.base, self.lora_A, self.lora_B, self.scaling = base, lora_A, lora_B, scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        return out + F.linear(F.linear(x, self.A) * self.scaling, self.B)
+        out = F.linear(x, self.base.weight, self.base.bias)
+        return out + F.linear(F.linear(x, self.lora_A.weight) * self.scaling, self.lora_B.weight)
 
 
 def _single_lora(model) -> Optional[str]:
@@ -87,7 +88,7 @@ def lean_adapter(model):
         if ad is None or ad.is_dora or not isinstance(ad.dropout, torch.nn.Identity) \
                 or type(layer.base_layer) is not torch.nn.Linear or ad.lora_A.weight.dtype != layer.weight.dtype:
             return None
-        return _LeanLora(layer.base_layer, ad.lora_A.weight, ad.lora_B.weight, ad.scaling)
+        return _LeanLora(layer.base_layer, ad.lora_A, ad.lora_B, ad.scaling)
 
     return _swapped(model, make) if name is not None else nullcontext()
 
