@@ -55,7 +55,8 @@ def test_export_writes_a_merged_model_its_card_and_gguf(lora_run, tmp_path):
         (lora_run / "config.yaml").read_text())
     (src, digest), = manifest["data"].items()
     assert f"| run | `{src}` | `{digest}` |" in card
-    assert "- run: not run (set eval.regression_every to guard against forgetting)" in card
+    # two steps are too short for a drift check within the guard's 10% budget: the card says so
+    assert "- run: on (drift guard): no check after the start: the run (" in card
     assert f"transformers {manifest['versions']['transformers']}" in card and "GGUF (llama.cpp, Ollama): " \
         "`model-q8_0.gguf`." in card and "## Licence\n\n`apache-2.0`" in card
 
@@ -70,6 +71,11 @@ def test_guard_verdicts_read_the_runs_evaluations():
         "passed: 2 check(s), largest drop of the regression score +0.030 (within the limit 0.05)"
     stop = "forgetting guard: regression score 0.700 is 0.110 below the reference 0.810 (limit 0.05)"
     assert guard_verdict(info({"eval_history": hist, "stop_reason": stop})) == f"stopped: {stop}"
+    drift = {"checks": 3, "drift_kl": 0.1234, "max_drift_kl": 0.5, "general_ppl_change": 0.031, "max_ppl_change": 1.0}
+    assert guard_verdict(info({"guard": drift, "stop_reason": None})) == (
+        "on (drift guard): 3 check(s) did not stop the run; last drift 0.123 nats/token (limit 0.5), "
+        "general perplexity change +3.1% (limit 100%)")
+    assert guard_verdict(info({"stop_reason": None})) == "not run (the run's guard was off, eval.guard: off)"
 
 
 def test_push_to_hub_offline_is_one_clear_error_after_a_complete_export(lora_run, tmp_path, monkeypatch):

@@ -43,3 +43,18 @@ def test_table_fits_100_columns_with_common_columns_and_each_stages_measures_ben
     pairs = " ".join(base_extra).split()
     assert pairs[pairs.index("no_call_rate") + 1] == "1.000"
 
+
+
+def test_a_runs_glance_says_what_the_default_drift_guard_saw():
+    from posttrain.report.runs import glance
+
+    g = {"checks": 2, "drift_kl": 0.41, "max_drift_kl": 0.5, "general_ppl_change": -0.02, "max_ppl_change": None}
+    run = {"status": "completed", "stage": "sft", "model": "m", "rows": [],
+           "manifest_data": {"result": {"guard": g, "stop_reason": None}}, "config_data": {"eval": {}}}
+    assert glance(run)["guard"] == ("on (drift guard): 2 check(s) did not stop the run; last drift 0.410 nats/token "
+                                    "(limit 0.5), general perplexity change -2.0% (limit none)")
+    stop = "forgetting guard: drift from the base 0.710 nats/token > limit 0.5; rolled back to step 40"
+    run["manifest_data"]["result"]["stop_reason"] = stop
+    assert glance(run)["guard"] == stop
+    run["manifest_data"]["result"] = {}
+    assert glance(run)["guard"] == "off"

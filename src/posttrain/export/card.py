@@ -18,6 +18,8 @@ from typing import Optional
 
 import yaml
 
+from posttrain.report.runs import drift_verdict
+
 
 class CardError(ValueError):
     """A directory that is neither a finished run nor a pipeline output."""
@@ -96,8 +98,11 @@ def guard_verdict(info: StageInfo) -> str:
         return f"stopped: {reason}"
     limit = ((info.config.get("eval") or {}).get("regression_max_drop"))
     drops = [h["regression_drop"] for h in result.get("eval_history") or [] if "regression_drop" in h]
+    drift = result.get("guard")
+    if not drops and isinstance(drift, dict) and "drift_kl" in drift:
+        return drift_verdict(drift)
     if not drops:
-        return "not run (set eval.regression_every to guard against forgetting)"
+        return "not run (the run's guard was off, eval.guard: off)"
     worst = max(drops)
     within = f"within the limit {limit}" if limit is not None else "no limit set"
     return f"passed: {len(drops)} check(s), largest drop of the regression score {worst:+.3f} ({within})"

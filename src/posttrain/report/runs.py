@@ -9,6 +9,7 @@ import datetime as _dt
 import json
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -128,15 +129,27 @@ def glance(run: dict) -> dict:
         "status": run["status"], "stage": run["stage"], "model": run["model"],
         "started": started.strftime("%Y-%m-%d %H:%M UTC") if started else "–",
         "duration_s": duration, "last_step": max(steps) if steps else None, "headline": headline,
-        "guard": _guard(reason, (run.get("config_data") or {}).get("eval") or {}, "regression score" in headline),
+        "guard": _guard(reason, (run.get("config_data") or {}).get("eval") or {}, "regression score" in headline,
+                        (m.get("result") or {}).get("guard")),
         "error": m.get("error"),
     }
 
 
-def _guard(reason, eval_cfg: dict, measured: bool) -> str:
-    """The forgetting guard's verdict in a few words."""
+def _guard(reason, eval_cfg: dict, measured: bool, drift: Optional[dict] = None) -> str:
+    """The forgetting guard's verdict in a few words (`drift`: the result's `guard` summary, eval/guard.py)."""
     if reason and "guard" in str(reason):
         return str(reason)
+    if isinstance(drift, dict) and "drift_kl" in drift:
+        return drift_verdict(drift)
     if isinstance(eval_cfg, dict) and eval_cfg.get("regression_max_drop"):
         return f"on (max drop {eval_cfg['regression_max_drop']}): did not stop the run"
     return "off (regression score measured)" if measured else "off"
+
+
+def drift_verdict(g: dict) -> str:
+    """The default guard's summary in one line: its checks and the last one's numbers against the limits."""
+    if not g.get("checks"):
+        return f"on (drift guard): {g.get('note') or 'no check after the start'}"
+    return (f"on (drift guard): {g['checks']} check(s) did not stop the run; last drift {g['drift_kl']:.3f} nats/token "
+            f"(limit {g['max_drift_kl']}), general perplexity change {g['general_ppl_change']:+.1%} "
+            f"(limit {'none' if g['max_ppl_change'] is None else format(g['max_ppl_change'], '.0%')})")
