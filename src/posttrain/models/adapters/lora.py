@@ -122,7 +122,25 @@ class LoraLinear(nn.Module):
         self.adapters[name] = ad
         return ad
 
+    def _lean(self) -> Optional[LoraWeights]:
+        """The one active adapter when it is plain LoRA (no DoRA, no dropout) in the base's dtype on a
+        plain linear base, every row using it; else None."""
+        st = self.state
+        if st.disabled or st.rows is not None or len(st.active) != 1 or type(self.base_layer) is not nn.Linear:
+            return None
+        ad = self.adapters[st.active[0]] if st.active[0] in self.adapters else None
+        if ad is None or ad.is_dora or type(ad.dropout) is not nn.Identity \
+                or ad.lora_A.weight.dtype != self.base_layer.weight.dtype:
+            return None
+        return ad
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ad = self._lean()
+        if ad is not None:
+            # `LoraWeights.forward`'s ops in its order as bare functions (the lean sampling layers of
+            # rollout/hf.py): the same numbers and gradients without five nested module calls
+            out = F.linear(x, self.base_layer.weight, self.base_layer.bias)
+            return out + F.linear(F.linear(x, ad.lora_A.weight) * ad.scaling, ad.lora_B.weight)
         out = self.base_layer(x)
         st = self.state
         if st.disabled or not len(self.adapters):
