@@ -1,4 +1,4 @@
-"""bench/hacking_demo.py end to end (slow: a reasoning SFT and five GRPO runs of 36 steps, 35-40 min on a
+"""bench/hacking_demo.py end to end (slow: a reasoning SFT and five GRPO runs of 36 steps, 20 min at load 5-6 on a
 shared 2-core machine): the issue's target, a hackable reward caught within the first third, clean seeds quiet."""
 
 import json
