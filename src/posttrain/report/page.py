@@ -16,7 +16,7 @@ from pathlib import Path
 
 from posttrain.report.groups import FOLDED, group_of, metric_order, splits_of, worth_plotting
 from posttrain.report.metrics import is_number, last_values, series
-from posttrain.report.plots import plot_metric, title_of
+from posttrain.report.lineplot import plot_metric, title_of
 from posttrain.report.runs import load_run
 from posttrain.report.templates import CSS, render
 

@@ -1,4 +1,4 @@
-"""One PNG per metric, rendered with matplotlib's Agg canvas and returned as bytes.
+"""The evaluation plots (bars with error bars), rendered with matplotlib's Agg canvas and returned as PNG bytes.
 
 The object-oriented API (``Figure`` + ``FigureCanvasAgg``) is used instead of ``pyplot``: it
 never touches the process-wide backend or pyplot's figure registry, so building a report inside
@@ -12,49 +12,8 @@ import io
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-# Which metrics are drawn, and in which order, is `posttrain.report.groups`.
-_TITLES = {"lr": "learning rate", "learning_rate": "learning rate"}
-_STYLE = {"train": "-", "eval": "--"}
-
-
-def title_of(key: str) -> str:
-    return _TITLES.get(key, key.replace("_", " "))
-
-
-def plot_metric(key: str, lines: list[tuple[str, str, list[float], list[float]]], *, color_of: dict[str, int]) -> bytes:
-    """PNG of one metric over steps.
-
-    ``lines`` holds ``(run_name, split, steps, values)``. Colour says which run, line style says
-    which split, so train and eval loss of several runs share one set of axes.
-    """
-    fig = Figure(figsize=(5.0, 3.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    several_runs = len({run for run, *_ in lines}) > 1
-    several_splits = len({split for _, split, *_ in lines}) > 1
-    for run, split, steps, values in lines:
-        label = " / ".join(x for x, show in ((run, several_runs), (split, several_splits)) if show) or split
-        ax.plot(
-            steps,
-            values,
-            linestyle=_STYLE.get(split, ":"),
-            # Sparse series (eval every N steps) are unreadable without markers.
-            marker="o" if len(steps) <= 40 else None,
-            markersize=3,
-            linewidth=1.4,
-            color=f"C{color_of[run] % 10}",
-            label=label,
-        )
-    ax.set_title(title_of(key), fontsize=11)
-    ax.set_xlabel("step")
-    ax.grid(True, alpha=0.3)
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
-    if len(lines) > 1:
-        ax.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+# The curves over steps are drawn without matplotlib (`report.lineplot`); `title_of` stays importable here.
+from posttrain.report.lineplot import title_of  # noqa: F401  (the studio's titles)
 
 
 def plot_bars(title: str, labels: list[str], groups: list[tuple[str, list[float], list[float]]], *,
