@@ -5,14 +5,18 @@ A blow-up tripwire beside the drift measure (posttrain.eval.drift); docs/eval.md
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from posttrain.eval.drift import GENERAL_TEXT, _batches, _pad_id
+from posttrain.eval.drift import CACHE_VERSION, GENERAL_TEXT, _batches, _pad_id, cache_dir, fingerprint
 from posttrain.data.formats import to_example
 from posttrain.data.render import IGNORE_INDEX, tokenize_examples
 from posttrain.data.sources import read_records
@@ -84,12 +88,37 @@ def mean_nll(model, rows: Sequence[list[int]], start: Sequence[int], *, batch_si
 
 
 def text_reference(model, tokenizer, source=None, *, n: int = 64, max_length: int = 256,
-                   batch_size: int = 16) -> TextReference:
-    """General-text rows and the base's perplexity on them (adapters disabled)."""
+                   batch_size: int = 16, cache: bool = True) -> TextReference:
+    """General-text rows and the base's perplexity on them (adapters disabled).
+
+    The base's NLL is a function of the base weights, the tokenizer, the rows and the batching, so it
+    is cached beside the drift references (`drift.cache_dir()`, one small JSON file per key) under a
+    key that hashes all of them: a run on a base seen before skips these forwards (0.6 s of the guard's
+    set-up on the bundled model, docs/benchmarks.md), with the same number (JSON keeps a float exact).
+    """
     rows, start, name = general_text_rows(tokenizer, source, n=n, max_length=max_length)
-    with adapters.disabled(model):
-        nll = mean_nll(model, rows, start, batch_size=batch_size, pad_id=_pad_id(tokenizer))
+    pad = _pad_id(tokenizer)
+    key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "base": fingerprint(model, tokenizer), "rows": rows,
+                                     "start": start, "batch_size": batch_size, "pad": pad}).encode()).hexdigest()[:32]
+    path = cache_dir() / f"ppl-{key}.json"
+    nll = _cached_nll(path) if cache else None
+    if nll is None:
+        with adapters.disabled(model):
+            nll = mean_nll(model, rows, start, batch_size=batch_size, pad_id=pad)
+        if cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"base_nll": nll}))
+            os.replace(tmp, path)  # atomic, as the drift references
     return TextReference(rows, start, math.exp(nll), name)
+
+
+def _cached_nll(path: Path) -> Optional[float]:
+    try:
+        nll = json.loads(path.read_text())["base_nll"]
+    except (OSError, ValueError, KeyError, TypeError):  # absent, truncated or foreign: measure again
+        return None
+    return float(nll) if isinstance(nll, (int, float)) else None
 
 
 def perplexity_change(model, ref: TextReference, *, batch_size: int = 16, pad_id: int = 0) -> dict:

@@ -1,0 +1,56 @@
+"""The guard's set-up from the cache: the base's general-text NLL is cached beside the drift reference,
+and a guard built from the cache measures exactly what an uncached one does."""
+
+import pytest
+import torch
+
+from posttrain.eval import drift as D
+from posttrain.eval import perplexity as P
+from posttrain.eval.guard import DriftGuard
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+
+
+def _lora_model(tiny_models):
+    from posttrain.config import AdapterConfig
+    from posttrain.models import adapters as A
+    from posttrain.models.loading import load
+
+    model, tok = load(tiny_models("qwen2"), device="cpu")
+    A.apply(model, AdapterConfig(type="lora", r=4))
+    with torch.no_grad():  # an adapter that already moved the model: the start check is not the base's
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    return model, tok
+
+
+def test_text_reference_cached_equals_measured(tiny_models):
+    model, tok = _lora_model(tiny_models)
+    fresh = P.text_reference(model, tok, n=8, cache=False)
+    assert not list(D.cache_dir().glob("ppl-*.json"))  # cache=False writes nothing
+    first = P.text_reference(model, tok, n=8)  # measures and writes
+    files = list(D.cache_dir().glob("ppl-*.json"))
+    assert len(files) == 1
+    again = P.text_reference(model, tok, n=8)  # reads
+    assert fresh.base_ppl == first.base_ppl == again.base_ppl  # bit for bit: JSON keeps a float exact
+    assert (again.rows, again.start) == (fresh.rows, fresh.start)
+    # another sample, another batching: other keys, never the stale number
+    assert P.text_reference(model, tok, n=6).base_ppl != fresh.base_ppl
+    P.text_reference(model, tok, n=8, batch_size=3)
+    assert len(list(D.cache_dir().glob("ppl-*.json"))) == 3
+    files[0].write_text('{"base_nll": ')  # torn file: measured again, the same number
+    assert P.text_reference(model, tok, n=8).base_ppl == fresh.base_ppl
+
+
+def test_guard_numbers_same_cached_and_uncached(tiny_models):
+    model, tok = _lora_model(tiny_models)
+    kw = dict(n_prompts=10, max_new_tokens=6, n_text=8)
+    cold = DriftGuard(model, tok, **kw)  # builds the drift reference and the base NLL, caches both
+    warm = DriftGuard(model, tok, **kw)
+    assert cold.text_ref.base_ppl == warm.text_ref.base_ppl
+    assert torch.equal(cold.drift_ref.topk_logp, warm.drift_ref.topk_logp)
+    assert cold.start == warm.start and cold.start["drift_kl"] > 0 and cold.start["general_ppl_change"] != 0
