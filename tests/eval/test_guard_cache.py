@@ -54,3 +54,14 @@ def test_guard_numbers_same_cached_and_uncached(tiny_models):
     assert cold.text_ref.base_ppl == warm.text_ref.base_ppl
     assert torch.equal(cold.drift_ref.topk_logp, warm.drift_ref.topk_logp)
     assert cold.start == warm.start and cold.start["drift_kl"] > 0 and cold.start["general_ppl_change"] != 0
+
+
+def test_reference_generation_batch_gives_the_same_tokens(tiny_models):
+    from posttrain.models.loading import load
+
+    model, tok = load(tiny_models("qwen2"), device="cpu")
+    kw = dict(n_prompts=24, max_new_tokens=8, top_k=16, cache=False)
+    by16 = D.build_drift_reference(model, tok, generation_batch_size=16, **kw)
+    by64 = D.build_drift_reference(model, tok, **kw)  # the default: all 24 prompts in one batch
+    assert by16.sequences == by64.sequences and by16.n_cont == by64.n_cont
+    assert torch.equal(by16.topk_ids, by64.topk_ids) and torch.equal(by16.topk_logp, by64.topk_logp)
