@@ -137,7 +137,8 @@ class AdapterConfig(Section):
 
 class EvalConfig(Section):
     regression_every: Optional[int] = Field(None, gt=0, description="Run the regression suite every N steps.")
-    regression_suite: str = Field("regression", description="Suite name or YAML path for the forgetting guard.")
+    regression_suite: str = Field("regression", description="Suite for the forgetting guard: a name, a YAML path, or lm-evaluation-harness tasks "
+                                  "as lm_eval:TASK[@N][,TASK[@N]...] (docs/eval.md).")
     regression_max_drop: Optional[float] = Field(None, gt=0, description="Stop (and restore the best) when the regression score drops by more than this (0-1 scale).")
     guard: Literal["on", "off"] = Field("on", description="The default forgetting guard in every training stage: "
                                         "drift from the starting model (KL per token on its own continuations of "

@@ -86,7 +86,7 @@ def keys(schema: type[BaseModel], prefix: str = "") -> list[KeyDoc]:
 def _show(value: Any) -> str:
     if value is REQUIRED:
         return "required"
-    if isinstance(value, dict):
+    if isinstance(value, dict) and value:
         return "{...}"
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
 
@@ -99,7 +99,9 @@ def format_help(schema: type[BaseModel], width: int = WIDTH) -> str:
             groups.setdefault(k.key, []).extend(_wrap(k.description, width, "  "))
             continue
         lines = groups.setdefault(k.section, [])
-        lines.append(f"  {k.key}  {k.type} = {_show(k.default)}")
+        # a long type (a list of many choices) wraps under the key rather than overflowing the width
+        lines += textwrap.wrap(f"{k.key}  {k.type} = {_show(k.default)}", width, initial_indent="  ",
+                               subsequent_indent="        ", break_long_words=False, break_on_hyphens=False)
         lines += _wrap(k.description, width, "      ")
     return "\n\n".join("\n".join([f"{name}.*" if name else "top level", *lines]) for name, lines in groups.items())
 

@@ -88,7 +88,8 @@ class HackingCheck:
         self.every = steps_per_rollout
         self.names = {"reward": "reward", "completion_length": "completion_length", "kl": "kl",
                       "distinct_2": "distinct_2", "identical_share": "identical_share",
-                      "zero_variance_frac": "zero_variance_frac", "verifier": "verifier", **(names or {})}
+                      "zero_variance_frac": "zero_variance_frac", "truncated_frac": "truncated_frac",
+                      "verifier": "verifier", **(names or {})}
         self.monitor = HackingMonitor(window=section.hacking_window, max_length_factor=section.hacking_max_length_factor,
                                       max_kl=section.hacking_max_kl, stop_on=stop_on,
                                       model=model if stop_on else None, snapshot_every=steps_per_rollout)
