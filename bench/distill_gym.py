@@ -1,16 +1,17 @@
 """On-policy distillation on the gym: the GRPO-trained reasoning model teaches the reasoning-SFT model.
 
-    python bench/distill_gym.py --student RUN/reasoning/model --teacher RUN/grpo/model \
-        [--steps 60] [--lr 3e-4] [--batch 16] [--grpo-steps 6] [--grpo-train-s 482] [--grpo-total-steps 160]
+    python bench/distill_gym.py --student RUN/reasoning_unguarded/model --teacher RUN/grpo_unguarded/model \
+        [--grpo-steps 4] [--grpo-train-s 482] [--grpo-total-steps 160] [--set train.max_steps=80 ...]
 
-Measures the teacher's and the student's greedy reasoning accuracy on the same 200 held-out test
-problems (before and after), trains the student with the `distill` stage, and, in the same process
-and so under the same machine load, times `--grpo-steps` steps of GRPO with the teacher's settings
-(the demo's `grpo` row) from the same student. The forgetting guard is off in both (`eval.guard=off`):
-the teacher's GRPO run was timed without it, and the students' drift is the point here. The issue's bar: accuracy >= 90% of the teacher's in
-<= 1/3 of GRPO's training time, judged both as seconds per step against seconds per step measured
-here (load-independent) and, with `--grpo-train-s`, against the time the teacher's run took.
-Prints the distillation's numbers as one JSON object, then all of them (with GRPO's timing) as another.
+The distillation is the demo recipe's `distill` row (its settings read from the recipe; `--set`
+overrides them). Measures the teacher's and the student's greedy reasoning accuracy on the same 200
+held-out test problems (before and after), trains the student with the `distill` stage, and then, in
+the same process and so under the same machine load, times `--grpo-steps` steps of GRPO with the
+teacher's settings (the demo's `grpo_unguarded` row, forgetting guard off like the `distill` row)
+from the same student. The issue's bar: accuracy >= 90% of the teacher's in <= 1/3 of the time
+GRPO took to train the teacher, judged against GRPO's seconds per step measured here (the same
+load) and, with `--grpo-train-s`, against the time the teacher's run took. Prints the
+distillation's numbers as one JSON object, then all of them (with GRPO's timing) as another.
 """
 
 from __future__ import annotations
@@ -51,57 +52,53 @@ def timed(fn):
 
 
 def distill_run(a, out: Path):
+    """The demo's `distill` row with this bench's student and teacher (and `--set` overrides)."""
+    from posttrain.pipeline.demo import stage_overrides
     from posttrain.stages import distill, load_config
 
+    row = [o for o in stage_overrides("distill") if not o.startswith("distill.teacher=")]
     cfg = load_config("distill", overrides=[
-        f"model={a.student}", f"distill.teacher={a.teacher}", "data.train=gym:reasoning:train", f"output_dir={out}",
-        f"train.max_steps={a.steps}", f"train.batch_size={a.batch}", f"train.lr={a.lr}", "train.warmup_steps=0",
-        "train.schedule=constant", "train.progress=false", f"train.seed={a.seed}",
-        f"distill.divergence={a.divergence}", "distill.max_new_tokens=112", f"distill.temperature={a.temperature}",
-        "distill.rewards=[gym:reasoning]", "eval.guard=off", *a.set])
-    return distill.run(cfg)
+        f"model={a.student}", "data.train=gym:reasoning:train", f"output_dir={out}", *row,
+        f"distill.teacher={a.teacher}", "train.progress=false", f"train.seed={a.seed}", *a.set])
+    return distill.run(cfg), cfg
 
 
 def grpo_run(a, out: Path, steps: int):
-    """GRPO exactly as the demo's `grpo` row trained the teacher (src/posttrain/gym/recipes/demo.yaml)."""
+    """GRPO exactly as the demo's `grpo_unguarded` row trained the teacher (src/posttrain/gym/recipes/demo.yaml)."""
     from posttrain.pipeline.demo import stage_overrides
     from posttrain.stages import grpo, load_config
 
     cfg = load_config("grpo", overrides=[
-        f"model={a.student}", "data.train=gym:reasoning:train", f"output_dir={out}", *stage_overrides("grpo"),
+        f"model={a.student}", "data.train=gym:reasoning:train", f"output_dir={out}", *stage_overrides("grpo_unguarded"),
         f"train.max_steps={steps}", "train.progress=false", "eval.guard=off"])
     return grpo.run(cfg)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--student", required=True, help="the reasoning-SFT model (the demo's `reasoning` row)")
-    ap.add_argument("--teacher", required=True, help="the GRPO-trained model (the demo's `grpo` row)")
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch", type=int, default=16, help="prompts per step (one sample each)")
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--divergence", default="reverse_kl")
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--student", required=True, help="the reasoning-SFT model (the demo's `reasoning_unguarded` row)")
+    ap.add_argument("--teacher", required=True, help="the GRPO-trained model (the demo's `grpo_unguarded` row)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--n", type=int, default=200, help="held-out test problems")
-    ap.add_argument("--grpo-steps", type=int, default=6, help="GRPO steps timed alongside (0: none)")
+    ap.add_argument("--grpo-steps", type=int, default=4, help="GRPO steps timed alongside (0: none)")
     ap.add_argument("--grpo-total-steps", type=int, default=160, help="the steps GRPO took to train the teacher")
     ap.add_argument("--grpo-train-s", type=float, default=None, help="the teacher's GRPO training time, if known")
     ap.add_argument("--skip-teacher", type=float, default=None, help="the teacher's accuracy, if already measured")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more distill overrides "
-                    "(distill.divergence=jsd, train.schedule=cosine, data.eval=..., ...)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of the demo's distill "
+                    "row (train.max_steps=80, distill.divergence=jsd, data.eval=..., ...)")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
     a = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)  # stable timings on a shared machine
     tmp = Path(a.out or tempfile.mkdtemp(prefix="bench-distill-"))
-    res = {"bench": "distill_gym", "student": a.student, "teacher": a.teacher, "steps": a.steps, "batch": a.batch,
-           "lr": a.lr, "divergence": a.divergence, "temperature": a.temperature, "n": a.n, "set": a.set,
+    res = {"bench": "distill_gym", "student": a.student, "teacher": a.teacher, "n": a.n, "set": a.set,
            "load_avg_start": os.getloadavg()}
     teacher = a.skip_teacher if a.skip_teacher is not None else accuracy(a.teacher, a.n)
     before = accuracy(a.student, a.n)
-    r, wall, cpu = timed(lambda: distill_run(a, tmp / "distill"))
+    (r, cfg), wall, cpu = timed(lambda: distill_run(a, tmp / "distill"))
+    res.update(steps=cfg.train.max_steps, batch=cfg.train.batch_size, lr=cfg.train.lr, schedule=cfg.train.schedule,
+               divergence=cfg.distill.divergence, temperature=cfg.distill.temperature)
     steps = _train_steps(r.output_dir)
     after = accuracy(r.model_dir, a.n)
     step_s = [s["step_time_s"] for s in steps]

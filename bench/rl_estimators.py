@@ -3,7 +3,8 @@
     python bench/rl_estimators.py --model RUN/reasoning/model [--steps 30] [--prompts 16] [--G 8] \
         [--lr 5e-5] [--only grpo,rloo] [--seed 42]
 
-Each estimator trains the `grpo` stage from the same reasoning-SFT model with the same prompts
+Each estimator trains the `grpo` stage from the same reasoning-SFT model (the demo's
+`reasoning_unguarded` row) with the settings of the demo's `grpo_unguarded` row and the same prompts
 (one seed: the same prompt order), G, lengths, learning rate and number of optimizer steps; only
 `grpo.advantage`, `grpo.loss`, `grpo.aggregation` and the clip ranges differ (ESTIMATORS below).
 Every rollout feeds 2 optimizer steps (`grpo.minibatches=2`) so that the second one is off-policy
@@ -53,14 +54,12 @@ def se(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n)
 
 
-def train(a, name: str, out: Path):
-    """(RunResult, wall s, CPU s of this process) of one estimator's run."""
-    from posttrain.pipeline.demo import stage_overrides
+def train(a, name: str, out: Path, row: list[str]):
+    """(RunResult, wall s, CPU s of this process) of one estimator's run; `row` the demo row's overrides."""
     from posttrain.stages import grpo, load_config
 
-    # the demo's grpo row (rewards, lengths, temperature, schedule) with this bench's budget
     cfg = load_config("grpo", overrides=[
-        f"model={a.model}", "data.train=gym:reasoning:train", f"output_dir={out}", *stage_overrides("grpo"),
+        f"model={a.model}", "data.train=gym:reasoning:train", f"output_dir={out}", *row,
         f"train.max_steps={a.steps}", f"train.batch_size={a.prompts}", f"train.lr={a.lr}", "train.progress=false",
         f"train.seed={a.seed}", "eval.guard=off", f"grpo.num_generations={a.G}", "grpo.minibatches=2",
         *ESTIMATORS[name]])
@@ -71,11 +70,11 @@ def train(a, name: str, out: Path):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="the reasoning-SFT model (the demo's `reasoning` row)")
+    ap.add_argument("--model", required=True, help="the reasoning-SFT model (the demo's `reasoning_unguarded` row)")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps per estimator")
     ap.add_argument("--prompts", type=int, default=16, help="prompts per rollout")
     ap.add_argument("--G", type=int, default=8, help="completions per prompt")
-    ap.add_argument("--lr", type=float, default=5e-5, help="the demo's grpo row's")
+    ap.add_argument("--lr", type=float, default=5e-5, help="the demo's grpo_unguarded row's")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--n", type=int, default=200, help="held-out test problems")
     ap.add_argument("--only", default=",".join(ESTIMATORS), help="comma-separated estimators")
@@ -89,13 +88,18 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(1)  # stable timings on a shared machine
+    from posttrain.pipeline.demo import stage_overrides
+
+    # the demo's grpo_unguarded row (the teacher's chain: full fine-tuning, fp32, rewards, lengths,
+    # temperature, schedule), read once so that every estimator gets the same settings
+    row = stage_overrides("grpo_unguarded")
     tmp = Path(tempfile.mkdtemp(prefix="bench-estimators-"))
     before = a.before if a.before is not None else accuracy(a.model, a.n)
     res = {"bench": "rl_estimators", "model": a.model, "steps": a.steps, "prompts": a.prompts, "G": a.G, "lr": a.lr,
-           "seed": a.seed, "n": a.n, "before": before, "before_se": round(se(before, a.n), 3), "runs": {}}
+           "seed": a.seed, "n": a.n, "row": row, "before": before, "before_se": round(se(before, a.n), 3), "runs": {}}
     for name in names:
         load0 = os.getloadavg()[0]
-        r, wall, cpu = train(a, name, tmp / name)
+        r, wall, cpu = train(a, name, tmp / name, row)
         after = accuracy(r.model_dir, a.n)
         steps = [json.loads(x) for x in (r.output_dir / "metrics.jsonl").read_text().splitlines()]
         steps = [s for s in steps if s.get("split") == "train"]
