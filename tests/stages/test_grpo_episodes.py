@@ -83,10 +83,17 @@ def test_multi_turn_grpo_logs_episode_metrics_and_resumes_bit_for_bit(prompts_fi
         assert [r["loss"] for r in _train_records(killed)] == losses, k
 
 
-def test_environment_config_errors(prompts_file, tmp_path):
+def test_environment_config_errors(prompts_file, tmp_path, capsys):
     with pytest.raises(ValueError, match="grpo.environment gives the episode reward: leave grpo.rewards empty"):
         _config(prompts_file, tmp_path / "a", "grpo.rewards=[math]")
-    with pytest.raises(ValueError, match="environment 'nowhere:Env': cannot import it"):
-        grpo.run(_config(prompts_file, tmp_path / "b", "grpo.environment=nowhere:Env"))
+    with pytest.raises(ValueError, match="environment 'nowhere:Env': cannot import it"):  # at load, a config error
+        _config(prompts_file, tmp_path / "b", "grpo.environment=nowhere:Env")
     with pytest.raises(ValueError, match="grpo: grpo.environment gives the episode reward: pass no reward_fns"):
         grpo.run(_config(prompts_file, tmp_path / "c"), reward_fns=[lambda p, c, **k: [0.0] * len(c)])
+    # through the CLI: one line naming the key's problem, no traceback
+    from posttrain.cli import main
+
+    assert main(["grpo", f"model={gym.base_model_path()}", f"data.train={prompts_file}",
+                 f"output_dir={tmp_path / 'd'}", "grpo.environment=nowhere:Env"]) == 2
+    err = capsys.readouterr().err
+    assert "environment 'nowhere:Env': cannot import it (No module named 'nowhere')" in err and "Traceback" not in err

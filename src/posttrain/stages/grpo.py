@@ -72,6 +72,8 @@ class GRPOConfig(RunConfig):
         check_rl_run(self, "grpo")
         if self.grpo.environment and self.grpo.rewards:
             raise ValueError("grpo.environment gives the episode reward: leave grpo.rewards empty")
+        if self.grpo.environment:
+            resolve_environment(self.grpo.environment)  # a name that does not import fails here, as a config error
         if self.grpo.minibatches > self.train.batch_size * self.grpo.num_generations:
             raise ValueError(f"grpo.minibatches={self.grpo.minibatches} exceeds the rows of a generation batch "
                              f"(train.batch_size x grpo.num_generations = "
