@@ -1,14 +1,14 @@
-"""The default demo on the bundled base model (about 4 min on 2 cores), measured, one run for every row.
+"""The default demo's first six rows on the bundled base model, measured, one run for every row.
 
 - issue 3: held-out instruction accuracy < 10% before SFT and >= 90% after, regression down <= 2 points;
 - issue 5: the dpo row's held-out preference accuracy >= 90%, regression within 2 points of SFT;
 - issue 9: safety row refusal >= 95%, over-refusal <= 5%, regression within 2 points of SFT;
   tools row valid calls >= 95%, no call when none fits >= 90%;
 - issue 6: the ppo row (RLHF against the demo's reward model, lr 2e-5) keeps regression and task accuracy.
-The reasoning chain (`reasoning`, `grpo`: about 12 min) has its own slow test, tests/demo/test_demo_grpo.py,
+The reasoning chain (`reasoning`, `grpo`) has its own slow test, tests/demo/test_demo_grpo.py,
 which CI runs after this suite.
-Measured 2026-11-27 (1 thread): sft 0.925/0.915, dpo pref 0.94 correctness 0.905, safety 1.00/0.00,
-tools 0.984/1.00, ppo 0.895/0.93; 227 s.
+Measured 2026-12-06 (1 thread, load 4-7, the forgetting guard on): sft 0.93/0.91, dpo pref 0.915
+correctness 0.90, safety 0.99/0.00, tools 0.976/1.00, ppo 0.895/0.91; no row stopped.
 """
 
 import json
@@ -66,6 +66,13 @@ def test_ppo_row_keeps_the_sft_model(demo):
     sft, ppo = s["sft"], s["ppo"]
     assert ppo["regression_score"] >= sft["regression_score"] - 0.02, (sft, ppo)
     assert ppo["task_accuracy"] >= sft["task_accuracy"] - 0.05, (sft, ppo)
+
+
+def test_the_forgetting_guard_stops_no_row(demo):
+    """The guard is on in every stage (issue 17); each row reports its drift from its start."""
+    _, s = demo
+    assert [r for r in ROWS if "stop_reason" in s[r]] == []
+    assert all(0.0 <= s[r]["drift_kl"] <= 1.0 for r in ROWS if r != "base"), s
 
 
 def test_demo_outputs(demo):
