@@ -20,7 +20,7 @@ def _lora_model(tiny_models):
     from posttrain.models.loading import load
 
     model, tok = load(tiny_models("qwen2"), device="cpu")
-    A.apply(model, AdapterConfig(type="lora", r=4))
+    A.apply(model, AdapterConfig(type="lora", r=8))
     with torch.no_grad():  # an adapter that already moved the model: the start check is not the base's
         for n, p in model.named_parameters():
             if "lora_B" in n:
