@@ -145,3 +145,25 @@ def test_audit_dataset_errors_or_warns(tmp_path, caplog):
     rep = A.audit_dataset(cfg, family_tokenizer("chatml"), strict=False)
     assert rep.counts["examples"] == 2 and rep.counts["loss_after_truncation"] == 1
     assert "data audit: 1 violation(s) in 2 examples" in caplog.text
+
+
+def test_a_short_tool_result_inside_the_call_before_it_is_not_flagged():
+    """A tool result ("1") that also occurs in the trained call before it ("2 - 1") is the tool's turn, not
+    trained text: the search for context moves past each trained assistant span (gym:lookup's case)."""
+    from posttrain.gym.chat_template import CHAT_TEMPLATE
+
+    tok = build_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    call = {"type": "function", "function": {"name": "calc", "arguments": {"expression": "2 - 1"}}}
+    row = {"messages": [{"role": "user", "content": "What is 2 - 1?"},
+                        {"role": "assistant", "content": "", "tool_calls": [call]},
+                        {"role": "tool", "content": "1"},
+                        {"role": "assistant", "content": "It is 1."}],
+           "tools": [{"type": "function", "function": {"name": "calc", "description": "Arithmetic",
+                                                        "parameters": {"type": "object", "properties": {
+                                                            "expression": {"type": "string"}}}}}]}
+    rep = A.audit_examples(_examples([row]), tok, max_length=256)
+    assert [v.check for v in rep.violations] == [], [str(v) for v in rep.violations]
+    ids, labels = render._render_all(_examples([row]), tok, {})[0]
+    marked = A.mark_loss(tok, ids, labels)
+    assert "[[It is 1." in marked.replace("[[ ", "[[") and marked.count("[[") == 2  # the call and the answer

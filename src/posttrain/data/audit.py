@@ -134,11 +134,17 @@ def _audit_chat(ex: Example, ids, labels, tokenizer) -> list[Violation]:
                                  "to stop"))
 
     # no loss on system / user / tool content
+    # the search moves past each trained assistant turn's whole span (tool calls included: a short tool
+    # result such as "1" must not be found inside the call before it, "2 - 1")
+    assistant_idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    span_of = dict(zip(assistant_idx[-len(spans):], spans)) if spans else {}
     cursor = 0
     for i, m in enumerate(messages):
         content = (m.get("content") or "").strip()
         if m["role"] == "assistant" or not content:
-            if m["role"] == "assistant" and content:
+            if i in span_of:
+                cursor = max(cursor, span_of[i][1])
+            elif m["role"] == "assistant" and content:
                 pos = full.find(content, cursor)
                 cursor = pos + len(content) if pos >= 0 else cursor
             continue
