@@ -196,3 +196,26 @@ def test_help_lists_the_guard_audit_and_hacking_keys(capsys):
             main([stage, "--help"])
         out = capsys.readouterr().out
         assert all(k in out for k in keys), (stage, [k for k in keys if k not in out])
+
+
+def test_hacking_verifier_feeds_reward_vs_verifier():
+    """`grpo.hacking_verifier` names the reward whose score is the verifier (logged as reward/NAME): the
+    training reward rising while it falls fires reward_vs_verifier; both rising does not."""
+    from posttrain.stages.rl_common import HackingCheck
+
+    cfg = load_config("grpo", None, ["grpo.rewards=[length,gym:reasoning]", "grpo.reward_weights=[1.0,0.0]",
+                                      "grpo.hacking_verifier=gym:reasoning"])
+
+    def run(verifier):
+        check = HackingCheck(cfg.grpo, None, 1)
+        fired = []
+        for step in range(1, 13):
+            m = {"reward": 0.1 + 0.05 * step, "reward/gym_reasoning": verifier(step), "completion_length": 30.0}
+            out, _ = check.after_step(None, step, 12, m)
+            fired = list(check.summary()["fired"])
+        return fired
+
+    assert "reward_vs_verifier" in run(lambda t: 0.6 - 0.04 * t)
+    assert "reward_vs_verifier" not in run(lambda t: 0.2 + 0.02 * t)
+    with pytest.raises(ValueError, match="hacking_verifier 'gym:math' is not one of rewards"):
+        load_config("grpo", None, ["grpo.rewards=[length]", "grpo.hacking_verifier=gym:math"])

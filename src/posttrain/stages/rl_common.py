@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from posttrain.config import Section
 from posttrain.engine.dist import all_reduce_sum, world_size
 from posttrain.eval.hacking import DETECTORS, Finding, HackingMonitor
-from posttrain.rewards.sets import RewardSet
+from posttrain.rewards.sets import RewardSet, resolve_reward
 from posttrain.rollout import BACKENDS
 
 
@@ -39,6 +39,10 @@ class SamplingSection(Section):
         "firing stops the run and rolls back to the last rollout at which none had fired: reward_vs_verifier, "
         "length_drift, component_divergence, diversity_collapse, kl_bound. Empty (default): every detector runs "
         "and only warns.")
+    hacking_verifier: Optional[str] = Field(
+        None, description="reward_vs_verifier: one of `rewards` that checks the task itself (e.g. gym:reasoning, "
+        "often at weight 0 in `reward_weights`); the detector fires when the training reward rises while this "
+        "score falls. Unset: that detector has nothing to compare and stays quiet.")
     hacking_window: int = Field(5, gt=0, description="Rollouts averaged at the start and at the end of a change; a "
                                 "detector needs 2 x this many rollouts before it can fire.")
     hacking_max_length_factor: float = Field(2.0, gt=1, description="length_drift: the mean completion length may "
@@ -50,6 +54,9 @@ class SamplingSection(Section):
     def _check_weights(self) -> "SamplingSection":
         if self.reward_weights is not None and self.rewards and len(self.reward_weights) != len(self.rewards):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards")
+        if self.hacking_verifier is not None and self.hacking_verifier not in self.rewards:
+            raise ValueError(f"hacking_verifier {self.hacking_verifier!r} is not one of rewards {self.rewards}: "
+                             "add it there (at weight 0 in reward_weights to only watch it)")
         return self
 
     def reward_set(self, extra=()) -> RewardSet:
@@ -90,6 +97,8 @@ class HackingCheck:
                       "distinct_2": "distinct_2", "identical_share": "identical_share",
                       "zero_variance_frac": "zero_variance_frac", "truncated_frac": "truncated_frac",
                       "verifier": "verifier", **(names or {})}
+        if section.hacking_verifier is not None:  # the reward set logs each function's mean as reward/NAME
+            self.names["verifier"] = f"reward/{resolve_reward(section.hacking_verifier)[0]}"
         self.monitor = HackingMonitor(window=section.hacking_window, max_length_factor=section.hacking_max_length_factor,
                                       max_kl=section.hacking_max_kl, stop_on=stop_on,
                                       model=model if stop_on else None, snapshot_every=steps_per_rollout)
