@@ -20,7 +20,7 @@ the bundled general prompts) and the general-text perplexity change (`eval/drift
 budget: a check runs as soon as the time spent on the guard, its set-up (the base's reference,
 built when it is not cached) and this check included, stays within `budget` (10%) of the wall
 time so far, so the interval follows the measured cost of a check and the measured step time, and
-a stage with slow steps (RL) checks more often in steps. A run too short to afford a check within
+a stage with slow steps (RL) checks more often in steps, up to `max_checks` (20) a run. A run too short to afford a check within
 the budget is not checked (its summary says so). Past a limit it restores the trainable weights of
 the last check within the limits (the starting weights if none) and stops the run with a one-line
 reason. The engine runs it as a `StepCheck` (`after_step`) after every optimizer step.
@@ -173,19 +173,23 @@ class DriftGuard:
         timed check of the starting model. A check, the last step's included, runs only within it.
     rollback: keep (on the CPU) the trainable weights of the last check within the limits and restore
         them when a limit is crossed; with False the run only stops.
+    max_checks: at most this many checks per run (one every total_steps / max_checks steps, and the last
+        step's): a run with slow steps (RL) would otherwise spend its whole budget on checks that
+        tell nothing new (a 160-step GRPO run made 109 checks, 9.2% of its time; with 20, about 2%).
     """
 
     def __init__(self, model, tokenizer, *, text_source=None, max_drift_kl: Optional[float] = DEFAULT_MAX_DRIFT_KL,
                  max_ppl_change: Optional[float] = DEFAULT_MAX_PPL_CHANGE, budget: float = DEFAULT_BUDGET,
                  n_prompts: Optional[int] = DEFAULT_PROMPTS, max_new_tokens: int = 32, n_text: int = 64,
-                 batch_size: int = 16, rollback: bool = True, clock: Callable[[], float] = time.perf_counter):
+                 batch_size: int = 16, rollback: bool = True, max_checks: int = 20,
+                 clock: Callable[[], float] = time.perf_counter):
         for name, v in (("max_drift_kl", max_drift_kl), ("max_ppl_change", max_ppl_change)):
             if v is not None and v <= 0:
                 raise ValueError(f"{name} must be > 0 (or None to only log), got {v}")
         if not 0 < budget < 1:
             raise ValueError(f"budget must be in (0, 1) (a share of the training time), got {budget}")
         self.max_drift_kl, self.max_ppl_change, self.budget = max_drift_kl, max_ppl_change, budget
-        self.rollback, self.batch_size, self.clock = rollback, batch_size, clock
+        self.rollback, self.batch_size, self.clock, self.max_checks = rollback, batch_size, clock, max_checks
         self.pad_id = drift_mod._pad_id(tokenizer)
         t0 = clock()
         self.drift_ref = drift_mod.build_drift_reference(model, tokenizer, n_prompts=n_prompts,
@@ -227,7 +231,9 @@ class DriftGuard:
         now = self.clock()
         self.train_s += now - self._last
         self._last = now
-        d = within_budget(self.spent_s, self.check_s, self.train_s, self.budget)
+        last = self.history[-1]["step"] if self.history else 0
+        spaced = not total_steps or step >= total_steps or step - last >= total_steps / self.max_checks
+        d = spaced and within_budget(self.spent_s, self.check_s, self.train_s, self.budget)
         return bool(all_reduce_sum(torch.tensor(int(d) if rank() == 0 else 0)).item())
 
     def after_step(self, model, step: int, total_steps: int, metrics: dict) -> tuple[dict, Optional[str]]:
