@@ -21,6 +21,8 @@ def _prompt_text(task, row):
         return row["prompt"]
     if task == "preference":
         return row["prompt"][0]["content"]
+    if task == "lookup":  # the question is about the asker's own country, the environment's hidden state
+        return (row["country"], row["messages"][0]["content"])
     return row["messages"][0]["content"]
 
 
