@@ -50,13 +50,11 @@ def _train_and_score(tmp_path, base: list[str], rows) -> dict:
     return scores
 
 
-@pytest.mark.slow
-def test_a_skill_the_base_has_needs_no_training(tmp_path):
-    """(a) The gym's regression set (what the base learned in pretraining, as plain prompt/completion
-    text): measured k-shot prompting already scores at least 90%, the adviser picks prompting, and no
-    trained alternative beats it by more than the noise of 50 examples (5 points)."""
-    train = gym.export("regression", "train", tmp_path / "train.jsonl", n=300)
-    held = gym.export("regression", "validation", tmp_path / "val.jsonl", n=50)
+def _advise_and_train_all(tmp_path, task: str):
+    """The adviser (with pilots) on 300 training and 50 held-out rows of a gym task, then every method
+    trained to the end: (advice, measured score per method, predicted score per method)."""
+    train = gym.export(task, "train", tmp_path / "train.jsonl", n=300)
+    held = gym.export(task, "validation", tmp_path / "val.jsonl", n=50)
     rows = [json.loads(x) for x in held.read_text().splitlines()]
     base = [f"model={gym.base_model_path()}", f"data.train={train}", "data.max_length=128", "eval.guard=off"]
     advice = advise(load_config("sft", None, base + [f"data.eval={held}", "train.batch_size=16",
@@ -65,7 +63,16 @@ def test_a_skill_the_base_has_needs_no_training(tmp_path):
     b = advice["data"]["baselines"]
     scores = {"prompting": max(b["k_shot"], b["zero_shot"]), **_train_and_score(tmp_path, base, rows)}
     predicted = {c["method"]: c["expected_score"] for c in advice["candidates"]}
-    print("scenario a:", scores, predicted, advice["reasons"][-1])
+    print(f"scenario {task}:", scores, predicted, advice["reasons"][-1])
+    return advice, scores, predicted
+
+
+@pytest.mark.slow
+def test_a_skill_the_base_has_needs_no_training(tmp_path):
+    """(a) The gym's regression set (what the base learned in pretraining, as plain prompt/completion
+    text): measured k-shot prompting already scores at least 90%, the adviser picks prompting, and no
+    trained alternative beats it by more than the noise of 50 examples (5 points)."""
+    advice, scores, predicted = _advise_and_train_all(tmp_path, "regression")
     assert advice["recommendation"] == "prompting" and scores["prompting"] >= 0.9, scores
     assert scores["prompting"] >= max(scores.values()) - 0.05, scores
     assert abs(predicted["prompting"] - scores["prompting"]) <= 0.10
@@ -78,17 +85,7 @@ def test_a_new_skill_from_a_few_hundred_examples(tmp_path):
     adviser's pick (with pilots) is the measured best within 5 points and far above prompting, and its
     predicted score is within 10 points (measured: LoRA 88%, full 86%, prompt tuning 2%, prompting 0%;
     the pick is full, predicted 95.9%)."""
-    train = gym.export("instruct", "train", tmp_path / "train.jsonl", n=300)
-    held = gym.export("instruct", "validation", tmp_path / "val.jsonl", n=50)
-    rows = [json.loads(x) for x in held.read_text().splitlines()]
-    base = [f"model={gym.base_model_path()}", f"data.train={train}", "data.max_length=128", "eval.guard=off"]
-    advice = advise(load_config("sft", None, base + [f"data.eval={held}", "train.batch_size=16",
-                                                     f"train.max_steps={STEPS}"]),
-                    budget=parse_budget(None), out_dir=tmp_path / "advice", pilot_minutes=PILOT_MINUTES)
-    b = advice["data"]["baselines"]
-    scores = {"prompting": max(b["k_shot"], b["zero_shot"]), **_train_and_score(tmp_path, base, rows)}
-    predicted = {c["method"]: c["expected_score"] for c in advice["candidates"]}
-    print("scenario b:", scores, predicted, advice["reasons"][-1])
+    advice, scores, predicted = _advise_and_train_all(tmp_path, "instruct")
     pick = advice["recommendation"]
     assert pick != "prompting" and scores[pick] > scores["prompting"] + 0.1, (pick, scores)
     assert scores[pick] >= max(scores.values()) - 0.05, (pick, scores)  # the measured best, within the noise
