@@ -89,6 +89,10 @@ class TrainConfig(Section):
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_steps: Optional[int] = Field(None, ge=0, description="Linear warmup steps (overrides `warmup_ratio`).")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Warmup as a fraction of total steps.")
+    schedule_steps: Optional[int] = Field(None, gt=0, description="Length of the learning-rate schedule (warmup_ratio's "
+                                          "total too); default: the run's own steps. Longer than the run, the run is "
+                                          "the first steps of that schedule and stops before its decay ends (the "
+                                          "adviser's pilots: docs/advise.md).")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm; null disables clipping.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast with fp32 master weights.")
     seed: int = Field(42, description="Seeds model init of new parts, dropout and the data order.")
@@ -118,6 +122,13 @@ class TrainConfig(Section):
         if isinstance(v, str):
             return [] if v in ("", "none") else [v]
         return v
+
+    @model_validator(mode="after")
+    def _schedule_covers_the_run(self) -> "TrainConfig":
+        if self.schedule_steps is not None and self.max_steps and self.schedule_steps < self.max_steps:
+            raise ValueError(f"train.schedule_steps={self.schedule_steps} is shorter than train.max_steps="
+                             f"{self.max_steps}: the schedule must cover the run (or leave it unset)")
+        return self
 
 
 class AdapterConfig(Section):

@@ -1,10 +1,18 @@
-"""AdamW and learning-rate schedules (linear warmup, then constant, linear or cosine decay)."""
+"""AdamW and learning-rate schedules (linear warmup, then constant, linear or cosine decay).
+
+The schedule's length is the run's own steps unless `train.schedule_steps` sets a longer one: then the
+run is the first steps of that schedule, and stops before the decay ends (a pilot of the adviser is
+the first minutes of the full run, learning rate included; docs/advise.md, "Pilots").
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
+
+from posttrain.config import ConfigError
 
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas, eps: float):
@@ -37,6 +45,17 @@ def lr_lambda(schedule: str, warmup: int, total: int):
         raise ValueError(f"unknown schedule '{schedule}'")
 
     return f
+
+
+def schedule_length(schedule_steps: Optional[int], run_steps: int) -> int:
+    """The schedule's length in optimizer steps: `train.schedule_steps`, else the run's own steps.
+    A schedule shorter than the run would train its last steps at the decayed end: refused."""
+    if schedule_steps is None:
+        return run_steps
+    if schedule_steps < run_steps:
+        raise ConfigError(f"train.schedule_steps={schedule_steps} is shorter than the run ({run_steps} optimizer "
+                          f"steps): set it to at least {run_steps}, or leave it unset for the run's own length")
+    return schedule_steps
 
 
 def build_scheduler(optimizer, *, schedule: str, warmup: int, total: int):

@@ -27,7 +27,7 @@ from posttrain.config import RunConfig
 from posttrain.engine import checkpoint as ckpt
 from posttrain.engine.dist import all_reduce_sum, rank, rollout_view, world_size
 from posttrain.engine.monitor import Monitor
-from posttrain.engine.optim import build_optimizer, build_scheduler
+from posttrain.engine.optim import build_optimizer, build_scheduler, schedule_length
 from posttrain.engine.precision import autocast
 from posttrain.engine.sampler import BatchSampler
 
@@ -143,6 +143,7 @@ class Engine:
         self.sampler = BatchSampler(len(data.train), self.t.batch_size, seed=self.t.seed,
                                     rank=rank(), world_size=world_size())
         self.total_steps = self._total_steps()
+        self.schedule_steps = schedule_length(self.t.schedule_steps, self.total_steps)  # the lr schedule's length
         self.step = 0
         self.best: Optional[float] = None
         self.bad_evals = 0
@@ -165,7 +166,7 @@ class Engine:
     def _warmup(self) -> int:
         if self.t.warmup_steps is not None:
             return self.t.warmup_steps
-        return int(self.t.warmup_ratio * self.total_steps)
+        return int(self.t.warmup_ratio * self.schedule_steps)
 
     def _autocast(self):
         return autocast(self.t.precision, self.device)
@@ -183,7 +184,7 @@ class Engine:
         self.optimizer = build_optimizer(model, lr=self.cfg.default_lr(), weight_decay=self.t.weight_decay,
                                          betas=self.t.adam_betas, eps=self.t.adam_eps)
         self.scheduler = build_scheduler(self.optimizer, schedule=self.t.schedule, warmup=self._warmup(),
-                                         total=self.total_steps)
+                                         total=self.schedule_steps)
         resumed_from = None
         if resume:
             last = ckpt.latest_checkpoint(self.ckpt_root)
