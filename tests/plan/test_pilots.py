@@ -127,3 +127,9 @@ def test_advise_with_pilots_end_to_end(tmp_path):
     assert c["qlora"]["expected_score"] is None  # LoRA fits: QLoRA is not piloted
     assert out["recommendation"] in ("lora", "full", "prompt_tuning", "prompting")
     assert any(r.startswith("pilots") for r in out["reasons"])
+    # each pilot is the first 5 steps of the 10-step run: its schedule is the full run's (cosine over 10
+    # steps after int(0.03 * 10) = 0 warmup steps), so its 5th step is at the middle of the decay, not at its end
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "adv" / "pilots" / "lora" / "sft" / "metrics.jsonl").read_text()
+           .splitlines() if json.loads(x)["split"] == "train"]
+    peak = out["pilots"]["lora"]["learning_rate"]
+    assert lrs == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(5)])

@@ -240,16 +240,16 @@ def run_pilots(cfg, candidates: dict[str, dict], data: dict, budget: Budget, *, 
     out = {}
     for method in pilot_plan(candidates, data, domain_text):
         c = candidates[method]
-        total = full_steps(c, budget)
+        total = full_steps(c, budget)  # the full run's SFT steps: the pilot's schedule
         steps = pilot_steps(minutes, c["step_time_s"], total)
         lr = lrs[method][1] if method != "cpt+sft" else lrs["lora"][1]
-        kw = {}
+        kw, target = {}, total
         if method == "cpt+sft":  # half the compute continues pretraining, half fine-tunes; so does the full run
             steps = max(1, steps // 2)
-            total *= 2
+            target = 2 * total
             kw = {"domain_text": domain_text, "cpt_steps": steps, "cpt_lr": lrs["cpt"][1]}
-        out[method] = run_pilot(cfg, method, steps=steps, full_steps=total, lr=lr, scorer=scorer,
-                                out_dir=out_dir / "pilots" / method, references=references, **kw)
+        out[method] = run_pilot(cfg, method, steps=steps, full_steps=target, schedule_steps=total, lr=lr,
+                                scorer=scorer, out_dir=out_dir / "pilots" / method, references=references, **kw)
     return out
 
 
@@ -291,7 +291,13 @@ def write_recipe(path: Path, cfg, method: str, out_dir: Path, domain_text: Optio
                               "max_length": cfg.data.max_length}.items() if v is not None}
     lr = lrs["lora" if method == "cpt+sft" else method][1] if method in lrs else None
     train = {"lr": lr, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
-             "precision": cfg.train.precision, "gradient_checkpointing": cfg.train.gradient_checkpointing}
+             "precision": cfg.train.precision, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+             # the schedule the pilots followed for their first steps (plan/pilots.py, schedule_overrides)
+             "schedule": cfg.train.schedule}
+    if cfg.train.warmup_steps is not None:
+        train["warmup_steps"] = cfg.train.warmup_steps
+    else:
+        train["warmup_ratio"] = cfg.train.warmup_ratio
     if cfg.train.max_steps:
         train["max_steps"] = cfg.train.max_steps
     kind = ADAPTER_OF[method]

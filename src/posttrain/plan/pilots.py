@@ -8,6 +8,9 @@ Equal compute: every method gets the same `minutes` of the planner's predicted s
 budget's device (on the CPU, the calibrated CPU time of one core), so a cheap method takes more
 steps than an expensive one. Each pilot is a real `posttrain sft` run (`cpt` then `sft` for
 continued pretraining then SFT) whose evaluator scores `PILOT_POINTS` times on the held-out rows.
+A pilot is the first steps of the full run, learning-rate schedule included: it trains on the full
+run's schedule (`train.schedule_steps`, the full run's steps) and stops at its own step count, so its
+curve is the full run's curve cut short, not a shorter run that anneals early.
 
 The learning curve (docs/advise.md, "Pilots"): the held-out error after t optimizer steps follows a
 power law, err(t) = A * t^-alpha with alpha >= 0 (Hestness et al. 2017, "Deep Learning Scaling is
@@ -118,18 +121,28 @@ class HeldOut:
         return [bool(self._correct(row, c.strip(), a)) for (row, _, a), c in zip(self.held, texts)]
 
 
+def schedule_overrides(cfg) -> list[str]:
+    """The full run's learning-rate schedule as overrides: the pilot's first steps follow it exactly."""
+    warmup = (f"train.warmup_steps={cfg.train.warmup_steps}" if cfg.train.warmup_steps is not None
+              else f"train.warmup_ratio={cfg.train.warmup_ratio}")
+    return [f"train.schedule={cfg.train.schedule}", warmup]
+
+
 def run_pilot(cfg, method: str, *, steps: int, full_steps: int, lr: float, scorer: HeldOut, out_dir: Path,
-              references: tuple, domain_text: Optional[str] = None, cpt_steps: int = 0, cpt_lr: float = 0.0) -> dict:
-    """One pilot: train `steps` SFT steps of `method` (after `cpt_steps` of continued pretraining for
-    cpt+sft, counted in the curve's steps), score the held-out rows PILOT_POINTS times, extrapolate to
-    `full_steps` (both stages for cpt+sft), measure forgetting."""
+              references: tuple, schedule_steps: Optional[int] = None, domain_text: Optional[str] = None,
+              cpt_steps: int = 0, cpt_lr: float = 0.0) -> dict:
+    """One pilot: the first `steps` SFT steps of `method`'s full run, whose schedule is `schedule_steps`
+    long (default `full_steps`), after `cpt_steps` of continued pretraining for cpt+sft (a whole short
+    run: the SFT starts from a finished one, as in the full run; counted in the curve's steps); score
+    the held-out rows PILOT_POINTS times, extrapolate to `full_steps` (both stages for cpt+sft),
+    measure forgetting."""
     from posttrain.eval.drift import drift
     from posttrain.eval.perplexity import perplexity_change
     from posttrain.stages import cpt, load_config, sft
 
     common = [f"data.max_length={cfg.data.max_length}", f"train.batch_size={cfg.train.batch_size}",
               f"train.grad_accum={cfg.train.grad_accum}", f"train.seed={cfg.train.seed}", "train.progress=false",
-              "eval.guard=off", f"train.warmup_steps={max(1, min(5, steps // 10))}",
+              "eval.guard=off", *schedule_overrides(cfg),
               f"train.gradient_checkpointing={str(cfg.train.gradient_checkpointing).lower()}"]
     start = str(cfg.model)
     if method == "cpt+sft":
@@ -147,7 +160,8 @@ def run_pilot(cfg, method: str, *, steps: int, full_steps: int, lr: float, score
         return {"target_score": sum(correct[-1]) / len(correct[-1]), "drift_kl": drifts[-1]}
 
     ov = [f"model={start}", f"data.train={cfg.data.train}", f"adapter.type={PILOT_ADAPTERS[method]}",
-          f"train.lr={lr}", f"train.max_steps={steps}", f"train.eval_every={max(1, steps // PILOT_POINTS)}",
+          f"train.lr={lr}", f"train.max_steps={steps}", f"train.schedule_steps={schedule_steps or full_steps}",
+          f"train.eval_every={max(1, steps // PILOT_POINTS)}",
           f"output_dir={out_dir / 'sft'}", *common]
     run = sft.run(load_config("sft", None, ov), evaluators=[evaluate])
     pad = run.tokenizer.pad_token_id or 0
