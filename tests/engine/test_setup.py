@@ -45,3 +45,34 @@ def test_qlora_is_quantized_on_the_cpu_then_moved(tiny_models):
     mlp_weight = (torch.float32, (c.intermediate_size, c.hidden_size))
     assert mlp_weight in seen["lora"] and mlp_weight not in seen["qlora"]
     assert (torch.uint8, (c.intermediate_size * c.hidden_size // 2,)) in seen["qlora"]  # the 4-bit codes, two a byte
+
+
+def test_qlora_from_released_pages_equals_quantizing_an_in_memory_copy(tiny_models):
+    """Releasing each fp32 weight's file pages after quantizing changes nothing: logits and LoRA
+    gradients equal those of the same model quantized from a copy of its weights in ordinary memory."""
+    from posttrain.config import AdapterConfig
+    from posttrain.engine.setup import load_for_training
+    from posttrain.models import adapters
+    from posttrain.models.loading import load
+
+    model_dir = tiny_models("llama")
+    cfg = load_config("sft", None, [f"model={model_dir}", "adapter.type=qlora", "data.train=x.jsonl",
+                                    "train.device=cpu"])
+    mapped, _ = load_for_training(cfg, device="cpu")
+    copy, _ = load(model_dir, dtype="fp32", device="cpu")
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.data = p.data.clone()  # out of the mapped file: nothing to release
+    torch.manual_seed(cfg.train.seed)
+    copy = adapters.apply(copy, AdapterConfig(type="qlora"))
+    ids = torch.randint(3, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for m in (mapped, copy):
+        for p in m.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(p.numel()))
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        outs.append((loss.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))

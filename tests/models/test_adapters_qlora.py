@@ -75,3 +75,71 @@ def test_qlora_trains_and_generates_on_cpu(tiny_models, tmp_path):
     assert (merged(input_ids=ids).logits - adapted).abs().max() < 1e-4
     A.merge(m)
     assert (m(input_ids=ids).logits - adapted).abs().max() < 1e-4
+
+
+def _mapping_rss(path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+def test_quantizing_releases_the_mapped_fp32_pages(tiny_models):
+    """The fp32 weights are pages of the mapped safetensors file: once a weight is quantized its pages
+    leave the process's RSS, and reading the old tensor again gives the file's values (MADV_DONTNEED on
+    a private file mapping drops pages, never data)."""
+    from posttrain.models.adapters.qlora import quantize_linears, release_pages
+    from posttrain.models.loading import load
+
+    path = tiny_models("llama", hidden=256, intermediate=1024, layers=2)
+    file = path / "model.safetensors"
+    m, _ = load(path, dtype="fp32", device="cpu")
+    w = m.model.layers[0].mlp.up_proj.weight.detach()
+    copy = w.clone()  # reads every page of the weight
+    linear_bytes = sum(x.weight.numel() * 4 for x in m.model.layers.modules() if isinstance(x, torch.nn.Linear))
+    before = _mapping_rss(file)
+    assert before >= w.numel() * 4
+    released = release_pages(w)
+    assert released >= w.numel() * 4 - 2 * 4096
+    assert _mapping_rss(file) <= before - released + 4096
+    assert torch.equal(w, copy)  # faulted in again from the file, unchanged
+    assert release_pages(copy) == 0  # anonymous memory is never released
+    for x in m.model.layers.modules():
+        if isinstance(x, torch.nn.Linear):
+            x.weight.detach().sum()  # every decoder weight resident, as a forward would leave them
+    resident = _mapping_rss(file)
+    assert resident >= linear_bytes
+    others = sum(p.numel() * 4 for p in m.parameters()) - linear_bytes
+    quantize_linears(m)  # embeddings and norms: still mapped
+    assert _mapping_rss(file) <= others + 16 * 4096
+    assert resident - _mapping_rss(file) >= linear_bytes - 16 * 4096
+
+
+def test_nf4_linear_matches_its_dequantized_weight_and_saves_no_dense_copy():
+    """Forward and input gradient equal a plain linear on the dequantized weight; autograd saves the
+    NF4 weight only (torchao's linear_nf4 dequantizes again in backward), never a dense [out, in] copy."""
+    from posttrain.models.adapters.qlora import NF4Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 512, bias=False)
+    q = NF4Linear(lin)
+    dense = q.dequantized_weight().float()
+    x = torch.randn(4, 256, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((type(t).__name__, tuple(t.shape))) or t,
+                                                  lambda t: t):
+        y = q(x)
+    y2 = torch.nn.functional.linear(x2, dense)
+    assert torch.allclose(y, y2, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    assert saved == [("NF4Tensor", (512, 256))]

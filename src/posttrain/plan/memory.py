@@ -24,8 +24,8 @@ Every term models what posttrain itself does (read, not guessed):
 Training peak = weights + adapter + optimizer + reference + KV cache + runtime + the largest of
 (1) end of forward: activations + logits (+ gradients when accumulating), (2) backward through the
 head: the same plus the head's gradient, (3) end of backward and the optimizer step: gradients + step
-temporaries. Loading peaks separately: posttrain loads fp32 weights onto the device before
-quantizing them for QLoRA.
+temporaries. Loading peaks separately: posttrain loads fp32 weights onto the device, except for
+QLoRA, which quantizes on the CPU layer by layer and then moves the NF4 model.
 """
 
 from __future__ import annotations
@@ -99,19 +99,17 @@ class RunSpec:
 def base_weight_bytes(s: ModelShape, spec: RunSpec) -> float:
     """The base model as stored during training: fp32, or NF4 decoder linears under QLoRA.
 
-    On the CPU the fp32 weights are pages of the memory-mapped safetensors file; under QLoRA that
-    mapping stays (the embeddings still use it), so its pages count on top of the NF4 copies; and
-    a frozen untied input embedding is read only at the rows of the tokens the data uses.
+    On the CPU the fp32 weights are pages of the memory-mapped safetensors file, and a frozen untied
+    input embedding is read only at the rows of the tokens the data uses. Under QLoRA the pages of
+    each quantized weight are released once its NF4 copy exists (`models.adapters.qlora`), so the
+    decoder's linears count as NF4 alone on the CPU too.
     """
     unread = 0
     if spec.device_kind == "cpu" and spec.embedding_rows is not None and not spec.trains_base and not s.tied:
         # a frozen, untied input embedding is a mapped file: only the rows of tokens the data uses are read
         unread = max(0, s.vocab - spec.embedding_rows) * s.hidden * FP32
     if spec.adapter == "qlora":
-        nf4 = s.linear_params * NF4_BYTES_PER_WEIGHT
-        if spec.device_kind == "cpu":
-            return nf4 + s.total_params * FP32 - unread
-        return nf4 + (s.total_params - s.linear_params) * FP32
+        return s.linear_params * NF4_BYTES_PER_WEIGHT + (s.total_params - s.linear_params) * FP32 - unread
     return s.total_params * FP32 - unread
 
 
@@ -292,9 +290,10 @@ def estimate_memory(s: ModelShape, spec: RunSpec) -> MemoryEstimate:
     train_peak = sum(breakdown.values())
     # loading: posttrain loads the whole model in fp32 onto each device, then adds the adapter or
     # shards it (FSDP2); so every rank holds the full fp32 model once. QLoRA loads and quantizes on
-    # the CPU and then moves (engine/setup.py): a GPU holds only the NF4 model and its adapter
+    # the CPU, one layer at a time, releasing each fp32 weight's pages, and then moves
+    # (engine/setup.py): the device, and the CPU itself, hold only the NF4 model and its adapter
     load_peak = s.total_params * FP32 + runtime
-    if spec.adapter == "qlora" and spec.device_kind != "cpu":
+    if spec.adapter == "qlora":
         load_peak = base_weight_bytes(s, spec) + adapter_params(s, spec) * FP32 + runtime
     return MemoryEstimate(breakdown, max(train_peak, load_peak), train_peak, load_peak, phase,
                           {k: float(v) for k, v in phases.items()})

@@ -6,10 +6,20 @@ themselves quantized to 8 bits (double quantization, blocks of 256), which bring
 the cost to about 4.1 bits per weight. torchao's `NF4Tensor` does this and runs on
 CPU and GPU; the matmul dequantizes to the input's dtype on the fly, so the
 LoRA weights on top stay in fp32 (or bf16) and train normally.
+
+On the CPU the base's fp32 weights are pages of the memory-mapped safetensors file. Quantizing reads
+them, and pages once read stay resident; so `quantize_linears` works one layer at a time and, after
+each, gives back what it no longer needs: the file pages of the weight it replaced (`release_pages`)
+and the heap that the quantizer's freed temporaries leave in glibc's allocator (`return_freed_heap`).
+Training then holds the NF4 codes only: torchao's `linear_nf4` saves the NF4 weight for backward and
+dequantizes it again there, so no dequantized weight outlives its matmul.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import warnings
 from typing import Optional
 
@@ -63,10 +73,14 @@ class NF4Linear(nn.Module):
 def quantize_linears(model, paths: Optional[list[str]] = None) -> list[str]:
     """Replace the model's linear layers (all but the output head, or `paths`) with NF4Linear, in place.
 
-    Returns the quantized paths. A weight whose size is not a multiple of 64 stays as it is.
+    One layer at a time: after each, the file pages of the fp32 weight it replaced are released and
+    the quantizer's freed heap is returned to the OS, so the host's peak is the NF4 model plus one
+    layer's temporaries, not the fp32 model. Returns the quantized paths. A weight whose size is not
+    a multiple of 64 stays as it is.
     """
     paths = linear_names(model) if paths is None else paths
     done, skipped = [], []
+    maps = _file_mappings()
     for path in paths:
         mod = model.get_submodule(path)
         if not isinstance(mod, nn.Linear):
@@ -77,6 +91,9 @@ def quantize_linears(model, paths: Optional[list[str]] = None) -> list[str]:
         parent_name, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, NF4Linear(mod))
+        release_pages(mod.weight, maps)
+        del mod
+        return_freed_heap()
         done.append(path)
     if skipped:
         warnings.warn(f"QLoRA: {len(skipped)} linear layers kept in full precision (size not a multiple of "
@@ -119,3 +136,62 @@ def dequantize_linears(model) -> None:
             lin.requires_grad_(False)
             parent_name, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, lin)
+
+
+# ---------------------------------------------------------------- host memory
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's private mappings of safetensors files (Linux; else none)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].endswith(".safetensors") and parts[1].endswith("p"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            out.append((lo, hi))
+    return out
+
+
+def release_pages(t: torch.Tensor, maps: Optional[list[tuple[int, int]]] = None) -> int:
+    """Drop the resident pages of a CPU tensor that lies in a mapped safetensors file; returns the bytes.
+
+    Only the pages wholly inside the tensor are dropped (MADV_DONTNEED), and only in a private file
+    mapping: a later read faults them in again from the file, so nothing else that maps the file
+    changes. Call it on a weight the model no longer uses (quantize_linears, after replacing it).
+    """
+    if t.device.type != "cpu" or not t.is_contiguous():
+        return 0
+    start, size = t.data_ptr(), t.numel() * t.element_size()
+    maps = _file_mappings() if maps is None else maps
+    if not any(lo <= start and start + size <= hi for lo, hi in maps):
+        return 0
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (start + size) // page * page
+    libc = _libc()
+    if hi <= lo or libc is None:
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return hi - lo if libc.madvise(lo, hi - lo, mmap.MADV_DONTNEED) == 0 else 0
+
+
+def return_freed_heap() -> bool:
+    """glibc keeps freed heap memory for reuse; malloc_trim(0) returns it to the OS. False without glibc."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    return bool(trim(0)) or True
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
