@@ -23,6 +23,17 @@ from posttrain.rollout.sampling import SamplingParams
 RowFilter = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, int]"]
 
 
+def zero_advantage_filter(units: Callable[[torch.Tensor], int]) -> RowFilter:
+    """A `RowFilter` that leaves the rows of advantage exactly 0 out of a minibatch's passes and counts
+    their `units(completion_mask)`: without a KL term such a row has loss and gradient 0 (ratio x 0), and
+    it still counts in the normalization, so the step's gradient is unchanged. At least one row is kept."""
+    def keep(part: torch.Tensor, t: dict) -> tuple[torch.Tensor, int]:
+        zero = t["advantages"][part] == 0
+        zero[0] = zero[0] and not bool(zero.all())
+        return part[~zero], units(t["completion_mask"][part[zero]])
+    return keep
+
+
 class RolloutSession:
     """Sampling state of one RL run.
 

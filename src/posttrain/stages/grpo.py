@@ -1,22 +1,18 @@
 """Stage `grpo`: Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath) and its descendants.
 
 Batch: `train.batch_size` prompts, each sampled G = `grpo.num_generations` times and scored by the reward
-functions (or, with `grpo.environment`, G multi-turn episodes rewarded by the environment, whose
-tokens carry no loss: `rollout.episodes`); advantages are relative to the group
-(`losses.group_advantages`: grpo, dr_grpo, rloo, reinforce_pp). Each rollout feeds `iterations x
-minibatches` steps of `losses.policy_loss` (grpo, gspo, cispo) with an optional k3 KL to the reference;
-no critic. Measured per rollout: rewards, zero-variance groups, length, truncation, clip fraction,
-entropy, time of generation, scoring, update; with an environment also turns and tool calls per
-episode, the invalid-call rate, tool errors and reward per turn. docs/rl.md.
+functions, or played as G multi-turn episodes rewarded by `grpo.environment` (`rl_common.EpisodeGroups`).
+Advantages are relative to the group (`losses.group_advantages`: grpo, dr_grpo, rloo, reinforce_pp); each
+rollout feeds `iterations x minibatches` steps of `losses.policy_loss` (grpo, gspo, cispo) with an optional
+k3 KL to the reference; no critic. Measured per rollout: rewards, zero-variance groups, length, truncation,
+clip fraction, entropy, times; with an environment its episode metrics (turns, tool calls, outcome). docs/rl.md.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Callable, Literal, Optional, Sequence
 
-import torch
 from pydantic import Field, model_validator
 
 from posttrain.config import RunConfig, register_stage_schema
@@ -25,12 +21,10 @@ from posttrain.losses.grpo import ADVANTAGE_ESTIMATORS, GRPO_AGGREGATIONS, group
 from posttrain.losses.policy import POLICY_LOSSES, policy_loss
 from posttrain.losses.rl import masked_mean
 from posttrain.rollout import completion_logprobs
-from posttrain.rollout.episodes import resolve_environment
-from posttrain.rollout.prompts import columns, prompt_data
-from posttrain.rollout.session import RolloutSession
+from posttrain.rollout.prompts import prompt_data
+from posttrain.rollout.session import RolloutSession, zero_advantage_filter
 from posttrain.stages.common import RunResult, run_training
-from posttrain.eval.hacking import diversity
-from posttrain.stages.rl_common import HackingCheck, SamplingSection, check_rl_run
+from posttrain.stages.rl_common import EpisodeGroups, SamplingSection, check_rl_run, hacking_checks, sample_and_score
 
 
 class GRPOSection(SamplingSection):
@@ -69,11 +63,7 @@ class GRPOConfig(RunConfig):
 
     @model_validator(mode="after")
     def _check_grpo(self) -> "GRPOConfig":
-        check_rl_run(self, "grpo")
-        if self.grpo.environment and self.grpo.rewards:
-            raise ValueError("grpo.environment gives the episode reward: leave grpo.rewards empty")
-        if self.grpo.environment:
-            resolve_environment(self.grpo.environment)  # a name that does not import fails here, as a config error
+        check_rl_run(self, "grpo", environment=self.grpo.environment)
         if self.grpo.minibatches > self.train.batch_size * self.grpo.num_generations:
             raise ValueError(f"grpo.minibatches={self.grpo.minibatches} exceeds the rows of a generation batch "
                              f"(train.batch_size x grpo.num_generations = "
@@ -94,19 +84,21 @@ class GRPOStage(RolloutStage):
                              "grpo.environment")
         if self.g.environment and reward_fns:
             raise ValueError("grpo: grpo.environment gives the episode reward: pass no reward_fns")
-        self.env = self.g.environment and functools.partial(resolve_environment(self.g.environment),
-                                                            **self.g.environment_args)
-        self.rewards = self.g.reward_set(reward_fns)
         self.steps_per_rollout = self.g.iterations * self.g.minibatches
         # one update per rollout: the old policy is the one being updated, so in bf16 the loss takes its own
         # (detached) log-probs as the old ones instead of a second bf16 pass (fp32 keeps the sampling ones)
         self.old_is_current = self.steps_per_rollout == 1 and cfg.train.precision == "bf16"
         self.session = RolloutSession.for_run(tokenizer, self.g, cfg, n=self.g.num_generations)
+        self.episodes = EpisodeGroups(self.session, self.g, cfg.data.max_length) if self.g.environment else None
+        rewards = self.g.reward_set(reward_fns)
+        self.score = lambda ro, cols: rewards(ro.prompts, ro.completions, cols)
+        self.skip = zero_advantage_filter(self._units) if self.g.skip_zero_advantage and self.g.beta == 0 else None
 
     def rollout(self, model, batch: dict) -> list[list[dict]]:
         rows, G = batch["rows"], self.g.num_generations
-        t, rewards, finished, metrics = self._play(model, rows) if self.env else self._sample(model, rows)
-        t2 = time.perf_counter()
+        ro, rewards, metrics = (self.episodes(model, rows) if self.episodes
+                                else sample_and_score(self.session, model, rows, self.score, group_size=G))
+        t, finished, t2 = ro.batch(), ro.finished, time.perf_counter()
         if self.g.mask_truncated:
             t["completion_mask"] = t["completion_mask"] * finished[:, None].long()
         t["advantages"] = group_advantages(rewards, G, estimator=self.g.advantage)
@@ -115,43 +107,16 @@ class GRPOStage(RolloutStage):
         zero_var = zero_variance_groups(rewards, G)
         metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                    **metrics, "zero_variance_groups": float(zero_var.sum()),
-                   "zero_variance_frac": float(zero_var.float().mean()),
-                   "truncated_frac": float((~finished).float().mean()),
+                   "zero_variance_frac": float(zero_var.float().mean()), "truncated_frac": float((~finished).float().mean()),
                    "ref_time_s": time.perf_counter() - t2, **self.session.metrics}
         return self.session.steps(t, len(rewards), passes=self.g.iterations, minibatches=self.g.minibatches,
                                   micro_batch_size=self.g.micro_batch_size, extra={"rollout_metrics": metrics},
-                                  keep=self._informative)
-
-    def _sample(self, model, rows: list[dict]):
-        """G completions per row, scored by the reward functions: (batch, rewards, finished, metrics)."""
-        ro, G = self.session.sample(model, rows), self.g.num_generations
-        t1 = time.perf_counter()
-        rewards, metrics = self.rewards(ro.prompts, ro.completions,
-                                        {k: [v for v in vals for _ in range(G)] for k, vals in columns(rows).items()})
-        return ro.batch(), rewards, ro.finished, {**metrics, **diversity(ro.completions, G),
-                                                  "scoring_time_s": time.perf_counter() - t1,
-                                                  "completion_length": float(ro.completion_mask.sum(1).float().mean())}
-
-    def _play(self, model, rows: list[dict]):
-        """G episodes per row, rewarded by the environment (metrics: `Episodes.metrics`)."""
-        eps = self.session.play(model, rows, self.env, group_size=self.g.num_generations,
-                                max_turns=self.g.max_turns, max_length=self.cfg.data.max_length)
-        return eps.batch(), eps.rewards, eps.finished, eps.metrics()
-
-    def _informative(self, part: torch.Tensor, t: dict) -> tuple[torch.Tensor, int]:
-        """The rows of `part` the update must run, and the units of those left out: with beta = 0 a row
-        of advantage 0 has loss and gradient 0 (ratio x 0); it still counts in the normalization, so
-        the step's gradient is unchanged. At least one row is kept."""
-        if not self.g.skip_zero_advantage or self.g.beta > 0:
-            return part, 0
-        zero = t["advantages"][part] == 0
-        zero[0] = zero[0] and not bool(zero.all())
-        return part[~zero], self._units(t["completion_mask"][part[zero]])
+                                  keep=self.skip)
 
     def loss(self, model, batch: dict):
         logps, entropy = completion_logprobs(model, batch, temperature=self.g.temperature, with_entropy=True)
         mask = batch["completion_mask"].bool()
-        longest = self.g.max_new_tokens * (self.g.max_turns if self.env else 1)  # the model's tokens of a row
+        longest = self.g.max_new_tokens * (self.g.max_turns if self.episodes else 1)  # the model's tokens of a row
         kw = {} if self.g.loss == "gspo" else {"aggregation": self.g.aggregation, "max_completion_length": longest}
         old = logps.detach() if self.old_is_current else batch["logprobs"]
         loss, m = policy_loss(self.g.loss, logps, old, batch["advantages"], mask,
@@ -181,6 +146,5 @@ def run(cfg: GRPOConfig, *, resume: bool = False, reward_fns: Sequence[Callable]
     """Train with GRPO. `reward_fns` add Python reward functions to the configured `grpo.rewards`."""
     if cfg.stage != "grpo" or not isinstance(cfg, GRPOConfig):
         raise ValueError(f"grpo.run needs a grpo config (load_config('grpo', ...)), got stage {cfg.stage!r}")
-    steps = cfg.grpo.iterations * cfg.grpo.minibatches  # the reward-hacking monitor reads each rollout once
     return run_training(cfg, lambda tok: GRPOStage(cfg, tok, reward_fns), prompt_data, resume=resume,
-                        make_checks=lambda model: [HackingCheck(cfg.grpo, model, steps)], **kw)
+                        make_checks=hacking_checks(cfg.grpo, cfg.grpo.iterations * cfg.grpo.minibatches), **kw)

@@ -23,11 +23,10 @@ from posttrain.models.loading import resolve_device
 from posttrain.models.value import attach_value_model
 from posttrain.rewards.sets import AdaptiveKLController, SequenceScorer
 from posttrain.rollout import completion_logprobs
-from posttrain.rollout.prompts import columns, prompt_data
+from posttrain.rollout.prompts import prompt_data
 from posttrain.rollout.session import RolloutSession
 from posttrain.stages.common import RunResult, run_training
-from posttrain.eval.hacking import diversity
-from posttrain.stages.rl_common import HackingCheck, SamplingSection, check_rl_run
+from posttrain.stages.rl_common import SamplingSection, check_rl_run, hacking_checks, sample_and_score
 
 VALUE_ATTR = "ppo_value"
 
@@ -87,12 +86,9 @@ class PPOStage(RolloutStage):
                                     missing_eos_penalty=p.missing_eos_penalty)
 
     def rollout(self, model, batch: dict) -> list[list[dict]]:
-        rows, p = batch["rows"], self.p
-        ro = self.session.sample(model, rows)
-        t1 = time.perf_counter()
-        score, metrics = self.score(ro, columns(rows), next(model.parameters()).device)
-        t2 = time.perf_counter()
-        t = ro.batch()
+        p, device = self.p, next(model.parameters()).device
+        ro, score, metrics = sample_and_score(self.session, model, batch["rows"], lambda r, c: self.score(r, c, device))
+        t2, t = time.perf_counter(), ro.batch()
         t.update(self.session.logprobs(model, t, reference=True, temperature=p.temperature))
         values = self.session.evaluate(model, lambda m, b: getattr(m, VALUE_ATTR).completion_values(b), t)
         mask, beta = t["completion_mask"].bool(), self.kl_ctl.value
@@ -101,11 +97,10 @@ class PPOStage(RolloutStage):
                                           whiten_advantages=p.whiten_advantages)
         self.kl_ctl.update(seq_kl := float(kl.sum(1).mean()), len(ro))
         t.update(advantages=adv, returns=returns, old_values=values, row=torch.arange(len(ro)))
-        metrics.update({"score": float(score.mean()), "kl": seq_kl, "kl_coef": beta, **diversity(ro.completions, 1),
+        metrics.update({"score": float(score.mean()), "kl": seq_kl, "kl_coef": beta,
                         "kl_per_token": float(kl.sum() / mask.sum().clamp(min=1)),
                         "non_score_reward": float((-beta * kl).sum(1).mean()),
                         "explained_variance": float(explained_variance(values, returns, mask)),
-                        "completion_length": float(mask.sum(1).float().mean()), "scoring_time_s": t2 - t1,
                         "ref_value_time_s": time.perf_counter() - t2, **self.session.metrics})
         return self.session.steps(t, len(ro), passes=p.epochs, minibatches=p.minibatches,
                                   micro_batch_size=p.micro_batch_size, extra={"rollout_metrics": metrics})
@@ -148,7 +143,6 @@ def run(cfg: PPOConfig, *, resume: bool = False, reward_fns: Sequence[Callable] 
         raise ValueError(f"ppo.run needs a ppo config (load_config('ppo', ...)), got stage {cfg.stage!r}")
     model, tokenizer = prepare_model(cfg, model, tokenizer)
     # the monitor reads PPO's score as the reward and its per-token KL (its `kl` is per sequence)
-    steps = cfg.ppo.epochs * cfg.ppo.minibatches
-    checks = lambda m: [HackingCheck(cfg.ppo, m, steps, names={"reward": "score", "kl": "kl_per_token"})]  # noqa: E731
+    checks = hacking_checks(cfg.ppo, cfg.ppo.epochs * cfg.ppo.minibatches, names={"reward": "score", "kl": "kl_per_token"})
     return run_training(cfg, lambda tok: PPOStage(cfg, tok, reward_fns), prompt_data, resume=resume, model=model,
                         tokenizer=tokenizer, make_checks=checks, **kw)

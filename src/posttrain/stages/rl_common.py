@@ -1,18 +1,27 @@
-"""What PPO and GRPO share: the sampling options (their rollouts run through
-`posttrain.rollout.session`) and the reward-hacking monitor the engine runs after every step."""
+"""What PPO and GRPO share: the sampling options, the rollouts they score (completions scored by
+reward functions, or GRPO's multi-turn episodes rewarded by an environment; both run through
+`posttrain.rollout.session`), and the reward-hacking monitor the engine runs after every step."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import functools
+import time
+from typing import Callable, Literal, Optional
 
 import torch
 from pydantic import Field, model_validator
 
 from posttrain.config import Section
 from posttrain.engine.dist import all_reduce_sum, world_size
-from posttrain.eval.hacking import DETECTORS, Finding, HackingMonitor
+from posttrain.eval.hacking import DETECTORS, Finding, HackingMonitor, diversity
 from posttrain.rewards.sets import RewardSet, resolve_reward
-from posttrain.rollout import BACKENDS
+from posttrain.rollout import BACKENDS, Rollout
+from posttrain.rollout.episodes import Episodes, resolve_environment
+from posttrain.rollout.prompts import columns
+from posttrain.rollout.session import RolloutSession
+
+# `hacking_verifier`'s name for a multi-turn environment's outcome reward (`episode_outcome`)
+ENVIRONMENT_VERIFIER = "environment"
 
 
 class SamplingSection(Section):
@@ -41,8 +50,10 @@ class SamplingSection(Section):
         "and only warns.")
     hacking_verifier: Optional[str] = Field(
         None, description="reward_vs_verifier: one of `rewards` that checks the task itself (e.g. gym:reasoning, "
-        "often at weight 0 in `reward_weights`); the detector fires when the training reward rises while this "
-        "score falls. Unset: that detector has nothing to compare and stays quiet.")
+        "often at weight 0 in `reward_weights`), or `environment` with grpo.environment (the environment's "
+        "outcome reward, logged as episode_outcome: the reward of the turn at which it ended each episode, 0 for "
+        "an episode cut off; per-turn shaping left out); the detector fires when the training reward rises while "
+        "this score falls. Unset: that detector has nothing to compare and stays quiet.")
     hacking_window: int = Field(5, gt=0, description="Rollouts averaged at the start and at the end of a change; a "
                                 "detector needs 2 x this many rollouts before it can fire.")
     hacking_max_length_factor: float = Field(2.0, gt=1, description="length_drift: the mean completion length may "
@@ -54,9 +65,6 @@ class SamplingSection(Section):
     def _check_weights(self) -> "SamplingSection":
         if self.reward_weights is not None and self.rewards and len(self.reward_weights) != len(self.rewards):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards")
-        if self.hacking_verifier is not None and self.hacking_verifier not in self.rewards:
-            raise ValueError(f"hacking_verifier {self.hacking_verifier!r} is not one of rewards {self.rewards}: "
-                             "add it there (at weight 0 in reward_weights to only watch it)")
         return self
 
     def reward_set(self, extra=()) -> RewardSet:
@@ -67,11 +75,63 @@ class SamplingSection(Section):
         return RewardSet([*self.rewards, *extra], weights)
 
 
-def check_rl_run(cfg, key: str) -> None:
-    """Config checks every RL stage shares: one micro-batch list per optimizer step comes from the rollout."""
+def check_rl_run(cfg, key: str, environment: Optional[str] = None) -> None:
+    """Config checks every RL stage shares: one micro-batch list per optimizer step comes from the rollout;
+    the reward-hacking verifier is a configured reward, or an `environment`'s outcome reward. With an
+    environment (GRPO's multi-turn episodes) the environment rewards: no reward functions, and its name imports."""
+    s = getattr(cfg, key)
     if cfg.train.grad_accum != 1:
         raise ValueError(f"{key}: train.grad_accum must be 1; set {key}.micro_batch_size to bound memory "
                          "(updates are split into micro-batches without changing the result)")
+    if environment and s.rewards:
+        raise ValueError(f"{key}.environment gives the episode reward: leave {key}.rewards empty")
+    if environment:
+        resolve_environment(environment)  # a name that does not import fails here, as a config error
+    v = s.hacking_verifier
+    if v == ENVIRONMENT_VERIFIER and not environment:
+        raise ValueError(f"{key}.hacking_verifier=environment watches the outcome reward of a multi-turn environment "
+                         f"(grpo.environment), and this run has none: name one of {key}.rewards {s.rewards}")
+    if environment and v not in (None, ENVIRONMENT_VERIFIER):
+        raise ValueError(f"{key}.hacking_verifier {v!r}: with {key}.environment the verifier is the environment's "
+                         f"outcome reward: set {key}.hacking_verifier=environment")
+    if v not in (None, ENVIRONMENT_VERIFIER) and v not in s.rewards:
+        raise ValueError(f"{key}.hacking_verifier {v!r} is not one of rewards {s.rewards}: add it there (at weight 0 "
+                         "in reward_weights to only watch it)")
+
+
+def sample_and_score(session: RolloutSession, model, rows: list[dict], score: Callable, *,
+                     group_size: int = 1) -> tuple[Rollout, torch.Tensor, dict]:
+    """`group_size` completions per row, and `score(rollout, cols) -> (rewards [N], metrics)` of them, where
+    `cols` repeats each row's dataset columns once per completion: (rollout, rewards, metrics), the
+    metrics with the diversity the reward-hacking monitor watches, the completions' length, the scoring time."""
+    ro = session.sample(model, rows)
+    t0 = time.perf_counter()
+    rewards, metrics = score(ro, {k: [v for v in vals for _ in range(group_size)] for k, vals in columns(rows).items()})
+    return ro, rewards, {**metrics, **diversity(ro.completions, group_size), "scoring_time_s": time.perf_counter() - t0,
+                         "completion_length": float(ro.completion_mask.sum(1).float().mean())}
+
+
+class EpisodeGroups:
+    """GRPO's samples with an environment: `section.num_generations` multi-turn episodes per row, of at
+    most `section.max_turns` turns and `max_length` tokens, played against `section.environment` (built with
+    `section.environment_args`; `rollout.episodes`) and rewarded by it.
+
+    Metrics: `Episodes.metrics()` and `episode_outcome`, the mean outcome reward: the reward of the turn
+    at which the environment ended each episode (0 for an episode cut off by max_turns, max_new_tokens or
+    max_length), without the per-turn rewards before it. It is the environment's own verdict on the
+    task, which `hacking_verifier=environment` compares with the training reward (shaping included).
+    """
+
+    def __init__(self, session: RolloutSession, section, max_length: Optional[int]):
+        self.session, self.group_size, self.max_turns = session, section.num_generations, section.max_turns
+        self.make_env = functools.partial(resolve_environment(section.environment), **section.environment_args)
+        self.max_length = max_length
+
+    def __call__(self, model, rows: list[dict]) -> tuple[Episodes, torch.Tensor, dict]:
+        eps = self.session.play(model, rows, self.make_env, group_size=self.group_size, max_turns=self.max_turns,
+                                max_length=self.max_length)
+        outcome = [r[-1] if r and not cut else 0.0 for r, cut in zip(eps.turn_rewards, eps.truncated)]
+        return eps, eps.rewards, {**eps.metrics(), "episode_outcome": sum(outcome) / max(1, len(outcome))}
 
 
 class HackingCheck:
@@ -97,7 +157,9 @@ class HackingCheck:
                       "distinct_2": "distinct_2", "identical_share": "identical_share",
                       "zero_variance_frac": "zero_variance_frac", "truncated_frac": "truncated_frac",
                       "verifier": "verifier", **(names or {})}
-        if section.hacking_verifier is not None:  # the reward set logs each function's mean as reward/NAME
+        if section.hacking_verifier == ENVIRONMENT_VERIFIER:
+            self.names["verifier"] = "episode_outcome"
+        elif section.hacking_verifier is not None:  # the reward set logs each function's mean as reward/NAME
             self.names["verifier"] = f"reward/{resolve_reward(section.hacking_verifier)[0]}"
         self.monitor = HackingMonitor(window=section.hacking_window, max_length_factor=section.hacking_max_length_factor,
                                       max_kl=section.hacking_max_kl, stop_on=stop_on,
@@ -129,3 +191,8 @@ class HackingCheck:
         """Each detector that fired: the step and its message; and which detectors stop the run."""
         return {"fired": {d: {"step": s, "message": f.message} for d, (s, f) in self.monitor.fired.items()},
                 "stop_on": list(self.monitor.stop_on), "rollouts": len(self.monitor.history.get("reward", []))}
+
+
+def hacking_checks(section: SamplingSection, steps_per_rollout: int, names: Optional[dict] = None) -> Callable:
+    """`run_training`'s `make_checks`: the run's model -> [its HackingCheck]."""
+    return lambda model: [HackingCheck(section, model, steps_per_rollout, names)]
