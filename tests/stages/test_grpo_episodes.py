@@ -97,3 +97,65 @@ def test_environment_config_errors(prompts_file, tmp_path, capsys):
                  f"output_dir={tmp_path / 'd'}", "grpo.environment=nowhere:Env"]) == 2
     err = capsys.readouterr().err
     assert "environment 'nowhere:Env': cannot import it (No module named 'nowhere')" in err and "Traceback" not in err
+
+
+SHAPED = "tests.stages.test_grpo_episodes:Shaped"
+
+
+class Shaped:
+    """Reward hacking by shaping, scripted: turn 1 is paid 0.3 k (a per-turn reward that grows with k, the
+    rollout: `per_rollout` episodes each) and gets a tool message back; turn 2 ends the episode with the
+    outcome reward 1 - 0.2 k. The training reward rises while the environment's verdict falls."""
+
+    tools = [NOOP]
+    played = 0  # episodes so far, over the run (a test resets it)
+
+    def __init__(self, per_rollout: int = 8):
+        self.k, self.turns = Shaped.played // per_rollout, 0
+        Shaped.played += 1
+
+    def reset(self, row):
+        return [next(m for m in row["messages"] if m["role"] == "user")]
+
+    def step(self, messages, assistant_turn):
+        self.turns += 1
+        if self.turns == 1:
+            return [{"role": "tool", "content": "noted"}], 0.3 * self.k, False
+        return [], max(0.0, 1.0 - 0.2 * self.k), True
+
+
+def test_hacking_verifier_environment_watches_the_outcome_reward_and_stops_a_shaping_hack(tmp_path, capsys):
+    """`grpo.hacking_verifier=environment`: the verifier is `episode_outcome`, the reward of the turn at
+    which the environment ended each episode (0 when cut off), per-turn shaping left out. Here shaping
+    rises and the outcome falls, so reward_vs_verifier fires and stops the run."""
+    from posttrain.rollout.episodes import resolve_environment
+
+    resolve_environment(SHAPED).played = 0
+    cfg = load_config("grpo", overrides=[
+        f"model={gym.base_model_path()}", "data.train=gym:instruct", "data.limit=32", f"output_dir={tmp_path / 'r'}",
+        "train.batch_size=2", "train.max_steps=8", "train.lr=1e-5", "train.warmup_steps=0", "train.progress=false",
+        "train.seed=3", "eval.guard=off", "grpo.num_generations=4", "grpo.max_new_tokens=32", f"grpo.environment={SHAPED}",
+        "grpo.max_turns=2", "grpo.hacking_verifier=environment", "grpo.hacking_window=2",
+        "grpo.hacking_stop_on=[reward_vs_verifier]"])
+    res = grpo.run(cfg)
+    recs = _train_records(res.output_dir)
+    for r in recs:  # an episode the environment ended scored 1 - 0.2 k at its end; a cut-off one 0
+        k = r["step"] - 1
+        assert r["episode_outcome"] == pytest.approx((1 - r["truncated_frac"]) * (1 - 0.2 * k)), r
+    step = res.result["hacking"]["fired"]["reward_vs_verifier"]["step"]
+    assert res.result["steps"] == step == len(recs) < 8 and recs[-1]["hack/reward_vs_verifier"] == 1.0
+    assert res.result["stop_reason"].startswith("reward-hacking guard: reward rose ")
+    assert " while the verifier fell " in res.result["stop_reason"]
+    assert f"posttrain: reward hacking? step {step}: reward rose" in capsys.readouterr().err
+
+
+def test_hacking_verifier_environment_config_errors(prompts_file, tmp_path):
+    with pytest.raises(ValueError, match=r"grpo.hacking_verifier 'gym:lookup': with grpo.environment the verifier "
+                                         r"is the environment's outcome reward: set grpo.hacking_verifier=environment"):
+        _config(prompts_file, tmp_path / "a", "grpo.hacking_verifier=gym:lookup")
+    for stage in ("grpo", "ppo"):
+        with pytest.raises(ValueError, match=fr"{stage}.hacking_verifier=environment watches the outcome reward of a "
+                                             fr"multi-turn environment \(grpo.environment\), and this run has none: "
+                                             fr"name one of {stage}.rewards \['length'\]"):
+            load_config(stage, None, [f"{stage}.rewards=[length]", f"{stage}.hacking_verifier=environment"])
+    assert _config(prompts_file, tmp_path / "b", "grpo.hacking_verifier=environment").grpo.hacking_verifier == "environment"

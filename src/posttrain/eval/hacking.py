@@ -5,8 +5,9 @@ Reward hacking is the policy finding what the reward pays for instead of what it
 pay for (Skalse et al. 2022, "Defining and Characterizing Reward Hacking"; Gao et al. 2023,
 "Scaling Laws for Reward Model Overoptimization"). Each detector watches one symptom:
 
-- `reward_vs_verifier`: the training reward rises (>= 0.1) while a held-out verifier score (or the
-  regression score) falls (>= 0.05).
+- `reward_vs_verifier`: the training reward rises (>= 0.1) while a verifier score falls (>= 0.05): a
+  reward that checks the task itself (often at weight 0), a multi-turn environment's outcome reward
+  without its per-turn shaping, or a held-out score such as the regression score.
 - `length_drift`: the mean completion length moves from its start by more than a factor (x2 either
   way), or the share of completions cut off at the length cap rises by >= 0.5.
 - `component_divergence`: one reward component rises while another falls, >= 0.1 each (format gaming).
@@ -60,8 +61,9 @@ def reward_vs_verifier(reward: Sequence[float], verifier: Sequence[float], *, wi
                        min_rise: float = 0.1, min_fall: float = 0.05) -> Optional[Finding]:
     """The training reward rose by >= min_rise while the verifier score fell by >= min_fall.
 
-    `verifier` is a held-out score on its own cadence (a list as long as the number of times it
-    was measured), e.g. task accuracy on held-out prompts or the regression score.
+    `verifier` is a score of the task itself on its own cadence (a list as long as the number of times
+    it was measured), e.g. a verifier reward at weight 0, an environment's outcome reward, task accuracy
+    on held-out prompts or the regression score.
     """
     r, v = _change(reward, window), _change(verifier, window)
     if r is None or v is None:
@@ -69,7 +71,7 @@ def reward_vs_verifier(reward: Sequence[float], verifier: Sequence[float], *, wi
     rise, fall = r[1] - r[0], v[0] - v[1]
     if rise >= min_rise and fall >= min_fall:
         return Finding("reward_vs_verifier", fall, min_fall,
-                       f"reward rose {r[0]:.3f} -> {r[1]:.3f} while the held-out verifier fell "
+                       f"reward rose {r[0]:.3f} -> {r[1]:.3f} while the verifier fell "
                        f"{v[0]:.3f} -> {v[1]:.3f}")
     return None
 
