@@ -123,7 +123,7 @@ def test_default_guard_uses_the_mix_data(tiny_models, tmp_path):
     cfg = load_config("sft", overrides=[f"data.mix.data={general}"])
     guards = default_guard(cfg, tok, model)
     assert guards.evaluators == [] and guards.guard is None
-    assert guards.drift.text_ref.source == str(general) and len(guards.drift.text_ref.rows) == 6
+    assert guards.drift.text_source == str(general) and sum(len(p.text_rows) for p in guards.drift.pieces) == 6
     assert guards.drift.summary()["checks"] == 0 and guards.drift.summary()["drift_kl"] == 0.0
 
 

@@ -48,11 +48,17 @@ def test_text_reference_cached_equals_measured(tiny_models):
 
 def test_guard_numbers_same_cached_and_uncached(tiny_models):
     model, tok = _lora_model(tiny_models)
-    kw = dict(n_prompts=10, max_new_tokens=6, n_text=8)
-    cold = DriftGuard(model, tok, **kw)  # builds the drift reference and the base NLL, caches both
+    kw = dict(n_prompts=10, max_new_tokens=6, n_text=8, piece_size=4)
+    cold = DriftGuard(model, tok, **kw)
+    assert len(cold.pieces) == 3 and not any(p.cached for p in cold.pieces) and cold.n_active == 0
+    assert not cold.start_is_base  # the adapter moved the model: its start is measured, piece by piece
+    cold._grow(3)  # builds every piece's drift reference and base NLL, caches them
     warm = DriftGuard(model, tok, **kw)
-    assert cold.text_ref.base_ppl == warm.text_ref.base_ppl
-    assert torch.equal(cold.drift_ref.topk_logp, warm.drift_ref.topk_logp)
+    assert all(p.cached for p in warm.pieces)
+    warm._grow(3)
+    for c, w in zip(cold.pieces, warm.pieces):
+        assert c.base_nll == w.base_nll and c.start_kl == w.start_kl and c.start_nll == w.start_nll
+        assert torch.equal(c.ref.topk_logp, w.ref.topk_logp) and c.ref.sequences == w.ref.sequences
     assert cold.start == warm.start and cold.start["drift_kl"] > 0 and cold.start["general_ppl_change"] != 0
 
 

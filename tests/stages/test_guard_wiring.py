@@ -9,7 +9,7 @@ import torch
 
 from posttrain.cli import main
 from posttrain.data.sources import DataError
-from posttrain.eval import drift as D
+from posttrain.eval.guard import DriftGuard
 from posttrain.models.loading import load
 from posttrain.stages import grpo, load_config, sft
 
@@ -90,11 +90,13 @@ def test_absurd_lr_trips_the_drift_limit_and_publishes_the_last_good_weights(tin
     # the CLI's one line: stopped, why, whose weights
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("posttrain: sft ")]
     assert lines == [f"posttrain: sft stopped at step {steps} by the {reason}; published {out / 'model'}"]
-    # the published weights are the last good check's: their drift is that check's (the start's when 0)
+    # the published weights are the last good check's: their drift on the first piece of prompts (in
+    # every check) is that check's `drift_kl_core` (the start's, 0, when it rolled back to step 0)
     model, tok = load(str(out / "model"), device="cpu")
-    ref = D.build_drift_reference(load(d, device="cpu")[0], tok, n_prompts=64)
-    published = D.drift(model, ref, pad_id=D._pad_id(tok))["drift_kl"]
-    checks = {c["step"]: c["drift_kl"] for c in _records(out) if "drift_kl" in c}
+    g = DriftGuard(load(d, device="cpu")[0], tok)  # the run's settings: the same pieces, from the cache
+    g._grow(1)
+    published = g._measure(model)["drift_kl_core"]
+    checks = {c["step"]: c["drift_kl_core"] for c in _records(out) if "drift_kl" in c}
     assert published == pytest.approx(checks.get(good, 0.0), abs=1e-5) and published <= 0.5
     if good == 0:
         base, _ = load(d, device="cpu")

@@ -143,6 +143,18 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def reference_key(base_fingerprint: str, rows: Sequence[dict], max_new_tokens: int, top_k: int) -> str:
+    """The cache key of a base's reference on these prompt rows with these settings."""
+    settings = {"v": CACHE_VERSION, "max_new_tokens": max_new_tokens, "top_k": top_k,
+                "prompts": hashlib.sha256(json.dumps(list(rows), sort_keys=True).encode()).hexdigest()}
+    return hashlib.sha256((base_fingerprint + json.dumps(settings, sort_keys=True)).encode()).hexdigest()[:32]
+
+
+def is_cached(base_fingerprint: str, rows: Sequence[dict], max_new_tokens: int, top_k: int) -> bool:
+    """Whether the reference of these rows is in the cache (without reading it)."""
+    return (cache_dir() / f"{reference_key(base_fingerprint, rows, max_new_tokens, top_k)}.safetensors").exists()
+
+
 # ---------------------------------------------------------------- the drift reference
 
 
@@ -199,22 +211,22 @@ def build_drift_reference(model, tokenizer, *, prompts: Optional[Sequence[dict]]
                           n_prompts: Optional[int] = None,
                           max_new_tokens: int = 32, top_k: int = 64, batch_size: int = 16,
                           generation_batch_size: int = 64, cache: bool = True,
-                          prompts_path: Union[str, Path] = GENERAL_PROMPTS) -> DriftReference:
+                          prompts_path: Union[str, Path] = GENERAL_PROMPTS,
+                          base_fingerprint: Optional[str] = None) -> DriftReference:
     """The base's greedy continuations and top-k distributions (from the cache when present).
 
     The base is `model` with its adapters disabled (`models.adapters.disabled`), so a LoRA run's
     reference is the frozen checkpoint underneath, and a full fine-tune's is the starting weights.
     The continuations are sampled `generation_batch_size` prompts at a time (the guard's 64 prompts in
     one batch: 1.10 s instead of 1.60 s in batches of 16 on the bundled model, the same tokens); the
-    top-k forwards run `batch_size` rows at a time, as every later check does.
+    top-k forwards run `batch_size` rows at a time, as every later check does. `base_fingerprint`:
+    `fingerprint(model, tokenizer)` when the caller has it already (the guard builds its reference in
+    pieces, and a full fine-tune's weights have moved from the base by then).
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     rows = subset(prompts if prompts is not None else load_prompts(prompts_path), n_prompts)
-    settings = {"v": CACHE_VERSION, "max_new_tokens": max_new_tokens, "top_k": top_k,
-                "prompts": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()}
-    key = fingerprint(model, tokenizer) + json.dumps(settings, sort_keys=True)
-    key = hashlib.sha256(key.encode()).hexdigest()[:32]
+    key = reference_key(base_fingerprint or fingerprint(model, tokenizer), rows, max_new_tokens, top_k)
     path = cache_dir() / f"{key}.safetensors"
     if cache and path.exists():
         ref = _load(path)
@@ -247,6 +259,8 @@ def build_drift_reference(model, tokenizer, *, prompts: Optional[Sequence[dict]]
                     tails.append(_log1mexp(torch.logsumexp(top.values, dim=-1)).cpu())
     finally:
         model.train(was)
+    if not sequences:  # every continuation was empty (the base ends each prompt at once): nothing to compare on
+        ids, lps, tails = [torch.zeros((0, top_k), dtype=torch.int32)], [torch.zeros((0, top_k))], [torch.zeros(0)]
     ref = DriftReference(sequences, n_cont, torch.cat(ids), torch.cat(lps), torch.cat(tails), key=key,
                          meta={"n_prompts": len(sequences), "max_new_tokens": max_new_tokens, "top_k": top_k})
     if cache:
@@ -308,15 +322,11 @@ def bucket_kl(p_topk_logp: torch.Tensor, p_tail_logp: torch.Tensor, q_logp_at_to
 
 
 @torch.inference_mode()
-def drift(model, ref: DriftReference, *, batch_size: int = 16, pad_id: int = 0) -> dict:
-    """KL(base ‖ model) per continuation token on the reference, in nats.
-
-    Returns {"drift_kl": mean over tokens, "drift_kl_stderr": SE over prompts, "drift_kl_max_prompt":
-    the largest per-prompt mean, "drift_tokens", "drift_prompts"}.
-    """
+def prompt_kl(model, ref: DriftReference, *, batch_size: int = 16, pad_id: int = 0) -> list[tuple[float, int]]:
+    """(sum of KL(base ‖ model) over its continuation tokens, their count) for each prompt of `ref`."""
     was = model.training
     model.eval()
-    per_prompt, total, tokens = [], 0.0, 0
+    out = []
     offsets = [0]
     for c in ref.n_cont:
         offsets.append(offsets[-1] + c)
@@ -327,13 +337,26 @@ def drift(model, ref: DriftReference, *, batch_size: int = 16, pad_id: int = 0) 
                 a, b = offsets[i], offsets[i + 1]
                 ids = ref.topk_ids[a:b].to(lp.device).long()
                 kl = bucket_kl(ref.topk_logp[a:b].to(lp.device), ref.tail_logp[a:b].to(lp.device), lp.gather(-1, ids))
-                per_prompt.append(float(kl.mean()))
-                total += float(kl.sum())
-                tokens += b - a
+                out.append((float(kl.sum()), b - a))
     finally:
         model.train(was)
-    n = len(per_prompt)
-    mean_p = sum(per_prompt) / n
-    se = math.sqrt(sum((x - mean_p) ** 2 for x in per_prompt) / (n - 1) / n) if n > 1 else 0.0
-    return {"drift_kl": total / max(tokens, 1), "drift_kl_stderr": se, "drift_kl_max_prompt": max(per_prompt),
-            "drift_tokens": tokens, "drift_prompts": n}
+    return out
+
+
+def summarize_kl(per_prompt: Sequence[tuple[float, int]]) -> dict:
+    """{"drift_kl": mean over tokens, "drift_kl_stderr": SE over prompts, "drift_kl_max_prompt": the largest
+    per-prompt mean, "drift_tokens", "drift_prompts"} of `prompt_kl`'s (sum, tokens) pairs."""
+    means = [s / n for s, n in per_prompt]
+    n = len(means)
+    if not n:
+        raise ValueError("no drift prompts to summarize")
+    tokens = sum(t for _, t in per_prompt)
+    mean_p = sum(means) / n
+    se = math.sqrt(sum((x - mean_p) ** 2 for x in means) / (n - 1) / n) if n > 1 else 0.0
+    return {"drift_kl": sum(s for s, _ in per_prompt) / max(tokens, 1), "drift_kl_stderr": se,
+            "drift_kl_max_prompt": max(means), "drift_tokens": tokens, "drift_prompts": n}
+
+
+def drift(model, ref: DriftReference, *, batch_size: int = 16, pad_id: int = 0) -> dict:
+    """KL(base ‖ model) per continuation token on the reference, in nats (`summarize_kl`'s keys)."""
+    return summarize_kl(prompt_kl(model, ref, batch_size=batch_size, pad_id=pad_id))

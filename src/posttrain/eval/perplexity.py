@@ -58,8 +58,9 @@ def general_text_rows(tokenizer, source=None, *, n: int = 64,
 
 
 @torch.inference_mode()
-def mean_nll(model, rows: Sequence[list[int]], start: Sequence[int], *, batch_size: int = 16, pad_id: int = 0) -> float:
-    """Mean next-token NLL (nats) over the scored tokens of `rows` (positions >= start[r])."""
+def nll_sums(model, rows: Sequence[list[int]], start: Sequence[int], *, batch_size: int = 16,
+             pad_id: int = 0) -> tuple[float, int]:
+    """(summed next-token NLL in nats, number of tokens) over the scored tokens of `rows` (positions >= start[r])."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -84,7 +85,48 @@ def mean_nll(model, rows: Sequence[list[int]], start: Sequence[int], *, batch_si
             count += int((tgt != -100).sum())
     finally:
         model.train(was)
+    return total, count
+
+
+def mean_nll(model, rows: Sequence[list[int]], start: Sequence[int], *, batch_size: int = 16, pad_id: int = 0) -> float:
+    """Mean next-token NLL (nats) over the scored tokens of `rows` (positions >= start[r])."""
+    total, count = nll_sums(model, rows, start, batch_size=batch_size, pad_id=pad_id)
     return total / max(count, 1)
+
+
+def _nll_path(base_fingerprint: str, rows, start, batch_size: int, pad_id: int) -> Path:
+    key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "sums": True, "base": base_fingerprint, "rows": rows,
+                                     "start": start, "batch_size": batch_size, "pad": pad_id}).encode()).hexdigest()[:32]
+    return cache_dir() / f"ppl-{key}.json"
+
+
+def cached_base_nll(base_fingerprint: str, rows, start, *, batch_size: int = 16,
+                    pad_id: int = 0) -> Optional[tuple[float, int]]:
+    """The base's `nll_sums` on these rows from the cache, or None (absent, truncated or foreign)."""
+    try:
+        d = json.loads(_nll_path(base_fingerprint, rows, start, batch_size, pad_id).read_text())
+        total, count = d["total"], d["count"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (float(total), int(count)) if isinstance(total, (int, float)) and isinstance(count, int) else None
+
+
+def base_nll(model, rows, start, *, base_fingerprint: str, batch_size: int = 16, pad_id: int = 0,
+             cache: bool = True) -> tuple[float, int]:
+    """The base's (adapters disabled) `nll_sums` on `rows`, cached beside the drift references under a key
+    that hashes the base, the rows and the batching (a float's JSON form is exact: the same number)."""
+    got = cached_base_nll(base_fingerprint, rows, start, batch_size=batch_size, pad_id=pad_id) if cache else None
+    if got is not None:
+        return got
+    with adapters.disabled(model):
+        got = nll_sums(model, rows, start, batch_size=batch_size, pad_id=pad_id)
+    if cache:
+        path = _nll_path(base_fingerprint, rows, start, batch_size, pad_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"total": got[0], "count": got[1]}))
+        os.replace(tmp, path)  # atomic, as the drift references
+    return got
 
 
 def text_reference(model, tokenizer, source=None, *, n: int = 64, max_length: int = 256,
@@ -92,33 +134,13 @@ def text_reference(model, tokenizer, source=None, *, n: int = 64, max_length: in
     """General-text rows and the base's perplexity on them (adapters disabled).
 
     The base's NLL is a function of the base weights, the tokenizer, the rows and the batching, so it
-    is cached beside the drift references (`drift.cache_dir()`, one small JSON file per key) under a
-    key that hashes all of them: a run on a base seen before skips these forwards (0.6 s of the guard's
-    set-up on the bundled model, docs/benchmarks.md), with the same number (JSON keeps a float exact).
+    is cached (`base_nll`): a run on a base seen before skips these forwards (0.6 s on the bundled
+    model, docs/benchmarks.md), with the same number.
     """
     rows, start, name = general_text_rows(tokenizer, source, n=n, max_length=max_length)
-    pad = _pad_id(tokenizer)
-    key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "base": fingerprint(model, tokenizer), "rows": rows,
-                                     "start": start, "batch_size": batch_size, "pad": pad}).encode()).hexdigest()[:32]
-    path = cache_dir() / f"ppl-{key}.json"
-    nll = _cached_nll(path) if cache else None
-    if nll is None:
-        with adapters.disabled(model):
-            nll = mean_nll(model, rows, start, batch_size=batch_size, pad_id=pad)
-        if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"base_nll": nll}))
-            os.replace(tmp, path)  # atomic, as the drift references
-    return TextReference(rows, start, math.exp(nll), name)
-
-
-def _cached_nll(path: Path) -> Optional[float]:
-    try:
-        nll = json.loads(path.read_text())["base_nll"]
-    except (OSError, ValueError, KeyError, TypeError):  # absent, truncated or foreign: measure again
-        return None
-    return float(nll) if isinstance(nll, (int, float)) else None
+    total, count = base_nll(model, rows, start, base_fingerprint=fingerprint(model, tokenizer), batch_size=batch_size,
+                            pad_id=_pad_id(tokenizer), cache=cache)
+    return TextReference(rows, start, math.exp(total / max(count, 1)), name)
 
 
 def perplexity_change(model, ref: TextReference, *, batch_size: int = 16, pad_id: int = 0) -> dict:
