@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -12,25 +11,9 @@ pytest.importorskip("lm_eval")
 
 from posttrain.eval.kinds import run_task  # noqa: E402
 from posttrain.eval.tasks import make_task  # noqa: E402
+from tests.eval.conftest import LM_EVAL_MC as MC, LM_EVAL_TEXTS as TEXTS, write_lm_eval_task  # noqa: E402
 
-MC = [{"prompt": "The capital of Goumos is", "choices": [" Pomsom", " Paris", " elppa"], "label": 0},
-      {"prompt": "12 + 30 =", "choices": [" 42", " 43", " 52", " 7"], "label": 0},
-      {"prompt": "Hello", "choices": [", how can I help you today?", " world"], "label": 1},
-      {"prompt": "The quick brown", "choices": [" fox", " dog jumps"], "label": 0},
-      {"prompt": "Numbers 0 1 2", "choices": [" 3", " 4 5 6", " x"], "label": 0}]
-TEXTS = [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "Numbers 0 1 2 3 4 5 6 7 8 9 10."}]
 GEN = [{"prompt": "Hello", "target": "x"}, {"prompt": "What is 2 + 3?", "target": "y"}]
-
-
-def _task_yaml(name, data, body):
-    return textwrap.dedent(f"""\
-        task: {name}
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {data}
-        test_split: test
-        """) + textwrap.dedent(body)
 
 
 BOOT = ("import site, sys; site.addsitedir(sys.argv.pop(1)); sys.argv[0] = 'lm_eval'; "
@@ -49,23 +32,10 @@ def _hooked_site(tmp_path):
     return site
 
 
-def _mc_task(tasks):
-    tasks.mkdir(exist_ok=True)
-    (tasks / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC))
-    (tasks / "pt_mc.yaml").write_text(_task_yaml("pt_mc", tasks / "mc.jsonl", """\
-        output_type: multiple_choice
-        doc_to_text: "{{prompt}}"
-        doc_to_choice: "{{choices}}"
-        doc_to_target: "{{label}}"
-        target_delimiter: ""
-        metric_list: [{metric: acc}, {metric: acc_norm}]
-        """))
-
-
 def test_builtin_lm_eval_models_still_work_with_the_hook_installed(tiny, tmp_path):
     """The hook must not shadow lm-eval's own models: `--model hf` runs and scores like posttrain."""
     d, model, tok = tiny
-    _mc_task(tmp_path / "tasks")
+    write_lm_eval_task(tmp_path / "tasks", "mc", MC, "multiple_choice")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", BOOT, str(_hooked_site(tmp_path)), "--model", "hf", "--model_args",
                            f"pretrained={d},dtype=float32", "--device", "cpu", "--tasks", "pt_mc",
@@ -93,30 +63,9 @@ def test_harness_import_keeps_builtin_models_and_registers_posttrain_lazily():
 def test_lm_eval_cli_runs_posttrain_models_and_matches_posttrain_eval(tiny, tmp_path):
     d, model, tok = tiny
     tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    for name, rows in (("mc", MC), ("ppl", TEXTS), ("gen", GEN)):
-        (tasks / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tasks / "pt_mc.yaml").write_text(_task_yaml("pt_mc", tasks / "mc.jsonl", """\
-        output_type: multiple_choice
-        doc_to_text: "{{prompt}}"
-        doc_to_choice: "{{choices}}"
-        doc_to_target: "{{label}}"
-        target_delimiter: ""
-        metric_list: [{metric: acc}, {metric: acc_norm}]
-        """))
-    (tasks / "pt_ppl.yaml").write_text(_task_yaml("pt_ppl", tasks / "ppl.jsonl", """\
-        output_type: loglikelihood_rolling
-        doc_to_text: ""
-        doc_to_target: "{{text}}"
-        metric_list: [{metric: bits_per_byte}]
-        """))
-    (tasks / "pt_gen.yaml").write_text(_task_yaml("pt_gen", tasks / "gen.jsonl", """\
-        output_type: generate_until
-        doc_to_text: "{{prompt}}"
-        doc_to_target: "{{target}}"
-        generation_kwargs: {until: ["\\n"], max_gen_toks: 5, do_sample: false}
-        metric_list: [{metric: exact_match}]
-        """))
+    for name, rows, output_type in (("mc", MC, "multiple_choice"), ("ppl", TEXTS, "loglikelihood_rolling"),
+                                    ("gen", GEN, "generate_until")):
+        write_lm_eval_task(tasks, name, rows, output_type)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", BOOT, str(_hooked_site(tmp_path)), "--model", "posttrain",
                            "--model_args", f"model={d}", "--tasks", "pt_mc", "pt_ppl", "pt_gen", "--include_path",

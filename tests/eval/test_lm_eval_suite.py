@@ -2,7 +2,6 @@
 files, checked against lm-eval's own `simple_evaluate` with its own `hf` model on the same checkpoint."""
 
 import json
-import textwrap
 
 import pytest
 
@@ -15,38 +14,15 @@ from posttrain.eval.guard import regression_guard  # noqa: E402
 from posttrain.eval.runner import run_suite  # noqa: E402
 from posttrain.eval.suites import LmEvalTask, Suite, load_suite  # noqa: E402
 from posttrain.eval.tasks import TaskError  # noqa: E402
-
-MC = [{"prompt": "The capital of Goumos is", "choices": [" Pomsom", " Paris", " elppa"], "label": 0},
-      {"prompt": "12 + 30 =", "choices": [" 42", " 43", " 52", " 7"], "label": 0},
-      {"prompt": "Hello", "choices": [", how can I help you today?", " world"], "label": 1},
-      {"prompt": "The quick brown", "choices": [" fox", " dog jumps"], "label": 0},
-      {"prompt": "Numbers 0 1 2", "choices": [" 3", " 4 5 6", " x"], "label": 0},
-      {"prompt": "Red, green and", "choices": [" blue", " seven", " the"], "label": 0}]
-TEXTS = [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "Numbers 0 1 2 3 4 5 6 7 8 9 10."},
-         {"text": "A third document, a little longer than the others, to be scored whole."}]
+from tests.eval.conftest import LM_EVAL_MC, LM_EVAL_TEXTS, write_lm_eval_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     """Two lm-eval task YAMLs (multiple choice; rolling perplexity) over local JSONL files."""
     d = tmp_path_factory.mktemp("lm-eval-tasks")
-    for name, rows in (("mc", MC), ("ppl", TEXTS)):
-        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    head = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
-    (d / "pt_mc.yaml").write_text("task: pt_mc\n" + head.format(data=d / "mc.jsonl") + textwrap.dedent("""\
-        output_type: multiple_choice
-        doc_to_text: "{{prompt}}"
-        doc_to_choice: "{{choices}}"
-        doc_to_target: "{{label}}"
-        target_delimiter: ""
-        metric_list: [{metric: acc}, {metric: acc_norm}]
-        """))
-    (d / "pt_ppl.yaml").write_text("task: pt_ppl\n" + head.format(data=d / "ppl.jsonl") + textwrap.dedent("""\
-        output_type: loglikelihood_rolling
-        doc_to_text: ""
-        doc_to_target: "{{text}}"
-        metric_list: [{metric: word_perplexity}, {metric: bits_per_byte}]
-        """))
+    write_lm_eval_task(d, "mc", LM_EVAL_MC, "multiple_choice")
+    write_lm_eval_task(d, "ppl", LM_EVAL_TEXTS, "loglikelihood_rolling")
     (d / "pt_group.yaml").write_text("group: pt_group\ntask: [pt_mc, pt_ppl]\n")
     return d
 
