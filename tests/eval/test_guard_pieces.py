@@ -51,19 +51,19 @@ def _narrow_step(model, tok, lr):
 def test_pieces_double_and_spread_over_every_kind_and_form(tiny_models):
     model, tok = _model(tiny_models)
     g = DriftGuard(model, tok, max_new_tokens=6)  # the default 64 prompts and 64 text rows, pieces of 8
-    assert [len(p.prompts) for p in g.pieces] == [8, 8, 16, 32]
-    assert [len(p.text_rows) for p in g.pieces] == [8, 8, 16, 32]
+    assert [len(p.prompts) for p in g.pieces] == [8, 8, 16, 16, 16]
+    assert [len(p.text_rows) for p in g.pieces] == [8, 8, 16, 16, 16]
     ids = [r["id"] for p in g.pieces for r in p.prompts]
     assert sorted(ids) == sorted(r["id"] for r in D.subset(D.load_prompts(), 64))  # each prompt once
     for p in g.pieces:
         assert {r["form"] for r in p.prompts} == {"plain", "chat"} and len({r["kind"] for r in p.prompts}) >= 4
     assert g.n_active == 0 and not list(D.cache_dir().glob("*"))  # nothing built before training
     # the start, measured against itself at every size, is exactly 0: the checks batch as the reference did
-    for n in range(1, 5):
+    for n in range(1, 6):
         m = g(model, 0)
         assert g.n_active == n and m["drift_prompts"] == sum(len(p.ref.n_cont) for p in g.pieces[:n])
         assert m["drift_kl"] == 0.0 and m["general_ppl_change"] == 0.0 and m["drift_kl_core"] == 0.0
-    assert len(list(D.cache_dir().glob("*.safetensors"))) == 4 and len(list(D.cache_dir().glob("ppl-*.json"))) == 4
+    assert len(list(D.cache_dir().glob("*.safetensors"))) == 5 and len(list(D.cache_dir().glob("ppl-*.json"))) == 5
 
 
 def test_a_short_run_on_a_cold_cache_builds_nothing_and_says_why(tiny_models):
