@@ -32,20 +32,28 @@ def _hooked_site(tmp_path):
     return site
 
 
+def _lm_eval(tmp_path, out, *args) -> dict:
+    """The `lm_eval` CLI with the hook installed, batch 4, offline: the results of its results_*.json in `out`."""
+    proc = subprocess.run([sys.executable, "-c", BOOT, str(_hooked_site(tmp_path)), *args, "--output_path", str(out),
+                           "--batch_size", "4"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+
+
+def _assert_mc_matches_ours(results: dict, model, tok) -> None:
+    ours = run_task(make_task({"name": "mc", "kind": "multiple_choice"}, [dict(r) for r in MC]), model, tok)
+    assert results["pt_mc"]["acc,none"] == pytest.approx(ours["metrics"]["acc"]["value"])
+    assert results["pt_mc"]["acc_norm,none"] == pytest.approx(ours["metrics"]["acc_norm"]["value"])
+
+
 def test_builtin_lm_eval_models_still_work_with_the_hook_installed(tiny, tmp_path):
     """The hook must not shadow lm-eval's own models: `--model hf` runs and scores like posttrain."""
     d, model, tok = tiny
     write_lm_eval_task(tmp_path / "tasks", "mc", MC, "multiple_choice")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", BOOT, str(_hooked_site(tmp_path)), "--model", "hf", "--model_args",
-                           f"pretrained={d},dtype=float32", "--device", "cpu", "--tasks", "pt_mc",
-                           "--include_path", str(tmp_path / "tasks"), "--output_path", str(out), "--batch_size", "4"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
-    ours = run_task(make_task({"name": "mc", "kind": "multiple_choice"}, [dict(r) for r in MC]), model, tok)
-    assert results["pt_mc"]["acc,none"] == pytest.approx(ours["metrics"]["acc"]["value"])
-    assert results["pt_mc"]["acc_norm,none"] == pytest.approx(ours["metrics"]["acc_norm"]["value"])
+    results = _lm_eval(tmp_path, out, "--model", "hf", "--model_args", f"pretrained={d},dtype=float32", "--device",
+                       "cpu", "--tasks", "pt_mc", "--include_path", str(tmp_path / "tasks"))
+    _assert_mc_matches_ours(results, model, tok)
 
 
 def test_harness_import_keeps_builtin_models_and_registers_posttrain_lazily():
@@ -67,16 +75,9 @@ def test_lm_eval_cli_runs_posttrain_models_and_matches_posttrain_eval(tiny, tmp_
                                     ("gen", GEN, "generate_until")):
         write_lm_eval_task(tasks, name, rows, output_type)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", BOOT, str(_hooked_site(tmp_path)), "--model", "posttrain",
-                           "--model_args", f"model={d}", "--tasks", "pt_mc", "pt_ppl", "pt_gen", "--include_path",
-                           str(tasks), "--output_path", str(out), "--log_samples", "--batch_size", "4"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
-
-    ours_mc = run_task(make_task({"name": "mc", "kind": "multiple_choice"}, [dict(r) for r in MC]), model, tok)
-    assert results["pt_mc"]["acc,none"] == pytest.approx(ours_mc["metrics"]["acc"]["value"])
-    assert results["pt_mc"]["acc_norm,none"] == pytest.approx(ours_mc["metrics"]["acc_norm"]["value"])
+    results = _lm_eval(tmp_path, out, "--model", "posttrain", "--model_args", f"model={d}", "--tasks", "pt_mc", "pt_ppl",
+                       "pt_gen", "--include_path", str(tasks), "--log_samples")
+    _assert_mc_matches_ours(results, model, tok)
     ours_ppl = run_task(make_task({"name": "ppl", "kind": "perplexity"}, [dict(r) for r in TEXTS]), model, tok)
     assert results["pt_ppl"]["bits_per_byte,none"] == pytest.approx(ours_ppl["metrics"]["bits_per_byte"]["value"],
                                                                      rel=1e-5)
