@@ -24,6 +24,8 @@ def test_budget_parsing():
     b = parse_budget("cpu,300MiB,1h")
     assert (b.device.name, b.device.memory_bytes, b.hours) == ("cpu", 300 * 2**20, 1.0)
     assert parse_budget("1xA100-40GB,20GB").device.memory_bytes == 20 * 10**9
+    with pytest.raises(PlanError, match=r"'64XB' is neither a time \(8h, 30m\) nor a memory limit \(300MiB, 2GiB"):
+        parse_budget("cpu,64XB")
 
 
 def _data(n=2000, known=0.5, gap=0.5):

@@ -106,6 +106,9 @@ def parse_budget(text: Optional[str]) -> Budget:
         if m:
             memory = int(float(m.group(1)) * {"MiB": 2**20, "GiB": 2**30, "MB": 10**6, "GB": 10**9}[m.group(2)])
             continue
+        if re.fullmatch(r"[\d.]+\s*[A-Za-z]*", part):  # a number that is neither a time nor a memory
+            raise PlanError(f"--budget {text!r}: {part!r} is neither a time (8h, 30m) nor a memory limit "
+                            "(300MiB, 2GiB, 500MB, 20GB)")
         m = re.fullmatch(r"(?:(\d+)\s*x\s*)?(.+)", part)
         gpus, name = int(m.group(1) or 1), m.group(2)
         try:
