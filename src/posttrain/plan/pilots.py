@@ -132,10 +132,9 @@ def run_pilot(cfg, method: str, *, steps: int, full_steps: int, lr: float, score
               references: tuple, schedule_steps: Optional[int] = None, domain_text: Optional[str] = None,
               cpt_steps: int = 0, cpt_lr: float = 0.0) -> dict:
     """One pilot: the first `steps` SFT steps of `method`'s full run, whose schedule is `schedule_steps`
-    long (default `full_steps`), after `cpt_steps` of continued pretraining for cpt+sft (a whole short
-    run: the SFT starts from a finished one, as in the full run; counted in the curve's steps); score
-    the held-out rows PILOT_POINTS times, extrapolate to `full_steps` (both stages for cpt+sft),
-    measure forgetting."""
+    long (default `full_steps`), after the first `cpt_steps` of its continued pretraining for cpt+sft
+    (on a schedule as long; counted in the curve's steps); score the held-out rows PILOT_POINTS times,
+    extrapolate to `full_steps` (both stages for cpt+sft), measure forgetting."""
     from posttrain.eval.drift import drift
     from posttrain.eval.perplexity import perplexity_change
     from posttrain.stages import cpt, load_config, sft
@@ -144,10 +143,11 @@ def run_pilot(cfg, method: str, *, steps: int, full_steps: int, lr: float, score
               f"train.grad_accum={cfg.train.grad_accum}", f"train.seed={cfg.train.seed}", "train.progress=false",
               "eval.guard=off", *schedule_overrides(cfg),
               f"train.gradient_checkpointing={str(cfg.train.gradient_checkpointing).lower()}"]
-    start = str(cfg.model)
+    start, schedule_steps = str(cfg.model), schedule_steps or full_steps
     if method == "cpt+sft":
         c = load_config("cpt", None, [f"model={start}", f"data.train={domain_text}", "adapter.type=none",
                                       f"train.lr={cpt_lr}", f"train.max_steps={cpt_steps}",
+                                      f"train.schedule_steps={schedule_steps}",
                                       f"output_dir={out_dir / 'cpt'}", *common])
         start = str(cpt.run(c).model_dir)
     points, correct, drifts = [], [], []
@@ -160,7 +160,7 @@ def run_pilot(cfg, method: str, *, steps: int, full_steps: int, lr: float, score
         return {"target_score": sum(correct[-1]) / len(correct[-1]), "drift_kl": drifts[-1]}
 
     ov = [f"model={start}", f"data.train={cfg.data.train}", f"adapter.type={PILOT_ADAPTERS[method]}",
-          f"train.lr={lr}", f"train.max_steps={steps}", f"train.schedule_steps={schedule_steps or full_steps}",
+          f"train.lr={lr}", f"train.max_steps={steps}", f"train.schedule_steps={schedule_steps}",
           f"train.eval_every={max(1, steps // PILOT_POINTS)}",
           f"output_dir={out_dir / 'sft'}", *common]
     run = sft.run(load_config("sft", None, ov), evaluators=[evaluate])
