@@ -1,6 +1,7 @@
 """The planner against real runs: predicted vs measured peak memory and step time on this CPU.
 
     OMP_NUM_THREADS=1 python bench/plan_accuracy.py [--only N,M] [--steps 4] [--work DIR]
+    OMP_NUM_THREADS=1 python bench/plan_accuracy.py --qlora-vs-lora 3   # peaks, alternated, 3 runs each
 
 Each configuration runs in its own child process (one OpenMP thread): posttrain's own training
 path (`load_for_training`, the SFT data pipeline, `Engine.fit`) for a few optimizer steps.
@@ -54,6 +55,10 @@ CONFIGS = [
     ("gemma-38M", "none", 128, 4, True, "fp32", False),
 ]
 
+# QLoRA against LoRA, the same peak measure (--qlora-vs-lora): (shape, seq_len, batch); "gym-1.9M" is
+# the bundled base model (posttrain.gym.base_model_path())
+QLORA_VS_LORA = [("llama-56M", 128, 1), ("llama-56M", 512, 2), ("gym-1.9M", 128, 1)]
+
 TOKENIZER_ROWS = 512  # posttrain.models.tiny's tokenizer: the only embedding rows the data can read
 
 WORDS = ("the model learns post training data token answer question value system user assistant tool "
@@ -103,6 +108,14 @@ def build_assets(work: Path) -> None:
                 fh.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(900))}) + "\n")
 
 
+def model_dir(work: Path, shape: str) -> Path:
+    if shape == "gym-1.9M":
+        from posttrain.gym import base_model_path
+
+        return Path(base_model_path())
+    return work / shape
+
+
 def child(spec: dict) -> dict:
     """One configuration, in this process: load, build the data, train `steps` steps, measure."""
     import torch
@@ -114,7 +127,7 @@ def child(spec: dict) -> dict:
     from posttrain.stages.sft import LMStage, lm_data
 
     work, out = Path(spec["work"]), Path(spec["out"])
-    ov = [f"model={work / spec['shape']}", f"data.train={work / 'text.jsonl'}", f"output_dir={out}",
+    ov = [f"model={model_dir(work, spec['shape'])}", f"data.train={work / 'text.jsonl'}", f"output_dir={out}",
           f"data.max_length={spec['seq_len']}", f"train.batch_size={spec['batch']}",
           f"train.max_steps={spec['steps']}", f"adapter.type={spec['adapter']}", "train.progress=false",
           f"train.gradient_checkpointing={str(spec['ckpt']).lower()}", f"train.precision={spec['precision']}",
@@ -150,7 +163,7 @@ def predict(spec: dict, work: Path, utilisation=None) -> dict:
     from posttrain.plan.shapes import read_shape
     from posttrain.plan.speed import step_time
 
-    shape = read_shape(work / spec["shape"])
+    shape = read_shape(model_dir(work, spec["shape"]))
     rs = RunSpec(adapter=spec["adapter"], batch_size=spec["batch"], seq_len=spec["seq_len"],
                  precision=spec["precision"], gradient_checkpointing=spec["ckpt"], device_kind="cpu",
                  embedding_rows=TOKENIZER_ROWS)
@@ -167,6 +180,8 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated config indices")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--results", default=None, help="re-score saved results (JSONL) instead of running")
+    p.add_argument("--qlora-vs-lora", type=int, default=0, metavar="RUNS",
+                   help="measure LoRA's and QLoRA's peaks RUNS times each, alternated (QLORA_VS_LORA shapes)")
     a = p.parse_args()
     if a.child:
         print("RESULT " + json.dumps(child(json.loads(a.child))))
@@ -174,6 +189,9 @@ def main() -> None:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     build_assets(work)
+    if a.qlora_vs_lora:
+        compare_qlora(work, a.qlora_vs_lora, a.steps)
+        return
     rows = []
     if a.results:
         rows = [json.loads(x) for x in Path(a.results).read_text().splitlines() if x.strip()]
@@ -184,17 +202,50 @@ def main() -> None:
             spec = {"index": i, "shape": shape, "adapter": adapter, "seq_len": seq, "batch": batch, "ckpt": ckpt,
                     "precision": prec, "calibrate": calib, "steps": a.steps, "work": str(work),
                     "out": str(work / f"run-{i}-{time.time_ns()}")}
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                  text=True, env=env)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(json.dumps({"index": i, "error": proc.stderr[-2000:]}), flush=True)
-                continue
-            row = {**spec, **json.loads(line[7:]), "load_average": os.getloadavg()}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            row = run_child(spec)
+            if row is not None:
+                rows.append(row)
     summarize(rows, work)
+
+
+def run_child(spec: dict):
+    """One configuration in a child process (one OpenMP thread); the row printed and returned (None: failed)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env=env)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        print(json.dumps({"index": spec["index"], "error": proc.stderr[-2000:]}), flush=True)
+        return None
+    row = {**spec, **json.loads(line[7:]), "load_average": os.getloadavg()}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def compare_qlora(work: Path, runs: int, steps: int) -> None:
+    """LoRA's and QLoRA's measured peaks (the docs' measure) on each QLORA_VS_LORA shape, `runs` each,
+    alternated so that both see the same machine; then the medians, spreads and predictions."""
+    out = []
+    for shape, seq, batch in QLORA_VS_LORA:
+        got = {"lora": [], "qlora": []}
+        for i in range(runs):
+            for adapter in ("lora", "qlora"):
+                spec = {"index": f"{shape}-{adapter}-{i}", "shape": shape, "adapter": adapter, "seq_len": seq,
+                        "batch": batch, "ckpt": False, "precision": "fp32", "calibrate": False, "steps": steps,
+                        "work": str(work), "out": str(work / f"cmp-{shape}-{adapter}-{time.time_ns()}")}
+                row = run_child(spec)
+                if row is not None:
+                    got[adapter].append(row)
+        summary = {"shape": shape, "seq_len": seq, "batch": batch}
+        for adapter, rows in got.items():
+            mib = [r["measured_peak_bytes"] / 2**20 for r in rows]
+            load = [r["measured_load_peak_bytes"] / 2**20 for r in rows]
+            pred = predict(rows[0], work)["predicted_peak_bytes"] / 2**20 if rows else None
+            summary[adapter] = {"peak_MiB": [round(x, 1) for x in mib], "median_MiB": round(statistics.median(mib), 1),
+                                "load_peak_MiB": [round(x, 1) for x in load], "predicted_MiB": round(pred, 1),
+                                "load_average_1min": [round(r["load_average"][0], 1) for r in rows]}
+        out.append(summary)
+        print(json.dumps({"qlora_vs_lora": summary}), flush=True)
 
 
 def fit(rows: list[dict], work: Path) -> dict:
