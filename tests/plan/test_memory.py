@@ -108,6 +108,20 @@ def test_nf4_weight_bytes_match_torchao(tiny_models):
         stored + 4 * (shape.total_params - shape.linear_params), rel=0.01)
 
 
+def test_qlora_on_the_cpu_counts_nf4_linears_alone(tiny_models):
+    """On the CPU QLoRA releases each quantized weight's mapped fp32 pages (models.adapters.qlora), so its
+    weights are the NF4 linears plus the fp32 rest, as on a GPU, and loading peaks at the NF4 model too."""
+    shape = read_shape(tiny_models("llama", **SHAPE))
+    cpu = RunSpec(adapter="qlora", device_kind="cpu")
+    nf4 = shape.linear_params * NF4_BYTES_PER_WEIGHT + 4 * (shape.total_params - shape.linear_params)
+    assert base_weight_bytes(shape, cpu) == base_weight_bytes(shape, RunSpec(adapter="qlora")) == nf4
+    est = estimate_memory(shape, cpu)
+    assert est.load_peak_bytes == nf4 + 4 * adapter_params(shape, cpu) + est.breakdown["runtime"]
+    lora = estimate_memory(shape, RunSpec(adapter="lora", device_kind="cpu"))
+    assert lora.breakdown["weights"] - est.breakdown["weights"] == pytest.approx(
+        shape.linear_params * (4 - NF4_BYTES_PER_WEIGHT))
+
+
 @pytest.mark.parametrize("kind", ["none", "lora"])
 def test_gradient_and_adamw_state_bytes(tiny_models, kind):
     from posttrain.engine.optim import build_optimizer
