@@ -86,12 +86,12 @@ class DriftGuard:
 
     The reference grows with the run: its prompts and text rows are split into pieces (`_split`: 8,
     8, 16, 16 and 16 of each by default, `piece_size` 8), and the first check uses the first piece,
-    each later check one piece more (8, 16, 32, 48, then 64 prompts at every check). A piece is built (the base's greedy
-    continuations and top-k distributions, its general-text NLL; or read from the cache) when the check
-    that first uses it runs, and that check pays for it from the budget. So nothing but one timed
-    forward (`_probe`) and a CPU copy of the starting weights happens before training, and the first
-    check costs about an eighth of a full one: it comes early, and a run stopped later rolls back to
-    recent weights rather than to the start.
+    each later check one piece more (8, 16, 32, 48, then 64 prompts at every check). A piece is
+    built (the base's greedy continuations and top-k distributions, its general-text NLL; or read
+    from the cache) when the check that first uses it runs, and that check pays for it from the
+    budget. So nothing but a timed probe (`_probe`) and a CPU copy of the starting weights happens
+    before training, and the first check costs about an eighth of a full one: it comes early, and a
+    run stopped later rolls back to recent weights rather than to the start.
 
     max_drift_kl: limit on `drift_kl` (nats per token, KL(start ‖ now)); None: only logged.
     max_ppl_change: limit on `general_ppl_change` (relative, 0.25 = 25% higher perplexity); None: only logged.
@@ -146,7 +146,8 @@ class DriftGuard:
         # the starting weights: the roll-back target until a check passes, and what a piece is built
         # from (a full fine-tune's base) or measured with (a starting adapter that is not the identity)
         # after training has moved the weights; dropped once every piece is active
-        needed = (self.adapted and not self.start_is_base) or (not self.adapted and not all(p.cached for p in self.pieces))
+        needed = (self.adapted and not self.start_is_base) or \
+            (not self.adapted and not all(p.cached for p in self.pieces))
         self.start_weights = self._snapshot() if (rollback or needed) else None
         self.good = self.start_weights if rollback else None
         self.good_step = 0
@@ -161,6 +162,7 @@ class DriftGuard:
         self.train_s = 0.0
         self._next_cost: Optional[float] = None  # next_cost(), until the next check changes it
         self._last = clock()
+
     # ------------------------------------------------------------ the pieces
 
     @torch.inference_mode()
@@ -218,7 +220,8 @@ class DriftGuard:
     def _est_build(self, p: _Piece) -> float:
         """The estimated time to make a piece active, at the measured rate of the last piece of its kind
         (cached or not); before one was measured, for an uncached piece the generation of its
-        continuations (one decoding step per new token, each as long as the probe's) and the base's forwards on it, plus the start's forwards when the start is not the base."""
+        continuations (one decoding step per new token, each as long as the probe's) and the base's
+        forwards on it; plus the start's forwards when the start is not the base."""
         if self._rate[p.cached] is not None:
             return self._rate[p.cached] * self._tokens(p)
         one = self._rate["check"] * self._tokens(p)

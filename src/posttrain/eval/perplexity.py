@@ -95,8 +95,9 @@ def mean_nll(model, rows: Sequence[list[int]], start: Sequence[int], *, batch_si
 
 
 def _nll_path(base_fingerprint: str, rows, start, batch_size: int, pad_id: int) -> Path:
-    key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "sums": True, "base": base_fingerprint, "rows": rows,
-                                     "start": start, "batch_size": batch_size, "pad": pad_id}).encode()).hexdigest()[:32]
+    key = json.dumps({"v": CACHE_VERSION, "sums": True, "base": base_fingerprint, "rows": rows, "start": start,
+                      "batch_size": batch_size, "pad": pad_id})
+    key = hashlib.sha256(key.encode()).hexdigest()[:32]
     return cache_dir() / f"ppl-{key}.json"
 
 
