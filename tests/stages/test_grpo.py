@@ -43,7 +43,7 @@ def _train_metrics(run_dir):
 
 def test_grpo_raises_the_reward(tiny_models, prompts_file, tmp_path):
     cfg = _cfg(tiny_models("qwen2"), prompts_file, tmp_path / "run", "train.max_steps=20", "train.lr=1e-2",
-               "grpo.iterations=2")
+               "grpo.iterations=2", "eval.guard=off")  # lr 1e-2 drifts far by design: this tests learning, not the guard
     res = grpo.run(cfg, reward_fns=[digit_frac])
     m = _train_metrics(res.output_dir)
     assert len(m) == 20
