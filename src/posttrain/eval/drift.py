@@ -128,7 +128,8 @@ def fingerprint(model, tokenizer) -> str:
     for name, t in model.state_dict(keep_vars=True).items():
         if name in skip:
             continue
-        flat = t.detach().reshape(-1)
+        packed = getattr(t, "quantized_data", None)  # an NF4 (QLoRA) weight: sample its 4-bit codes
+        flat = (packed if packed is not None else t).detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(flat[::step][:4096].float().cpu().numpy().tobytes())
