@@ -41,7 +41,7 @@ def main() -> None:
         f"model={base}", f"data.train={Path(a.calib) / 'data' / 'train.jsonl'}", f"output_dir={out / 'G-guarded'}",
         "adapter.type=none", "train.lr=1e-3", "train.epochs=3", "train.schedule=constant", "train.batch_size=16",
         "data.max_length=256", "train.warmup_steps=5", "data.limit=1000", "train.progress=false",
-        "train.eval_every=1"])
+        "train.eval_every=1", "eval.guard=off"])  # this script runs its own guard beside the stage
     model, tok = load(str(base), dtype="fp32", device="cpu")
     model.requires_grad_(True)
     t0 = time.perf_counter()

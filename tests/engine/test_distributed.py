@@ -198,6 +198,7 @@ def test_qlora_fsdp_two_ranks_match_one_process(tmp_path):
                              heads=4, kv_heads=4)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows(64)))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(74)[64:]))  # _args names it
     one, two = tmp_path / "one", tmp_path / "two"
     single(_args(model, data, one, "adapter.type=qlora", batch=4))
     torchrun(_args(model, data, two, "adapter.type=qlora", "train.distributed=fsdp", batch=2))

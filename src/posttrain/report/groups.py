@@ -15,6 +15,7 @@ import math
 # is a score, "reward_margin" an RL/preference reward before it is a margin.
 GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("rewards and reward-hacking detectors", ("hack/",)),  # hack/length_drift is not a forgetting check
+    ("forgetting checks", ("general_ppl",)),  # the guard's general-text perplexity, not a training loss
     ("losses", ("loss", "nll", "perplexity", "ppl")),
     ("forgetting checks", ("regression", "forget", "drift", "divergence", "guard")),
     # eval.hacking's detectors log hack/<detector> flags and distinct_2 / identical_share
