@@ -255,7 +255,7 @@ def fit(rows: list[dict], work: Path) -> dict:
     import numpy as np
 
     from posttrain.plan.devices import cpu_device
-    from posttrain.plan.memory import RunSpec, activation_bytes, estimate_memory, logits_bytes
+    from posttrain.plan.memory import RunSpec, cpu_transient_bytes, estimate_memory
     from posttrain.plan.shapes import read_shape
     from posttrain.plan.speed import UTILISATION, step_flops, trainable_params
 
@@ -268,10 +268,8 @@ def fit(rows: list[dict], work: Path) -> dict:
                      gradient_checkpointing=r["ckpt"], device_kind="cpu", embedding_rows=TOKENIZER_ROWS)
         mem = estimate_memory(shape, rs)
         runtime = mem.breakdown["runtime"]
-        transient = mem.breakdown.get("activations", 0.0) + mem.breakdown.get("logits", 0.0)
-        if mem.peak_phase == "optimizer_step":
-            transient = activation_bytes(shape, rs) + logits_bytes(shape, rs)
-        extra.append((r["measured_peak_bytes"] - (mem.train_peak_bytes - runtime), transient))
+        peak = max(mem.train_peak_bytes, mem.load_peak_bytes)  # the measure spans loading and training
+        extra.append((r["measured_peak_bytes"] - (peak - runtime), cpu_transient_bytes(shape, rs)))
         f = step_flops(shape, rs)
         stream = (f.streamed_bytes + 28 * trainable_params(shape, rs)) / (dev.bandwidth * UTILISATION["cpu"]["stream"])
         A.append([f.matmul / dev.peak_flops(r["precision"]), f.attention / dev.peak_flops(r["precision"])])

@@ -5,6 +5,9 @@ every distinct storage), so a change in what transformers or posttrain keep for 
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,8 +17,9 @@ from posttrain.models import adapters
 from posttrain.models.adapters.qlora import linear_weight_bytes
 from posttrain.models.loading import load
 from posttrain.plan.memory import (
-    NF4_BYTES_PER_WEIGHT, RunSpec, activation_bytes, adapter_params, autocast_copy_bytes, base_weight_bytes,
-    estimate_memory, gradient_bytes, logits_bytes, logits_saved_bytes, optimizer_bytes,
+    NF4_BYTES_PER_WEIGHT, NF4_DEQUANT_BYTES_PER_WEIGHT, RunSpec, activation_bytes, adapter_params,
+    autocast_copy_bytes, base_weight_bytes, estimate_memory, gradient_bytes, layer_backward_bytes, logits_bytes,
+    logits_saved_bytes, nf4_dequant_bytes, optimizer_bytes, saved_per_token,
 )
 from posttrain.plan.shapes import read_shape
 from posttrain.stages.sft import LMStage
@@ -198,3 +202,52 @@ def test_packed_rows_repeat_kv_and_keep_one_mask(tiny_models):
     unpacked = activation_bytes(shape, dataclasses.replace(spec, packed=False)) + logits_saved_bytes(shape, spec)
     assert seen["activations"] == pytest.approx(want, rel=0.03)
     assert seen["activations"] != pytest.approx(unpacked, rel=0.03)  # the packed terms are needed
+
+
+DEQUANT_PROBE = """
+import torch
+from torchao.quantization import to_nf4
+from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+def kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith(key + ":"))
+q = to_nf4(torch.randn(2304, 192).to(torch.bfloat16), 64, 256)
+x = torch.randn(16, 192, requires_grad=True)
+linear_nf4(x, q).sum().backward()  # the first call pays torchao's lazy set-up
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = kib("VmRSS")
+linear_nf4(x, q).sum().backward()
+print((kib("VmHWM") - before) * 1024)
+"""
+
+
+def test_nf4_dequantization_temporaries_per_weight(tiny_models):
+    """torchao dequantizes an NF4 weight for each matmul: its temporaries, measured as the peak RSS over a
+    forward and backward with every allocation mmapped (so that what is freed leaves RSS at once)."""
+    pytest.importorskip("torchao")
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's VmHWM reset")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", DEQUANT_PROBE], capture_output=True, text=True, env=env, check=True)
+    per_weight = int(out.stdout.split()[-1]) / (2304 * 192)
+    assert per_weight == pytest.approx(NF4_DEQUANT_BYTES_PER_WEIGHT, rel=0.25)
+    shape = read_shape(tiny_models("llama", **SHAPE))
+    qlora = RunSpec(adapter="qlora", batch_size=B, seq_len=T)
+    assert nf4_dequant_bytes(shape, qlora) == NF4_DEQUANT_BYTES_PER_WEIGHT * 320 * 128  # the MLP's linears
+    assert nf4_dequant_bytes(shape, dataclasses.replace(qlora, adapter="lora")) == 0
+
+
+def test_backward_through_a_layer_is_its_own_phase(tiny_models):
+    """With checkpointing, a wide MLP and a small vocabulary (scenario (d)'s shape) the largest moment is
+    the backward of the last layer: every activation, the head's saved states, a gradient for each
+    tensor that layer saved, and the NF4 dequantization."""
+    shape = dataclasses.replace(read_shape(tiny_models("llama", **SHAPE)), intermediate=4608)
+    spec = RunSpec(adapter="qlora", batch_size=B, seq_len=T, gradient_checkpointing=True, grad_accum=4)
+    est = estimate_memory(shape, spec)
+    assert est.peak_phase == "backward_layer"
+    assert layer_backward_bytes(shape, spec) == saved_per_token(shape, spec) * B * T
+    assert est.phases["backward_layer"] == pytest.approx(
+        activation_bytes(shape, spec) + logits_saved_bytes(shape, spec) + layer_backward_bytes(shape, spec)
+        + nf4_dequant_bytes(shape, spec) + gradient_bytes(shape, spec))
+    assert est.breakdown["layer_gradients"] == layer_backward_bytes(shape, spec)

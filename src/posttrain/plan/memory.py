@@ -12,6 +12,9 @@ Every term models what posttrain itself does (read, not guessed):
   tensor), the multi-tensor one on GPU (one copy of every trainable tensor);
 - activations: the tensors autograd saves, per token and layer (see `saved_per_token`), or only
   each layer's input under gradient checkpointing (plus one layer recomputed during backward);
+- backward through a layer: a gradient for each tensor that layer saved, alive beside them;
+- NF4 dequantization (QLoRA): each NF4 linear is dequantized for its matmul, in forward and again
+  in backward; torchao's temporaries for the largest one (about 16 bytes per weight, measured);
 - logits: the output head runs only at loss positions, a chunk of rows at a time (`models.head`,
   `losses.chunked`): the hidden states at those positions plus a few [chunk, V] buffers;
 - autocast copies: bf16 autocast keeps a bf16 copy of each matmul weight for backward;
@@ -23,9 +26,13 @@ Every term models what posttrain itself does (read, not guessed):
 
 Training peak = weights + adapter + optimizer + reference + KV cache + runtime + the largest of
 (1) end of forward: activations + logits (+ gradients when accumulating), (2) backward through the
-head: the same plus the head's gradient, (3) end of backward and the optimizer step: gradients + step
-temporaries. Loading peaks separately: posttrain loads fp32 weights onto the device, except for
-QLoRA, which quantizes on the CPU layer by layer and then moves the NF4 model.
+head: the same plus the head's gradient, (3) backward through the last layer: activations + the
+head's saved states + that layer's gradients (+ NF4 dequantization), (4) end of backward and the
+optimizer step: gradients + step temporaries. On the CPU glibc keeps what the step frees in its heap
+(freed blocks under its mmap threshold, which rises to the largest block freed, up to 32 MiB), so
+the runtime term grows with the step's transient tensors. Loading peaks separately: posttrain loads
+fp32 weights onto the device, except for QLoRA, which quantizes on the CPU layer by layer and then
+moves the NF4 model.
 """
 
 from __future__ import annotations
@@ -38,12 +45,19 @@ from posttrain.plan.shapes import ModelShape
 FP32 = 4
 BF16 = 2
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # codes + int8 block scales + fp32 factor per 256 scales
+# torchao's NF4 dequantization (`get_original_weight`, in linear_nf4's forward and backward): peak of
+# its temporaries, measured 14.2-17.4 bytes per weight on a 4608 x 192 weight (forward; forward and
+# backward), VmHWM with every allocation mmapped so that freed blocks leave RSS
+NF4_DEQUANT_BYTES_PER_WEIGHT = 16
 ADAPTERS = ("none", "lora", "dora", "qlora", "prompt", "prefix")
 CUDA_CONTEXT = 512 * 2**20  # not in max_memory_allocated, but in nvidia-smi; order of magnitude for H100/A100
-# CPU: a + b x (activations + loss path), fitted by bench/plan_accuracy.py on its calibration runs: what
-# loading leaves behind (about 141 MiB measured) and the heap that freed activations leave resident
-CPU_RUNTIME = 192 * 2**20
-CPU_RETAINED_FRACTION = 0.65
+# CPU: a + b x (the step's transient tensors, `cpu_transient_bytes`), fitted by bench/plan_accuracy.py on
+# its six calibration runs (2026-12-06, the QLoRA rows re-measured after its loading fix): what loading
+# leaves behind (imports included: transformers' Qwen2 model code alone is 134 MiB of RSS) and the heap
+# that freed temporaries leave resident in glibc's allocator (on scenario (d)'s model 50-60 MiB; fixing
+# glibc's mmap threshold removes it but makes each step 40-60% slower, so posttrain leaves glibc as it is)
+CPU_RUNTIME = 221 * 2**20
+CPU_RETAINED_FRACTION = 0.46
 
 
 @dataclass(frozen=True)
@@ -200,6 +214,20 @@ def activation_bytes(s: ModelShape, spec: RunSpec) -> float:
     return s.layers * per_layer + final_norm + mask
 
 
+def layer_backward_bytes(s: ModelShape, spec: RunSpec) -> float:
+    """Backward through one decoder layer: autograd allocates a gradient for each tensor the layer saved
+    (the MLP's gate, up and product, the attention's q, k, v, ...) while the saved tensors are still alive."""
+    return saved_per_token(s, spec) * spec.tokens
+
+
+def nf4_dequant_bytes(s: ModelShape, spec: RunSpec) -> float:
+    """QLoRA: torchao dequantizes each NF4 linear for its matmul (forward, and again in backward), one at a
+    time: the temporaries of the largest one."""
+    if spec.adapter != "qlora":
+        return 0.0
+    return NF4_DEQUANT_BYTES_PER_WEIGHT * max(i * o for i, o in s.linear_shapes())
+
+
 CHUNK_ELEMENTS = 2 ** 23  # posttrain.losses.chunked: fp32 numbers per [rows, V] chunk buffer
 CHUNK_BUFFERS = 4  # chunk buffers alive at once: logits, scaled logits, softmax, gradient (backward)
 
@@ -237,6 +265,13 @@ def autocast_copy_bytes(s: ModelShape, spec: RunSpec) -> float:
     return (s.linear_weights + head) * BF16
 
 
+def cpu_transient_bytes(s: ModelShape, spec: RunSpec) -> float:
+    """The step's tensors that are freed again (activations, the loss path, a layer's gradients, NF4
+    dequantization): the CPU runtime term keeps a fitted fraction of them, the heap glibc does not give back."""
+    return (activation_bytes(s, spec) + logits_bytes(s, spec) + layer_backward_bytes(s, spec)
+            + nf4_dequant_bytes(s, spec))
+
+
 # ---------------------------------------------------------------- the whole
 
 
@@ -270,11 +305,16 @@ def estimate_memory(s: ModelShape, spec: RunSpec) -> MemoryEstimate:
         unit = max(s.layer_linear, s.embedding_params + s.head_params)
         gathered = 2 * unit * (BF16 if spec.precision == "bf16" else FP32)  # current and prefetched unit
     ddp_buckets = grads if spec.distributed == "ddp" else 0.0
-    runtime = CPU_RUNTIME + CPU_RETAINED_FRACTION * (acts + logits) if spec.device_kind == "cpu" else CUDA_CONTEXT
+    layer_grads = layer_backward_bytes(s, spec)
+    dequant = nf4_dequant_bytes(s, spec)
+    head_saved = logits_saved_bytes(s, spec)
+    runtime = (CPU_RUNTIME + CPU_RETAINED_FRACTION * cpu_transient_bytes(s, spec) if spec.device_kind == "cpu"
+               else CUDA_CONTEXT)
     accum_grads = grads if spec.grad_accum > 1 else 0.0
     phases = {
-        "forward_end": acts + logits + copies + accum_grads,
+        "forward_end": acts + logits + dequant + copies + accum_grads,
         "backward_head": acts + logits + head_grad + copies + accum_grads,  # the head's gradient fills chunk by chunk
+        "backward_layer": acts + head_saved + layer_grads + dequant + head_grad + copies + accum_grads,
         "optimizer_step": grads + temp + ddp_buckets,
     }
     phase = max(phases, key=phases.get)
@@ -282,8 +322,13 @@ def estimate_memory(s: ModelShape, spec: RunSpec) -> MemoryEstimate:
              "fsdp_gathered": gathered, "runtime": runtime}
     if phase == "optimizer_step":
         moving = {"gradients": grads, "optimizer_step_temp": temp, "ddp_buckets": ddp_buckets}
+    elif phase == "backward_layer":
+        moving = {"activations": acts, "logits": head_saved, "layer_gradients": layer_grads,
+                  "nf4_dequantization": dequant, "autocast_weight_copies": copies,
+                  "gradients": accum_grads + head_grad}
     else:
         moving = {"activations": acts, "logits": logits,
+                  "nf4_dequantization": dequant if phase == "forward_end" else 0.0,
                   "autocast_weight_copies": copies,
                   "gradients": accum_grads + (head_grad if phase == "backward_head" else 0.0)}
     breakdown = {k: float(v) for k, v in {**fixed, **moving}.items()}
