@@ -11,7 +11,7 @@ neurons whose output weights are a hundredth of the pretrained ones', so it comp
 bundled model computes, but its decoder linears hold 42 MiB in fp32 (NF4: 5.4 MiB) instead of 6.6 MiB, and the
 difference between an fp32 and an NF4 base is larger than the noise of the process's own memory.
 
-Slow: `pytest -m slow tests/plan/test_scenario_qlora.py` (3 to 5 minutes on one thread, load average 5).
+Slow: `pytest -m slow tests/plan/test_scenario_qlora.py` (3 to 4 minutes on one thread, load average 2).
 """
 
 from __future__ import annotations
@@ -101,16 +101,16 @@ def in_child(overrides: list[str], held_out: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "measured 2026-12-06 (two runs, load 5, 194-300 s): the adviser picks qlora under cpu,258MiB (predicted LoRA "
-    "268, QLoRA 231 MiB), but the runs measure LoRA 309 and 324 MiB (72% held out) and QLoRA 281 and 289 MiB (74%): "
-    "NF4 saves 28-35 MiB, the planner under-predicts both by about 15-20%, so QLoRA does not fit the budget; and the "
-    "pilot predicts 26-29% +- 9% because plan/pilots.py does not pass data.packing on (its micro-batches hold 1 "
-    "example, not about 4); docs/advise.md, scenario (d)"))
 def test_d_a_memory_budget_too_small_for_lora_picks_qlora_and_qlora_fits(tmp_path):
     """(d) on the CPU: the budget lies between QLoRA's and LoRA's predicted peaks (both at micro-batch 1 with
     checkpointing); the adviser picks qlora; trained to the end, LoRA's measured peak is over the
-    budget and QLoRA's within it, and QLoRA scores within 10 points of its pilot's prediction."""
+    budget and QLoRA's within it, and QLoRA scores within 10 points of its pilot's prediction.
+
+    The adviser keeps 5% of a budget free, so the budget cannot be below QLoRA's prediction / 0.95, which
+    on this model is LoRA's prediction (308 against 309.5 MiB): whether LoRA's measured peak exceeds it is
+    a coin flip (measured 309 and 315 MiB against a 309 MiB budget). That one check is an expected
+    failure, with its numbers, when LoRA happens to fit; everything else must hold.
+    """
     from posttrain import gym
     from posttrain.plan.advise import advise, learning_rates, parse_budget
     from posttrain.plan.devices import cpu_device
@@ -149,8 +149,14 @@ def test_d_a_memory_budget_too_small_for_lora_picks_qlora_and_qlora_fits(tmp_pat
     print("scenario d: measured", {k: (round(v["peak_bytes"] / 2**20), v["score"]) for k, v in got.items()},
           "predicted qlora score", c["qlora"]["expected_score"])
     assert abs(c["qlora"]["expected_score"] - got["qlora"]["score"]) <= 0.10, (c["qlora"], got)
+    for kind in ("lora", "qlora"):  # the planner's CPU target: within 10% of the measured peak
+        assert c[kind]["peak_memory_bytes"] == pytest.approx(got[kind]["peak_bytes"], rel=0.10), (kind, c[kind], got)
     assert got["qlora"]["peak_bytes"] < got["lora"]["peak_bytes"], got
-    assert got["lora"]["peak_bytes"] > budget_mib * 2**20 >= got["qlora"]["peak_bytes"], got
+    assert budget_mib * 2**20 >= got["qlora"]["peak_bytes"], got
+    if got["lora"]["peak_bytes"] <= budget_mib * 2**20:
+        pytest.xfail(f"LoRA fitted the {budget_mib} MiB budget this time ({got['lora']['peak_bytes'] / 2**20:.1f} MiB "
+                     f"measured, {c['lora']['peak_memory_bytes'] / 2**20:.1f} predicted): the budget sits at LoRA's "
+                     "prediction by construction (the adviser keeps 5% free); docs/advise.md, scenario (d)")
 
 
 if __name__ == "__main__":
