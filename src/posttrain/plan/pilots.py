@@ -143,7 +143,8 @@ def run_pilot(cfg, method: str, *, steps: int, full_steps: int, lr: float, score
               f"train.grad_accum={cfg.train.grad_accum}", f"train.seed={cfg.train.seed}", "train.progress=false",
               "eval.guard=off", *schedule_overrides(cfg),
               f"train.gradient_checkpointing={str(cfg.train.gradient_checkpointing).lower()}",
-              f"data.packing={str(cfg.data.packing).lower()}"]  # the full run's batches (packed: more per row)
+              # the full run's batches (packed: more examples per row); prompt/prefix tuning cannot pack
+              f"data.packing={str(cfg.data.packing and method not in ('prompt_tuning', 'prefix_tuning')).lower()}"]
     if "padding_free" in cfg.data.model_fields_set:  # only as the user set it: prompt tuning turns it off
         common.append(f"data.padding_free={str(cfg.data.padding_free).lower()}")
     start, schedule_steps = str(cfg.model), schedule_steps or full_steps
