@@ -89,6 +89,8 @@ def claim(cfg: RunConfig, resume: bool) -> Path:
     if has_ckpt and not resume:
         raise RunDirError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it, "
                           "or choose another output_dir (nothing was changed)")
+    barrier()  # every rank has read the directory before rank 0 writes into it (a half-written config.yaml
+    # read by a late rank looked foreign, and that rank stopped: seen once under torchrun on a loaded machine)
     if is_main():
         try:
             out.mkdir(parents=True, exist_ok=True)
