@@ -53,9 +53,9 @@ def test_the_guarded_chain_keeps_the_base_skills(demo):
     """Issue 17 item 6: regression within 2 points of the base in both rows, and the default forgetting
     guard (on in every stage) stops neither."""
     out, s = demo
-    for row in ("reasoning", "grpo"):
+    for row, limit in (("reasoning", 1.0), ("grpo", 0.5)):  # the recipe's limits (reasoning: as sft's)
         assert s[row]["regression_score"] >= s["base"]["regression_score"] - 0.02, (s["base"], s[row])
-        assert "stop_reason" not in s[row] and s[row]["drift_kl"] <= 0.5, s[row]
+        assert "stop_reason" not in s[row] and s[row]["drift_kl"] <= limit, s[row]
     # the training log shows the reward rising and zero-variance groups counted
     recs = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r.get("split") == "train"]
