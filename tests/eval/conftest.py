@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 
@@ -66,3 +67,18 @@ def write_lm_eval_task(dir_: Path, name: str, rows: list[dict], output_type: str
     path.write_text(f"task: pt_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {dir_ / name}.jsonl\n"
                     f"test_split: test\noutput_type: {output_type}\n" + _LM_EVAL_BODY[output_type])
     return path
+
+
+def narrow_step(model, tok, lr):
+    """One SGD step on a narrow chat task (8 prompts, one answer): at a high learning rate the model forgets fast."""
+    rows = [tok(f"<|im_start|>user\nSay it {i}<|im_end|>\n<|im_start|>assistant\nyes yes yes yes<|im_end|>")["input_ids"]
+            for i in range(8)]
+    width = min(len(r) for r in rows)
+    batch = torch.tensor([r[:width] for r in rows])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def step():
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from posttrain.eval.guard import DEFAULT_MAX_DRIFT_KL, DriftGuard, default_guard, guard_settings, within_budget
+from tests.eval.conftest import narrow_step
 
 
 @pytest.fixture(autouse=True)
@@ -27,20 +28,6 @@ def test_budget_keeps_checks_within_ten_percent():
     assert checks == 15 and steps_at[0] == 36  # the start-up check is paid for first
 
 
-def _narrow_steps(model, tok, lr):
-    """A narrow task at a high learning rate: the model forgets fast."""
-    rows = [tok(f"<|im_start|>user\nSay it {i}<|im_end|>\n<|im_start|>assistant\nyes yes yes yes<|im_end|>")["input_ids"]
-            for i in range(8)]
-    width = min(len(r) for r in rows)
-    batch = torch.tensor([r[:width] for r in rows])
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-
-    def step():
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return step
-
 
 def test_guard_stops_a_forgetting_run_and_rolls_back(tiny_models):
     from posttrain.models.loading import load
@@ -50,7 +37,7 @@ def test_guard_stops_a_forgetting_run_and_rolls_back(tiny_models):
     g = DriftGuard(model, tok, n_prompts=12, max_new_tokens=6, n_text=8, max_drift_kl=0.3, max_ppl_change=None,
                    budget=0.99)
     assert g.start["drift_kl"] == 0.0 and g.start["general_ppl_change"] == 0.0 and g.good_step == 0
-    step_fn, reason, total = _narrow_steps(model, tok, lr=0.5), None, 20
+    step_fn, reason, total = narrow_step(model, tok, lr=0.5), None, 20
     for step in range(1, total + 1):
         step_fn()
         if g.due(step, total):
@@ -78,7 +65,7 @@ def test_no_rollback_only_stops(tiny_models):
     model, tok = load(tiny_models("qwen2"), device="cpu")
     g = DriftGuard(model, tok, n_prompts=8, max_new_tokens=4, n_text=4, max_drift_kl=0.01, max_ppl_change=None,
                    budget=0.5, rollback=False)
-    step_fn = _narrow_steps(model, tok, lr=0.5)
+    step_fn = narrow_step(model, tok, lr=0.5)
     for _ in range(3):
         step_fn()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -9,6 +9,7 @@ import torch
 
 from posttrain.eval import drift as D
 from posttrain.eval.guard import DriftGuard
+from tests.eval.conftest import narrow_step
 
 
 @pytest.fixture(autouse=True)
@@ -34,19 +35,6 @@ class Clock:
         return self.t
 
 
-def _narrow_step(model, tok, lr):
-    rows = [tok(f"<|im_start|>user\nSay it {i}<|im_end|>\n<|im_start|>assistant\nyes yes yes yes<|im_end|>")["input_ids"]
-            for i in range(8)]
-    width = min(len(r) for r in rows)
-    batch = torch.tensor([r[:width] for r in rows])
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-
-    def step():
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return step
-
 
 def test_pieces_double_and_spread_over_every_kind_and_form(tiny_models):
     model, tok = _model(tiny_models)
@@ -69,7 +57,7 @@ def test_pieces_double_and_spread_over_every_kind_and_form(tiny_models):
 def test_a_short_run_on_a_cold_cache_builds_nothing_and_says_why(tiny_models):
     model, tok = _model(tiny_models)
     g = DriftGuard(model, tok)
-    step = _narrow_step(model, tok, lr=1e-3)
+    step = narrow_step(model, tok, lr=1e-3)
     for s in (1, 2):
         step()
         assert g.after_step(model, s, 2, {}) == ({}, None)
@@ -85,7 +73,7 @@ def test_cold_cache_stays_within_the_budget_by_the_guards_own_accounting(tiny_mo
     t0 = time.perf_counter()
     g = DriftGuard(model, tok)  # default prompts, continuations and text; a base never seen
     in_guard = time.perf_counter() - t0
-    step, s, t_end = _narrow_step(model, tok, lr=1e-4), 0, time.perf_counter() + 6.0
+    step, s, t_end = narrow_step(model, tok, lr=1e-4), 0, time.perf_counter() + 6.0
     while time.perf_counter() < t_end:
         step()
         s += 1
@@ -109,7 +97,7 @@ def test_rollback_restores_the_last_good_checks_weights_exactly(tiny_models):
     clock = Clock()
     g = DriftGuard(model, tok, n_prompts=16, max_new_tokens=6, n_text=8, max_drift_kl=0.05, max_ppl_change=None,
                    clock=clock)
-    step, weights, reason = _narrow_step(model, tok, lr=0.3), {}, None
+    step, weights, reason = narrow_step(model, tok, lr=0.3), {}, None
     for s in range(1, 21):
         step()
         clock.t += 1.0  # a second of training per step and no guard time: a check after every step
