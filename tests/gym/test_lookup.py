@@ -5,7 +5,8 @@ import re
 import pytest
 
 from posttrain import gym
-from posttrain.gym.lookup import FIELDS, LookupEnv, calculate, lookup, records, run_tool
+from posttrain.gym.lookup import (FIELDS, LookupEnv, calculate, expression_parts, lookup, parts_right, records,
+                                  run_tool)
 
 
 def test_calculator_walks_the_syntax_tree_only():
@@ -75,3 +76,24 @@ def test_lookup_credit_rewards_each_named_item_once():
         {"type": "function", "function": {"name": "lookup", "arguments": {"item": "dams"}}}]}
     assert env.step(msgs, wrong)[1] == 0.0
     assert LookupEnv().step(env.reset(row), first)[1] == 0.0  # no shaping by default
+
+
+def test_expression_credit_rewards_the_parts_of_the_first_calculation():
+    assert [parts_right(e, "12 - 9") for e in ("12 - 9", "12 + 9", "12 + 12", "9 - 12", "12-9", "twelve", "")] == \
+        [3, 2, 1, 1, 3, 0, 0]
+    assert parts_right("9 + 12", "12 + 9") == 3 and parts_right("12 + 9", "x") == 0
+    row = next(r for r in gym.load_task_rows("lookup", "validation", n=20) if len(r["messages"]) == 6)
+    calc = row["messages"][3]
+    gold = calc["tool_calls"][0]["function"]["arguments"]["expression"]
+    a, op, b = expression_parts(gold)
+    wrong_sign = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "calculator", "arguments": {"expression": f"{a} {'+' if op == '-' else '-'} {b}"}}}]}
+    env = LookupEnv(expression_credit=0.3)
+    msgs = env.reset(row)
+    assert env.step(msgs, row["messages"][1])[1] == 0.0              # the lookup earns nothing
+    assert env.step(msgs, wrong_sign)[1] == pytest.approx(0.2)       # two of three parts
+    assert env.step(msgs, calc)[1] == 0.0                            # only the first calculation counts
+    env = LookupEnv(expression_credit=0.3)
+    msgs = env.reset(row)
+    assert env.step(msgs, calc)[1] == pytest.approx(0.3) and env.step(msgs, row["messages"][-1])[1] == 1.0
+    assert LookupEnv().step(LookupEnv().reset(row), calc)[1] == 0.0  # no shaping by default

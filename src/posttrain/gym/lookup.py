@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import operator
 import random
+import re
 from functools import lru_cache
 
 from posttrain.gym.facts import sample_rows
@@ -119,27 +120,54 @@ def run_tool(name: str, arguments: dict, country: str) -> tuple[str, bool]:
         return f"error: {e}", True
 
 
+_EXPRESSION = re.compile(r"\s*(\d+)\s*([+-])\s*(\d+)\s*$")
+
+
+def expression_parts(expression) -> tuple[str, str, str] | None:
+    """'12 - 9' -> ('12', '-', '9'); None for anything but `number +/- number`."""
+    m = _EXPRESSION.match(str(expression))
+    return m.groups() if m else None
+
+
+def parts_right(expression, gold: str) -> int:
+    """How many of the three parts of `gold` (first operand, operator, second operand) `expression`
+    has in place: 0-3. A sum's operands count in either order (both give the answer)."""
+    got, want = expression_parts(expression), expression_parts(gold)
+    if got is None or want is None:
+        return 0
+    if want[1] == "+" and got[1] == "+" and (got[2], got[0]) == (want[0], want[2]):
+        return 3
+    return sum(a == b for a, b in zip(got, want))
+
+
 class LookupEnv:
     """One lookup episode for the row's `country`: tool calls are executed, and a turn without a call
     is the final answer, rewarded 1.0 when its `Answer: N` is right (0.0 otherwise).
 
-    `lookup_credit` > 0 adds a per-turn reward (shaping): that much for each lookup of an item the
-    question names, once per item. The episode reward is the sum over turns.
+    Two optional per-turn rewards (shaping; the final answer stays the measure of success):
+    `lookup_credit` for each lookup of an item the question names, once per item, and
+    `expression_credit` × (parts right) / 3 for the episode's first calculator call, whose parts are
+    the worked trace's expression's first operand, operator and second operand (`parts_right`): the
+    looked-up count, the question's sign, the question's number or the second count. The episode
+    reward is the sum over turns.
     """
 
     tools = TOOLS
 
-    def __init__(self, lookup_credit: float = 0.0):
+    def __init__(self, lookup_credit: float = 0.0, expression_credit: float = 0.0):
         self.answer: str | None = None
         self.country = ""
-        self.lookup_credit = lookup_credit
+        self.lookup_credit, self.expression_credit = lookup_credit, expression_credit
         self.named: set[str] = set()
+        self.gold_expression: str | None = None  # None once the first calculator call is rewarded
 
     def reset(self, row: dict) -> list[dict]:
         self.answer, self.country = row["answer"], row["country"]
         msgs = row["messages"]
         first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant") if len(msgs) > 1 else len(msgs)
         self.named = {f for f in FIELDS if f in msgs[0]["content"]}
+        self.gold_expression = next((c["function"]["arguments"]["expression"] for m in msgs
+                                     for c in m.get("tool_calls") or [] if c["function"]["name"] == "calculator"), None)
         return [dict(m) for m in msgs[:first]]
 
     def step(self, messages: list[dict], assistant_turn: dict) -> tuple[list[dict], float, bool]:
@@ -155,6 +183,9 @@ class LookupEnv:
             if fn["name"] == "lookup" and args.get("item") in self.named:
                 self.named.discard(args["item"])
                 reward += self.lookup_credit
+            if fn["name"] == "calculator" and self.gold_expression is not None:
+                reward += self.expression_credit * parts_right(args.get("expression"), self.gold_expression) / 3
+                self.gold_expression = None
         return out, reward, False
 
 
