@@ -3,8 +3,9 @@ then `lookup` (multi-turn GRPO against the gym:lookup environment).
 
 Success is the fraction of 200 held-out questions answered right by greedy episodes (`lookup_success`).
 The run is the shipped recipe's optional rows through `posttrain demo --stages base,lookup_sft,lookup`,
-so these are the numbers the demo prints. Marked slow (numbers and duration in docs/rl.md); the
-target test is an expected failure until the rows meet it (it then reports XPASS).
+so these are the numbers the demo prints. Marked slow (numbers and duration in docs/rl.md). The
+first test holds the rows to what they meet (X, time, calls, no lost success); the target test (+20
+points) is an expected failure until the rows meet it (it then reports XPASS).
 """
 
 import json
@@ -30,22 +31,30 @@ def test_the_lookup_rows_are_optional():
     assert {"lookup_sft", "lookup"} <= set(OPTIONAL_ROWS) and not {"lookup_sft", "lookup"} & set(DEFAULT_STAGES)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 21's target is not met yet (measured 2026-12-06: SFT 0.09, GRPO "
-                   "gained nothing in 20 steps; docs/rl.md, 'Gym task lookup')")
-def test_multi_turn_grpo_raises_lookup_success(demo):
+def test_multi_turn_grpo_rows_keep_the_protocol_within_budget(demo):
+    """What the rows meet today: a moderate X, GRPO within 10 minutes, no lost success, valid calls, the logs."""
     out, s = demo
     sft, rl = s["lookup_sft"], s["lookup"]
     print(json.dumps({"lookup_sft": sft, "lookup": rl}))
     assert 0.1 <= sft["lookup_success"] <= 0.7, sft      # SFT leaves room: a moderate X
-    assert rl["lookup_success"] - sft["lookup_success"] >= TARGET_GAIN, (sft, rl)
+    assert rl["lookup_success"] >= sft["lookup_success"] - 0.05, (sft, rl)   # 0.05: about 1.5 standard errors
     assert rl["invalid_call_rate"] <= MAX_INVALID, rl
     assert rl["train_time_s"] <= MAX_TRAIN_S, rl
     lin = json.loads((out / "lineage.json").read_text())
     assert lin["stages"]["lookup"]["started_from"] == "lookup_sft"
-    # the training log carries the episode metrics, and the reward rose
     train = [r for r in map(json.loads, (out / "lookup" / "metrics.jsonl").read_text().splitlines())
              if r.get("split") == "train"]
-    assert all({"turns_per_episode", "tool_calls_per_episode", "invalid_call_rate", "reward_per_turn"} <= set(r)
-               for r in train)
-    k = max(1, len(train) // 4)
-    assert sum(r["reward"] for r in train[-k:]) / k > sum(r["reward"] for r in train[:k]) / k, train
+    assert all({"turns_per_episode", "tool_calls_per_episode", "invalid_call_rate", "reward_per_turn",
+                "episode_outcome"} <= set(r) for r in train)
+
+
+@pytest.mark.xfail(strict=False, reason="issue 21's target is not met yet (measured 2026-12-06: SFT 0.60, GRPO "
+                   "+9.5 points at best in 446 s; docs/rl.md, 'Gym task lookup')")
+def test_multi_turn_grpo_raises_lookup_success(demo):
+    out, s = demo
+    sft, rl = s["lookup_sft"], s["lookup"]
+    assert rl["lookup_success"] - sft["lookup_success"] >= TARGET_GAIN, (sft, rl)
+    train = [r for r in map(json.loads, (out / "lookup" / "metrics.jsonl").read_text().splitlines())
+             if r.get("split") == "train"]
+    k = max(1, len(train) // 4)  # the environment's verdict (no shaping) rose during training
+    assert sum(r["episode_outcome"] for r in train[-k:]) / k > sum(r["episode_outcome"] for r in train[:k]) / k, train
