@@ -71,7 +71,7 @@ def gspo_loss(
     unclipped = seq_ratio * advantages
     clipped = torch.clamp(seq_ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
     loss = -torch.minimum(unclipped, clipped).mean()
-    metrics = {"clip_frac": float((clipped < unclipped).to(logps.dtype).mean()), "seq_ratio": float(seq_ratio.mean())}
+    metrics = {"clip_frac": float((clipped < unclipped).to(logps.dtype).mean()), "seq_ratio": float(seq_ratio.detach().mean())}
     if beta != 0.0:
         kl = masked_mean(kl_penalty(logps, _zero_pad(ref_logps.detach(), m), estimator="k3"), m, dim=1).mean()
         loss = loss + beta * kl
