@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.posttrain-installed
 
-.PHONY: setup demo test lint test-grpo-gym test-studio test-advise test-slow test-sandbox test-faults bench browser bubblewrap clean
+.PHONY: setup demo test lint test-grpo-gym test-lookup-gym test-studio test-advise test-slow test-sandbox test-faults bench browser bubblewrap clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,10 +61,15 @@ test-studio: setup browser
 	$(THREADS) $(BIN)/python -m pytest -q -m slow tests/studio/test_studio_browser.py
 
 # the GRPO gym run through the demo's guarded reasoning chain (sft, reasoning, grpo: ~11 min on 2 idle cores,
-# marked slow); CI runs it after `test`. It asserts that GRPO learns, within 10 minutes, without forgetting
-# (the +15-point held-out gain of issue 17 is unmet: docs/pipeline.md)
+# marked slow); CI runs it after `test`. It asserts issue 17's chain target (held-out reasoning >= 15 points
+# above the base, regression kept) and that GRPO learns within 10 minutes (docs/pipeline.md)
 test-grpo-gym: setup
 	$(THREADS) $(BIN)/python -m pytest -q -m slow tests/demo/test_demo_grpo.py
+
+# issue 21: the multi-turn lookup rows (SFT on tool traces, then multi-turn GRPO in the environment; ~15 min on
+# one thread, marked slow); CI runs it. The +20-point target is an expected failure until the rows meet it
+test-lookup-gym: setup
+	$(THREADS) $(BIN)/python -m pytest -q -m slow tests/demo/test_demo_lookup.py
 
 # issue 18: the adviser's scenarios with known answers (every alternative trained to the end, against the
 # adviser's pick and its predicted score; marked slow; docs/advise.md for their time); CI runs it
