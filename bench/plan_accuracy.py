@@ -201,7 +201,8 @@ def child(spec: dict) -> dict:
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     times = [m["step_time_s"] for m in steps if m.get("split") == "train"]
     return {"measured_peak_bytes": peak - before, "measured_load_peak_bytes": load_peak - before,
-            "rss_before_model": before, "step_times_s": times, "step_cpu_s": step_s,
+            ("allocated_before_model" if gpu else "rss_before_model"): before, "step_times_s": times,
+            ("step_synchronised_s" if gpu else "step_cpu_s"): step_s,
             "measured_wall_step_s": statistics.median(times[1:] if len(times) > 1 else times),
             "measured_step_s": statistics.median(step_s[1:] if len(step_s) > 1 else step_s),
             **({"device_name": torch.cuda.get_device_name(), "device_memory_bytes":
