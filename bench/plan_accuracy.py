@@ -148,6 +148,33 @@ def model_dir(work: Path, shape: str) -> Path:
     return work / shape
 
 
+class Meter:
+    """The measures of one run: on the CPU the process's RSS (VmHWM reset through clear_refs) and this
+    thread's CPU time; on a GPU the CUDA allocator's bytes and the synchronised wall clock."""
+
+    def __init__(self, gpu: bool):
+        import torch
+
+        self.gpu, self.torch = gpu, torch
+
+    def reset(self) -> int:
+        """Start a new peak here; returns the current bytes (the baseline)."""
+        if self.gpu:
+            self.torch.cuda.reset_peak_memory_stats()
+            return self.torch.cuda.memory_allocated()
+        reset_peak_rss()
+        return rss_bytes()
+
+    def peak(self) -> int:
+        return self.torch.cuda.max_memory_allocated() if self.gpu else peak_rss_bytes()
+
+    def clock(self) -> float:
+        if self.gpu:
+            self.torch.cuda.synchronize()
+            return time.perf_counter()
+        return time.thread_time()
+
+
 def child(spec: dict) -> dict:
     """One configuration, in this process: load, build the data, train `steps` steps, measure."""
     import torch
@@ -170,32 +197,19 @@ def child(spec: dict) -> dict:
         ov += ["eval.guard=off"]  # the measure is the training run's; the guard's reference is its own cost
     cfg = load_config("sft", None, ov)
     device = torch.device("cuda" if gpu else "cpu")
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        reset_peak_rss()
-        before = rss_bytes()
+    meter = Meter(gpu)
+    before = meter.reset()
     model, tok = load_for_training(cfg, device)
-    load_peak = torch.cuda.max_memory_allocated() if gpu else peak_rss_bytes()
+    load_peak = meter.peak()
     data = lm_data(cfg, tok)
-    at_step = []  # the clock at each optimizer step: this thread's CPU time (CPU), synchronised wall time (GPU)
+    at_step = []  # the meter's clock at each optimizer step
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    def clock() -> float:
-        if gpu:
-            torch.cuda.synchronize()
-            return time.perf_counter()
-        return time.thread_time()
-
-    hook = register_optimizer_step_post_hook(lambda *_: at_step.append(clock()))
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak_rss()  # from here VmHWM is the training peak alone
-    start = clock()
+    hook = register_optimizer_step_post_hook(lambda *_: at_step.append(meter.clock()))
+    meter.reset()  # from here the peak is the training peak alone
+    start = meter.clock()
     Engine(model, LMStage("sft"), data, cfg, device=device).fit()
-    peak = max(load_peak, torch.cuda.max_memory_allocated() if gpu else peak_rss_bytes())
+    peak = max(load_peak, meter.peak())
     hook.remove()
     step_s = [b - a for a, b in zip([start] + at_step, at_step)]
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
