@@ -4,8 +4,9 @@ then `lookup` (multi-turn GRPO against the gym:lookup environment).
 Success is the fraction of 200 held-out questions answered right by greedy episodes (`lookup_success`).
 The run is the shipped recipe's optional rows through `posttrain demo --stages base,lookup_sft,lookup`,
 so these are the numbers the demo prints. Marked slow (numbers and duration in docs/rl.md). The
-first test holds the rows to what they meet (X, time, calls, no lost success); the target test (+20
-points) is an expected failure until the rows meet it (it then reports XPASS).
+first test holds the rows to the protocol and the budget (a moderate X, time, valid calls, the logged
+episode metrics); the second to issue 21's target, +20 points (measured 2026-12-07: 0.26 -> 0.545 and
+0.59, +28.5 and +33 with seeds 42 and 7, in 505-514 s at load 2).
 """
 
 import json
@@ -32,11 +33,11 @@ def test_the_lookup_rows_are_optional():
 
 
 def test_multi_turn_grpo_rows_keep_the_protocol_within_budget(demo):
-    """What the rows meet today: a moderate X, GRPO within 10 minutes, no lost success, valid calls, the logs."""
+    """A moderate X, GRPO within 10 minutes, no lost success, valid calls, the logged episode metrics."""
     out, s = demo
     sft, rl = s["lookup_sft"], s["lookup"]
     print(json.dumps({"lookup_sft": sft, "lookup": rl}))
-    assert 0.1 <= sft["lookup_success"] <= 0.7, sft      # SFT leaves room: a moderate X
+    assert 0.15 <= sft["lookup_success"] <= 0.5, sft     # SFT leaves room: a moderate X (0.26 measured)
     assert rl["lookup_success"] >= sft["lookup_success"] - 0.05, (sft, rl)   # 0.05: about 1.5 standard errors
     assert rl["invalid_call_rate"] <= MAX_INVALID, rl
     assert rl["train_time_s"] <= MAX_TRAIN_S, rl
@@ -48,8 +49,6 @@ def test_multi_turn_grpo_rows_keep_the_protocol_within_budget(demo):
                 "episode_outcome"} <= set(r) for r in train)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 21's target is not met yet (measured 2026-12-06: SFT 0.60, GRPO "
-                   "+9.5 points at best in 446 s; docs/rl.md, 'Gym task lookup')")
 def test_multi_turn_grpo_raises_lookup_success(demo):
     out, s = demo
     sft, rl = s["lookup_sft"], s["lookup"]
