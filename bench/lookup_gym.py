@@ -1,13 +1,14 @@
 """Multi-turn tool RL on the gym, measured: base -> SFT on gym:lookup traces -> multi-turn GRPO.
 
-    python bench/lookup_gym.py [--sft DIR | --sft-steps 40] [--grpo-steps 60] [--out DIR] [--n-eval 200] \
-        [grpo.KEY=VALUE ...]
+    python bench/lookup_gym.py [--sft DIR | --sft-steps 40 --sft-seed 7] [--grpo-steps 60] [--out DIR] \
+        [--n-eval 200] [grpo.KEY=VALUE ...]
 
 Prints one JSON object: held-out episode success (greedy, gym:lookup test split), invalid-call rate,
 turns and tool calls per episode, after SFT and after GRPO, with the wall and CPU time of each stage
 and the load average; `failures` classifies each held-out episode against the worked trace's
 calculation (success, wrong items, wrong operator, wrong first / second operand...), and
-`--sampled G` adds the same for G episodes per question at temperature 1.0 (the groups GRPO sees). The SFT and GRPO settings are the demo recipe's `lookup_sft` and `lookup` rows
+`--sampled G` adds the same for G episodes per question at temperature 1.0 (the groups GRPO sees).
+The SFT and GRPO settings are the demo recipe's `lookup_sft` and `lookup` rows
 (src/posttrain/gym/recipes/demo.yaml, the one source); extra arguments override the GRPO row.
 
 Target (issue 21): SFT reaches some success X; multi-turn GRPO raises it by >= 20 points with
@@ -40,8 +41,8 @@ def _timed(fn):
                  "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
-def run_sft(out: Path, steps: int | None) -> Path:
-    extra = [f"train.max_steps={steps}"] if steps else []
+def run_sft(out: Path, steps: int | None, seed: int | None) -> Path:
+    extra = ([f"train.max_steps={steps}"] if steps else []) + ([f"train.seed={seed}"] if seed is not None else [])
     cfg = load_config("sft", overrides=[f"model={gym.base_model_path()}", *stage_overrides("lookup_sft", data=True),
                                         f"output_dir={out / 'sft'}", "train.progress=false", *extra])
     sft.run(cfg)
@@ -107,6 +108,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/lookup-gym")
     p.add_argument("--sft", default=None, help="an existing SFT model to start from (skips SFT)")
     p.add_argument("--sft-steps", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--sft-seed", type=int, default=None, help="SFT's train.seed (data order); default: the recipe's")
     p.add_argument("--grpo-steps", type=int, default=None, help="default: the recipe's")
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--sampled", type=int, default=0, help="also classify G episodes per question (50) at T 1.0")
@@ -117,7 +119,7 @@ def main() -> None:
     if a.sft:
         sft_dir = Path(a.sft)
     else:
-        sft_dir, res["sft_time"] = _timed(lambda: run_sft(out, a.sft_steps))
+        sft_dir, res["sft_time"] = _timed(lambda: run_sft(out, a.sft_steps, a.sft_seed))
     res["sft"] = measure(sft_dir, a.n_eval, a.sampled)
     print(json.dumps(res), flush=True)
     grpo_dir, res["grpo_time"] = _timed(lambda: run_grpo(sft_dir, out, a.grpo_steps, a.overrides))
