@@ -11,14 +11,20 @@ On the CPU the base's fp32 weights are pages of the memory-mapped safetensors fi
 them, and pages once read stay resident; so `quantize_linears` works one layer at a time and, after
 each, gives back what it no longer needs: the file pages of the weight it replaced (`release_pages`)
 and the heap that the quantizer's freed temporaries leave in glibc's allocator (`return_freed_heap`).
-Training then holds the NF4 codes only: torchao's `linear_nf4` saves the NF4 weight for backward and
-dequantizes it again there, so no dequantized weight outlives its matmul.
+Training then holds the NF4 codes only. The matmul (`NF4Matmul`) dequantizes the weight a chunk of
+rows at a time, in forward and again in backward, so no more than one chunk is ever dequantized:
+torchao's `linear_nf4` dequantizes the whole weight at once, with about 16 bytes of temporaries per
+weight (int64 codes, bf16 levels and scales, the cast to the input's dtype), which on a 4608 x 256
+MLP weight is 18 MiB against our 4.7 MiB (bench/nf4_matmul.py). The dequantized values are bit for
+bit torchao's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import math
 import mmap
 import warnings
 from typing import Optional
@@ -40,6 +46,29 @@ def _nf4():
     return NF4Tensor, to_nf4, linear_nf4
 
 
+# Weights torchao's quantizer assigns to their nearest NF4 level at once. Its default (2^20) compares each
+# weight with the 16 levels in one [2^20, 16] bf16 tensor, 32 MiB, twice; freed, such a block raises
+# glibc's dynamic mmap threshold to its 32 MiB maximum, and from then on every activation of the run
+# stays in glibc's heap, where fragmentation grew the peak RSS of scenario (d)'s QLoRA runs from 250 to
+# 330-410 MiB (loading alone peaked at 250 MiB against 125-137). The codes do not depend on the chunk.
+QUANTIZE_CHUNK = 1 << 14
+
+
+@contextlib.contextmanager
+def _small_quantizer_chunks():
+    from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor  # optional dependency, see _nf4
+
+    old = getattr(nf4_tensor, "CHUNK_SIZE", None)
+    nf4_tensor.CHUNK_SIZE = QUANTIZE_CHUNK
+    try:
+        yield
+    finally:
+        if old is None:
+            del nf4_tensor.CHUNK_SIZE
+        else:
+            nf4_tensor.CHUNK_SIZE = old
+
+
 def _scaler_block(n_blocks: int) -> int:
     # torchao needs the number of scales to divide evenly; small layers use a smaller scale block
     if n_blocks % SCALER_BLOCK == 0:
@@ -55,19 +84,118 @@ class NF4Linear(nn.Module):
         _, to_nf4, _ = _nf4()
         w = linear.weight.detach().to(torch.bfloat16)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(to_nf4(w, BLOCK, _scaler_block(w.numel() // BLOCK)), requires_grad=False)
+        with _small_quantizer_chunks():
+            self.weight = nn.Parameter(to_nf4(w, BLOCK, _scaler_block(w.numel() // BLOCK)), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight.get_original_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, _, linear_nf4 = _nf4()
-        out = linear_nf4(x, self.weight)
+        out = NF4Matmul.apply(x, self.weight)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4"
+
+
+# weights dequantized at once: on the CPU about 3 MiB of temporaries; on a GPU large enough that each
+# chunk's matmul still runs at full speed (a 4096-wide weight in chunks of 1024 rows)
+CHUNK_WEIGHTS = {"cpu": 1 << 18, "cuda": 1 << 22}
+
+
+class _Workspace:
+    """The buffers a chunk is dequantized into, one set per device and dtype, reused by every NF4 matmul.
+
+    Allocating the chunk's temporaries afresh for every chunk of every matmul leaves glibc's heap
+    fragmented on the CPU (measured: the peak RSS of a QLoRA run rose 30-100 MiB against torchao's
+    whole-weight dequantization, whose large blocks are mmapped and returned); one reused set makes
+    the dequantization allocate nothing after the first step.
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def get(self, device: torch.device, dtype: torch.dtype, weights: int) -> dict[str, torch.Tensor]:
+        key = (device, dtype)
+        got = self.buffers.get(key)
+        if got is None or got["scaled"].numel() < weights:
+            got = {"codes": torch.empty(weights // 2, dtype=torch.int32, device=device),
+                   "values": torch.empty(weights, dtype=torch.bfloat16, device=device),
+                   "scaled": torch.empty(weights, dtype=torch.bfloat16, device=device)}
+            got["cast"] = got["scaled"] if dtype == torch.bfloat16 else torch.empty(weights, dtype=dtype, device=device)
+            self.buffers[key] = got
+        return got
+
+
+WORKSPACE = _Workspace()
+
+
+def dequantized_rows(w, scalers: torch.Tensor, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows r0..r1 of an NF4 weight, dequantized exactly as torchao's `get_original_weight` does, into
+    the shared workspace (valid until the next call on this device and dtype: use it at once).
+
+    Element i of the flattened weight is `nf4[code_i] * scale[i // 64]` in the weight's dtype (bf16),
+    where code_i is the high nibble of byte i/2 for even i and the low nibble for odd i, and
+    `scalers` holds the per-block scales (`NF4Tensor.dequantize_scalers`). One gather from a table
+    of the 256 byte values' level pairs decodes both nibbles at once (3x faster than torchao's two
+    int64 gathers on this CPU). `r0 * in_features` and `r1 * in_features` must be multiples of the
+    block size.
+    """
+    cols = w.shape[1]
+    lo, hi = r0 * cols, r1 * cols
+    n = hi - lo
+    ws = WORKSPACE.get(w.quantized_data.device, dtype, n)
+    byte = torch.arange(256, device=w.nf4.device)
+    pairs = torch.stack([w.nf4[byte >> 4], w.nf4[byte & 0b1111]], dim=-1)  # [256, 2]
+    codes = ws["codes"][: n // 2]
+    codes.copy_(w.quantized_data[lo // 2: hi // 2])
+    values = ws["values"][:n].view(n // 2, 2)
+    torch.index_select(pairs, 0, codes, out=values)
+    scaled = ws["scaled"][:n].view(-1, w.block_size)
+    torch.mul(values.view(-1, w.block_size), scalers[lo // w.block_size: hi // w.block_size].unsqueeze(-1), out=scaled)
+    cast = ws["cast"][:n]
+    if cast.data_ptr() != scaled.data_ptr():
+        cast.copy_(scaled.view(-1))
+    return cast.view(r1 - r0, cols)
+
+
+def _row_chunks(w) -> list[tuple[int, int]]:
+    rows, cols = w.shape
+    step = math.lcm(cols, w.block_size) // cols  # chunks hold whole blocks
+    per = max(step, CHUNK_WEIGHTS.get(w.device.type, CHUNK_WEIGHTS["cuda"]) // cols // step * step)
+    return [(r, min(r + per, rows)) for r in range(0, rows, per)]
+
+
+class NF4Matmul(torch.autograd.Function):
+    """y = x W^T for a frozen NF4 weight W [out, in], dequantized a chunk of rows at a time.
+
+    Forward writes y[:, r0:r1] = x W[r0:r1]^T for each chunk; backward accumulates
+    dL/dx = sum over chunks of dL/dy[:, r0:r1] W[r0:r1]. Only the NF4 weight is saved (W is frozen,
+    so there is no dL/dW). Under autocast the matmul runs in the autocast dtype, as F.linear would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        ctx.save_for_backward(w)
+        with torch.autocast(x.device.type, enabled=False):
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            y = torch.empty(flat.shape[0], w.shape[0], dtype=dtype, device=x.device)
+            scalers = w.dequantize_scalers(w.quantized_scalers, w.quantization_factor, w.scaler_block_size)
+            for r0, r1 in _row_chunks(w):
+                torch.mm(flat, dequantized_rows(w, scalers, r0, r1, dtype).T, out=y[:, r0:r1])
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        (w,) = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = torch.zeros(g.shape[0], w.shape[1], dtype=g.dtype, device=g.device)
+        scalers = w.dequantize_scalers(w.quantized_scalers, w.quantization_factor, w.scaler_block_size)
+        for r0, r1 in _row_chunks(w):
+            grad_x.addmm_(g[:, r0:r1], dequantized_rows(w, scalers, r0, r1, g.dtype))
+        return grad_x.view(*grad_y.shape[:-1], w.shape[1]), None
 
 
 def quantize_linears(model, paths: Optional[list[str]] = None) -> list[str]:
