@@ -17,6 +17,7 @@ Slow: `pytest -m slow tests/plan/test_scenario_qlora.py` (3 to 4 minutes on one 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -106,12 +107,13 @@ def test_d_a_memory_budget_too_small_for_lora_picks_qlora_and_qlora_fits(tmp_pat
     checkpointing); the adviser picks qlora; trained to the end, LoRA's measured peak is over the
     budget and QLoRA's within it, and QLoRA scores within 10 points of its pilot's prediction.
 
-    The adviser keeps 5% of a budget free, so the budget cannot be below QLoRA's prediction / 0.95, which
-    on this model is LoRA's prediction (308 against 309.5 MiB): whether LoRA's measured peak exceeds it is
-    a coin flip (measured 315, 308.7 and 313 MiB against a 309 MiB budget), and on a fresh clone both peaks
-    measured higher (LoRA 342, QLoRA 315 MiB). So the budget's separation of the two measured peaks is an
-    expected failure, with its numbers, when it misses; the pick, the score, QLoRA below LoRA and the
-    planner within the issue's worst-case 25% must hold.
+    The budget is the tightest the adviser still fits QLoRA in (it keeps 5% of a budget free: QLoRA's
+    prediction / 0.95, 290 MiB), which LoRA's prediction (309.5 MiB) exceeds. Measured on 2026-12-07
+    (6-step runs, load about 2), after the chunked NF4 matmul and the quantizer's small chunks: LoRA
+    292-312 MiB, QLoRA 254-273 MiB, so the budget separated every run, LoRA by as little as 2 MiB; on a
+    fresh clone both peaks have measured 25-30 MiB higher than in the developers' tree, so the
+    separation of the two measured peaks stays an expected failure, with its numbers, when it misses; the
+    pick, the score, QLoRA below LoRA and the planner within the issue's worst-case 25% must hold.
     """
     from posttrain import gym
     from posttrain.plan.advise import advise, learning_rates, parse_budget
@@ -133,7 +135,7 @@ def test_d_a_memory_budget_too_small_for_lora_picks_qlora_and_qlora_fits(tmp_pat
 
     qlora, lora_smallest = peak("adapter.type=qlora"), peak("adapter.type=lora")
     assert qlora < 0.95 * lora_smallest, (qlora, lora_smallest)
-    budget_mib = round((qlora / 0.95 + lora_smallest) / 2 / 2**20)  # `fits` keeps 5% free
+    budget_mib = math.ceil(qlora / 0.95 / 2**20)  # `fits` keeps 5% free: the tightest budget QLoRA fits
     advice = advise(load_config("sft", None, common + [f"data.eval={held}"]),
                     budget=parse_budget(f"cpu,{budget_mib}MiB"), out_dir=tmp_path / "advice",
                     pilot_minutes=PILOT_MINUTES)
@@ -156,9 +158,9 @@ def test_d_a_memory_budget_too_small_for_lora_picks_qlora_and_qlora_fits(tmp_pat
     assert got["qlora"]["peak_bytes"] < got["lora"]["peak_bytes"], got
     mib = {k: round(v["peak_bytes"] / 2**20, 1) for k, v in got.items()}
     if not got["lora"]["peak_bytes"] > budget_mib * 2**20 >= got["qlora"]["peak_bytes"]:
-        # LoRA and QLoRA differ by 20-30 MiB here while the planner's error is 3-10% (10-30 MiB) and the
-        # process's peak moves from one machine to the next (fresh clone: 342 / 315 MiB; the developers'
-        # tree: 309-315 / 293-302 MiB), so the budget does not reliably fall between the two measured peaks
+        # LoRA and QLoRA differ by 20-40 MiB here while glibc's heap moves both peaks by 10-30 MiB from run
+        # to run and from one checkout to the next (a fresh clone once measured 342 / 315 MiB where the
+        # developers' tree measured 309-315 / 293-302), so the budget cannot always fall between them
         pytest.xfail(f"the {budget_mib} MiB budget does not separate the measured peaks this time (LoRA "
                      f"{mib['lora']} MiB, QLoRA {mib['qlora']} MiB; predicted "
                      f"{c['lora']['peak_memory_bytes'] / 2**20:.1f} / {c['qlora']['peak_memory_bytes'] / 2**20:.1f}): "

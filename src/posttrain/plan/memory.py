@@ -14,7 +14,9 @@ Every term models what posttrain itself does (read, not guessed):
   each layer's input under gradient checkpointing (plus one layer recomputed during backward);
 - backward through a layer: a gradient for each tensor that layer saved, alive beside them;
 - NF4 dequantization (QLoRA): each NF4 linear is dequantized for its matmul, in forward and again
-  in backward; torchao's temporaries for the largest one (about 16 bytes per weight, measured);
+  in backward, a chunk of rows at a time (`models.adapters.qlora.NF4Matmul`: about 2^18 weights on
+  the CPU, 2^22 on a GPU) into one workspace that every matmul reuses: 10 bytes per weight of the
+  largest chunk (int32 codes, bf16 levels, bf16 scaled values, the fp32 cast), held from the first step;
 - logits: the output head runs only at loss positions, a chunk of rows at a time (`models.head`,
   `losses.chunked`): the hidden states at those positions plus a few [chunk, V] buffers;
 - autocast copies: bf16 autocast keeps a bf16 copy of each matmul weight for backward;
@@ -27,7 +29,7 @@ Every term models what posttrain itself does (read, not guessed):
 Training peak = weights + adapter + optimizer + reference + KV cache + runtime + the largest of
 (1) end of forward: activations + logits (+ gradients when accumulating), (2) backward through the
 head: the same plus the head's gradient, (3) backward through the last layer: activations + the
-head's saved states + that layer's gradients (+ NF4 dequantization), (4) end of backward and the
+head's saved states + that layer's gradients, (4) end of backward and the
 optimizer step: gradients + step temporaries. On the CPU glibc keeps what the step frees in its heap
 (freed blocks under its mmap threshold, which rises to the largest block freed, up to 32 MiB), so
 the runtime term grows with the step's transient tensors. Loading peaks separately: posttrain loads
@@ -37,6 +39,7 @@ moves the NF4 model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -45,10 +48,11 @@ from posttrain.plan.shapes import ModelShape
 FP32 = 4
 BF16 = 2
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # codes + int8 block scales + fp32 factor per 256 scales
-# torchao's NF4 dequantization (`get_original_weight`, in linear_nf4's forward and backward): peak of
-# its temporaries, measured 14.2-17.4 bytes per weight on a 4608 x 192 weight (forward; forward and
-# backward), VmHWM with every allocation mmapped so that freed blocks leave RSS
-NF4_DEQUANT_BYTES_PER_WEIGHT = 16
+# NF4 dequantization (`models.adapters.qlora.NF4Matmul`): its workspace per weight of the largest chunk: int32
+# codes (one per two weights: 2 bytes), bf16 levels (2), bf16 scaled values (2), the cast to fp32 (4)
+NF4_DEQUANT_BYTES_PER_WEIGHT = 10
+NF4_BLOCK = 64
+NF4_CHUNK_WEIGHTS = {"cpu": 2**18, "gpu": 2**22}  # models.adapters.qlora.CHUNK_WEIGHTS (cpu, cuda)
 ADAPTERS = ("none", "lora", "dora", "qlora", "prompt", "prefix")
 CUDA_CONTEXT = 512 * 2**20  # not in max_memory_allocated, but in nvidia-smi; order of magnitude for H100/A100
 # CPU: a + b x (the step's transient tensors, `cpu_transient_bytes`), fitted by bench/plan_accuracy.py on
@@ -220,12 +224,20 @@ def layer_backward_bytes(s: ModelShape, spec: RunSpec) -> float:
     return saved_per_token(s, spec) * spec.tokens
 
 
+def nf4_chunk_weights(in_features: int, out_features: int, device_kind: str) -> int:
+    """Weights dequantized at once for an [out, in] NF4 linear: whole rows, whole blocks of 64, about
+    NF4_CHUNK_WEIGHTS of them (`models.adapters.qlora._row_chunks`)."""
+    step = math.lcm(in_features, NF4_BLOCK) // in_features
+    rows = max(step, NF4_CHUNK_WEIGHTS[device_kind] // in_features // step * step)
+    return min(out_features, rows) * in_features
+
+
 def nf4_dequant_bytes(s: ModelShape, spec: RunSpec) -> float:
-    """QLoRA: torchao dequantizes each NF4 linear for its matmul (forward, and again in backward), one at a
-    time: the temporaries of the largest one."""
+    """QLoRA: each NF4 linear is dequantized for its matmul (forward, and again in backward) a chunk of rows
+    at a time into one reused workspace, sized for the largest chunk (allocated once: a fixed term)."""
     if spec.adapter != "qlora":
         return 0.0
-    return NF4_DEQUANT_BYTES_PER_WEIGHT * max(i * o for i, o in s.linear_shapes())
+    return NF4_DEQUANT_BYTES_PER_WEIGHT * max(nf4_chunk_weights(i, o, spec.device_kind) for i, o in s.linear_shapes())
 
 
 CHUNK_ELEMENTS = 2 ** 23  # posttrain.losses.chunked: fp32 numbers per [rows, V] chunk buffer
@@ -266,10 +278,9 @@ def autocast_copy_bytes(s: ModelShape, spec: RunSpec) -> float:
 
 
 def cpu_transient_bytes(s: ModelShape, spec: RunSpec) -> float:
-    """The step's tensors that are freed again (activations, the loss path, a layer's gradients, NF4
-    dequantization): the CPU runtime term keeps a fitted fraction of them, the heap glibc does not give back."""
-    return (activation_bytes(s, spec) + logits_bytes(s, spec) + layer_backward_bytes(s, spec)
-            + nf4_dequant_bytes(s, spec))
+    """The step's tensors that are freed again (activations, the loss path, a layer's gradients): the CPU
+    runtime term keeps a fitted fraction of them, the heap glibc does not give back."""
+    return activation_bytes(s, spec) + logits_bytes(s, spec) + layer_backward_bytes(s, spec)
 
 
 # ---------------------------------------------------------------- the whole
@@ -312,23 +323,22 @@ def estimate_memory(s: ModelShape, spec: RunSpec) -> MemoryEstimate:
                else CUDA_CONTEXT)
     accum_grads = grads if spec.grad_accum > 1 else 0.0
     phases = {
-        "forward_end": acts + logits + dequant + copies + accum_grads,
+        "forward_end": acts + logits + copies + accum_grads,
         "backward_head": acts + logits + head_grad + copies + accum_grads,  # the head's gradient fills chunk by chunk
-        "backward_layer": acts + head_saved + layer_grads + dequant + head_grad + copies + accum_grads,
+        "backward_layer": acts + head_saved + layer_grads + head_grad + copies + accum_grads,
         "optimizer_step": grads + temp + ddp_buckets,
     }
     phase = max(phases, key=phases.get)
     fixed = {"weights": weights, "adapter": adapter, "optimizer": optim, "reference_model": ref, "kv_cache": kv,
-             "fsdp_gathered": gathered, "runtime": runtime}
+             "fsdp_gathered": gathered, "nf4_dequantization": dequant, "runtime": runtime}
     if phase == "optimizer_step":
         moving = {"gradients": grads, "optimizer_step_temp": temp, "ddp_buckets": ddp_buckets}
     elif phase == "backward_layer":
         moving = {"activations": acts, "logits": head_saved, "layer_gradients": layer_grads,
-                  "nf4_dequantization": dequant, "autocast_weight_copies": copies,
+                  "autocast_weight_copies": copies,
                   "gradients": accum_grads + head_grad}
     else:
         moving = {"activations": acts, "logits": logits,
-                  "nf4_dequantization": dequant if phase == "forward_end" else 0.0,
                   "autocast_weight_copies": copies,
                   "gradients": accum_grads + (head_grad if phase == "backward_head" else 0.0)}
     breakdown = {k: float(v) for k, v in {**fixed, **moving}.items()}
