@@ -227,3 +227,29 @@ def test_quantizing_in_small_chunks_gives_torchaos_codes_with_a_fraction_of_its_
             for chunk in (2**20, QUANTIZE_CHUNK)}
     assert peak[2**20] >= 64 * 2**20, peak
     assert peak[QUANTIZE_CHUNK] <= 32 * 2**20, peak
+
+
+def test_nf4_matmuls_in_two_threads_do_not_share_a_chunk():
+    """The dequantization workspace is shared; two threads running NF4 matmuls at once (a server beside a
+    training) take turns on it, so each gets exactly its serial result."""
+    import threading
+
+    from posttrain.models.adapters.qlora import NF4Linear
+
+    torch.manual_seed(0)
+    layers = [NF4Linear(torch.nn.Linear(256, 2048, bias=False)) for _ in range(2)]
+    xs = [torch.randn(8, 256) for _ in range(2)]
+    want = [layer(x) for layer, x in zip(layers, xs)]
+    bad = []
+
+    def run(i):
+        for _ in range(30):
+            if not torch.equal(layers[i](xs[i]), want[i]):
+                bad.append(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []
