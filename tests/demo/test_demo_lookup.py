@@ -8,8 +8,8 @@ first test holds the rows to the protocol and the budget (a moderate X, time, va
 episode metrics); the second to issue 21's target, +20 points. Measured 2026-12-07 (load 2): from the
 recipe's SFT model (0.26) GRPO seeds 42, 7 and 3 gained +28.5, +33 and +26 in 505-514 s; the rows are
 seeded, and this test reproduced the seed-42 numbers exactly. The target holds for the recipe's SFT
-seed, not for every one: SFT data orders 7 and 3 ended at 0.115 and 0.17, and their chains at -4.5
-and +16 (docs/rl.md, "Gym task lookup").
+seed, not for every one: SFT data orders 7, 3 and 11 ended at 0.115, 0.17 and 0.39, and their chains
+at -4.5, +16 and -1.5 (docs/rl.md, "Gym task lookup").
 """
 
 import json
