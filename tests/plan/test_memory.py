@@ -240,6 +240,12 @@ def test_nf4_dequantization_workspace_per_weight(tiny_models):
     from posttrain.models.adapters.qlora import CHUNK_WEIGHTS
 
     assert CHUNK_WEIGHTS == {"cpu": NF4_CHUNK_WEIGHTS["cpu"], "cuda": NF4_CHUNK_WEIGHTS["gpu"]}
+    # the planner mirrors the matmul's chunking without importing torch: the largest chunk agrees
+    from posttrain.models.adapters.qlora import NF4Linear, _row_chunks
+
+    for out_f, in_f in [(4608, 192), (96, 200), (14336 // 8, 4096 // 8), (64, 14336)]:
+        w = NF4Linear(torch.nn.Linear(in_f, out_f, bias=False)).weight
+        assert nf4_chunk_weights(in_f, out_f, "cpu") == max((r1 - r0) * in_f for r0, r1 in _row_chunks(w))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", DEQUANT_PROBE], capture_output=True, text=True, env=env, check=True)
     held, kept, second = (int(v) for v in out.stdout.split()[-3:])
