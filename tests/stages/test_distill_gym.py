@@ -9,8 +9,8 @@ on the same machine. Accuracy is greedy exact match of the final answer on 200 h
 The second test runs docs/rl.md's off-policy recipe (the teacher's verified answers as SFT data) on
 the same chain. About 15 minutes on one idle core (the GRPO teacher is 8 of them): marked slow.
 
-Measured 2026-12-07 through `posttrain demo` (one thread, load 1.5-2): student 0.315, teacher 0.515
-(GRPO 502 s); the row's 120 distillation steps reached 0.505 (98%) in 118 s, 0.235 of GRPO's time
+Measured 2026-12-07 by `bash .ci/run` on a fresh clone (one thread): student 0.315, teacher 0.515
+(GRPO 481 s); the row's 120 distillation steps reached 0.505 (98%) in 102 s, 0.21 of GRPO's time
 (150 steps: the same 0.505 at 0.27-0.31, too close to the bar for CI; docs/rl.md). One seed: 0.505 is
 1.2 standard errors (n = 200) above the 0.46 bar.
 """
