@@ -9,7 +9,7 @@ take seconds to import, and `posttrain --help` or a usage error needs none of th
     posttrain sft --config run.yaml train.lr=1e-4
     posttrain sft model=DIR data.train=chats.jsonl output_dir=runs/a
     posttrain cpt model=DIR data.train=corpus.jsonl
-    posttrain demo [--out DIR] [--stages base,sft] [--forgetting]
+    posttrain demo [--out DIR] [--stages base,sft] [--jobs N|auto] [--forgetting]
     posttrain eval --model M [--adapter A] --suite regression [--baseline BASE] [--fail-on-regression]
     posttrain gym export --task instruct --split train --out train.jsonl
     posttrain report RUN_DIR [RUN_DIR ...] [--out report.html]
@@ -18,7 +18,7 @@ take seconds to import, and `posttrain --help` or a usage error needs none of th
     posttrain launch --nproc N sft ...                      # torchrun, one process per GPU
     posttrain adapters show A
     posttrain config STAGE [--doc]  # print the defaults of a stage's config (--doc: commented)
-    posttrain pipeline recipe.yaml [STAGE.key=value ...] [--only a,b] [--dry-run]
+    posttrain pipeline recipe.yaml [STAGE.key=value ...] [--only a,b] [--jobs N|auto] [--dry-run]
     posttrain cai critique|compare --model M --prompts P --constitution C --out F
     posttrain serve MODEL [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     posttrain chat MODEL [--adapter DIR]

@@ -48,8 +48,13 @@ def test_pipeline_dry_run_on_the_copy(capsys, tmp_path):
     assert main(["pipeline", str(path), "--dry-run", "--only", "ppo", f"output_dir={tmp_path / 'o'}"]) == 0
     lines = capsys.readouterr().out.splitlines()
     # ppo needs sft (its start) and rm (its reward model), nothing else
-    assert [l.split(":")[0] for l in lines] == ["sft", "rm", "ppo"]
+    assert [l.split(":")[0] for l in lines] == ["sft", "rm", "ppo", "jobs"]
     assert lines[2].startswith("ppo: ppo from sft (merged)")
+    # one chain (ppo waits for rm, rm for sft): one job, whatever the recipe's auto allows
+    assert lines[3] == "jobs: 1 (the recipe says auto; at most 1 of these stages can run at once)"
+    assert main(["pipeline", str(path), "--dry-run", "--jobs", "3", f"output_dir={tmp_path / 'o'}"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("jobs: 3 (the recipe says 3; at most ") and int(last.split("at most ")[1].split()[0]) >= 3
 
 
 def test_unknown_row_and_bad_recipe_errors(capsys, tmp_path):

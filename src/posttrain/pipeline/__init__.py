@@ -23,8 +23,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*", help="output_dir=DIR or STAGE_NAME.key=value, e.g. sft.train.lr=1e-4")
     p.add_argument("--only", default=None, help="comma-separated stage names (plus the stages they depend on)")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe, print the plan and warnings, run nothing")
+    p.add_argument("--jobs", default=None,
+                   help="independent stages at once, each in its own process: a number or auto (one per GPU, two "
+                        "on a CPU with two cores or more); default: the recipe's jobs, else 1")
     a = p.parse_intermixed_args(argv)
-    recipe = load_recipe(a.recipe, a.overrides)
+    recipe = load_recipe(a.recipe, a.overrides + ([f"jobs={a.jobs}"] if a.jobs is not None else []))
     only = [s.strip() for s in a.only.split(",") if s.strip()] if a.only else None
     if a.dry_run:
         from posttrain.pipeline.runner import _parents, needed_stages
@@ -32,9 +35,17 @@ def main(argv: list[str]) -> int:
         parents = _parents(recipe)
         for w in order_warnings(recipe):
             print(f"posttrain: warning: {w}", file=sys.stderr)
-        for s in needed_stages(recipe, only):
-            print(f"{s.name}: {s.stage} from {parents[s.name] or s.model} ({s.start_from}) -> "
+        from posttrain.pipeline import schedule
+        from posttrain.pipeline.recipe import stage_refs
+
+        todo = needed_stages(recipe, only)
+        for s in todo:
+            print(f"{s.name}: {s.stage} from {parents[s.name] or s.model or 'the recipe model'} ({s.start_from}) -> "
                   f"{recipe.output_dir / s.name}")
+        deps = schedule.dependencies(todo, parents, stage_refs)
+        w = schedule.width(todo, deps)
+        n = schedule.resolve_jobs(recipe.jobs, w)
+        print(f"jobs: {n} (the recipe says {recipe.jobs}; at most {w} of these stages can run at once)")
         return 0
     lineage = run_pipeline(recipe, only=only)
     print(format_lineage(lineage))

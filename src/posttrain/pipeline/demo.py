@@ -21,7 +21,7 @@ import yaml
 
 from posttrain import gym
 from posttrain.pipeline import forgetting
-from posttrain.pipeline.recipe import SIDE_STAGES, load_recipe
+from posttrain.pipeline.recipe import SIDE_STAGES, RecipeError, load_recipe, parse_jobs
 from posttrain.pipeline.runner import run_pipeline
 from posttrain.report import build_report
 from posttrain.report.table import format_summary_table
@@ -111,11 +111,12 @@ def format_table(summary: dict) -> str:
 
 
 def run_demo(out: Path, *, stages=DEFAULT_STAGES, n_task: int = 200, n_reg: int = 200, extra_overrides: tuple = (),
-             recipe: Path = RECIPE) -> dict:
+             recipe: Path = RECIPE, jobs=None) -> dict:
     """Run the demo recipe's `stages` into `out`; returns {row: {metric: value}} (also summary.json).
 
     `extra_overrides` are pipeline overrides (`sft.train.max_steps=20`). Stages already completed
     in `out` with the same recipe are skipped (the pipeline's keys), so a second run only adds rows.
+    `jobs` overrides the recipe's `jobs` (the shipped recipe: auto, so independent rows run at once).
     """
     torch.manual_seed(0)
     t_all = time.time()
@@ -128,7 +129,7 @@ def run_demo(out: Path, *, stages=DEFAULT_STAGES, n_task: int = 200, n_reg: int 
             m.setdefault("args", {})["n"] = n_task
     rec = load_recipe(raw, list(extra_overrides))
     only = [s for s in stages if s != "base"]
-    lin = run_pipeline(rec, only=only, report=False)  # only=[]: the base measurement alone
+    lin = run_pipeline(rec, only=only, report=False, jobs=jobs)  # only=[]: the base measurement alone
     summary: dict[str, dict] = {}
     if "base" in stages:
         summary["base"] = dict(lin["base"]["metrics"])
@@ -190,6 +191,9 @@ def main(argv: list[str]) -> int:
                         f"optional rows, run only when named: {','.join(optional) or 'none in this recipe'})")
     p.add_argument("--recipe", default=None, help="run the demo from this recipe instead of the shipped one")
     p.add_argument("--print-recipe", action="store_true", help="print the demo's pipeline recipe and exit")
+    p.add_argument("--jobs", default=None,
+                   help="independent rows at once, each in its own process: a number or auto (the recipe's default: "
+                        "one per GPU, two on a CPU with two cores or more); 1 runs every row in this process")
     p.add_argument("--forgetting", action="store_true",
                    help="instead: show catastrophic forgetting: a naive vs a guarded fine-tune (docs/eval.md), then "
                         "the unguarded reasoning chain beside the guarded one (OUT/reasoning-chains, docs/pipeline.md)")
@@ -208,5 +212,9 @@ def main(argv: list[str]) -> int:
     unknown = set(stages) - set(available)
     if unknown:
         p.error(f"unknown stage(s) {sorted(unknown)}; available: {', '.join(available)}")
-    run_demo(Path(a.out), stages=stages, recipe=recipe)
+    try:
+        jobs = None if a.jobs is None else parse_jobs(a.jobs.strip(), "--jobs")
+    except RecipeError as e:
+        p.error(str(e))
+    run_demo(Path(a.out), stages=stages, recipe=recipe, jobs=jobs)
     return 0

@@ -1,6 +1,7 @@
 """A pipeline recipe: stages in order, each section validated by that stage's own config schema.
 
     output_dir: runs/support-bot
+    jobs: auto                    # independent stages at once (default 1; pipeline/schedule.py)
     eval: {regression: gym, n: 200, measures: [{measure: task_accuracy, task: instruct}]}
     stages:
       - name: sft                 # free name: the stage's folder and its key in lineage.json
@@ -98,6 +99,7 @@ class Recipe:
     eval: PipelineEval
     stages: list[StageSpec]
     raw: dict
+    jobs: Union[int, str] = 1  # independent stages at once: a number, or "auto" (pipeline/schedule.py)
 
 
 def load_recipe(path_or_dict: Union[str, Path, dict], overrides: Optional[list[str]] = None) -> Recipe:
@@ -115,10 +117,11 @@ def load_recipe(path_or_dict: Union[str, Path, dict], overrides: Optional[list[s
         src = str(p)
     if not isinstance(raw, dict):
         raise RecipeError(f"{src}: the top level must be a mapping with output_dir and stages")
-    unknown = set(raw) - {"output_dir", "eval", "stages"}
+    unknown = set(raw) - set(TOP_KEYS)
     for k in sorted(unknown):
-        raise RecipeError(f"{src}: unknown top-level key '{k}'{_near(k, ['output_dir', 'eval', 'stages'])}")
+        raise RecipeError(f"{src}: unknown top-level key '{k}'{_near(k, list(TOP_KEYS))}")
     _apply_overrides(raw, overrides or [], src)
+    jobs = parse_jobs(raw.get("jobs", 1), f"{src}: jobs")
     if not raw.get("output_dir"):
         raise RecipeError(f"{src}: output_dir is required (where every stage's folder and lineage.json go)")
     stages_raw = raw.get("stages")
@@ -132,7 +135,21 @@ def load_recipe(path_or_dict: Union[str, Path, dict], overrides: Optional[list[s
     _check_graph(specs, src)
     for s in specs:
         _validate_section(s, src)
-    return Recipe(path=src, output_dir=Path(raw["output_dir"]), eval=ev, stages=specs, raw=raw)
+    return Recipe(path=src, output_dir=Path(raw["output_dir"]), eval=ev, stages=specs, raw=raw, jobs=jobs)
+
+
+TOP_KEYS = ("output_dir", "jobs", "eval", "stages")
+
+
+def parse_jobs(value: Any, where: str) -> Union[int, str]:
+    """`jobs`: a whole number >= 1 or "auto"; anything else is a RecipeError naming `where`."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RecipeError(f"{where} must be a whole number >= 1 or auto, got {value!r}")
+    return value
 
 
 def _apply_overrides(raw: dict, overrides: list[str], src: str) -> None:
@@ -141,7 +158,7 @@ def _apply_overrides(raw: dict, overrides: list[str], src: str) -> None:
         if "=" not in ov:
             raise RecipeError(f"override '{ov}' must look like output_dir=DIR or STAGE_NAME.key=value")
         k, v = (x.strip() for x in ov.split("=", 1))
-        if k in ("output_dir",) or k.startswith("eval."):
+        if k in ("output_dir", "jobs") or k.startswith("eval."):
             apply_override(raw, k, parse_value(v))
             continue
         name, _, rest = k.partition(".")

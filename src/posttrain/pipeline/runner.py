@@ -14,13 +14,15 @@ import json
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from posttrain.config import dump_config
 from posttrain.pipeline import measures as M
+from posttrain.pipeline import schedule
 from posttrain.pipeline.recipe import (BASE, EVAL_STAGE, SIDE_STAGES, Recipe, StageSpec, build_stage_config,
-                                       order_warnings, stage_refs, substitute)
+                                       order_warnings, parse_jobs, stage_refs, substitute)
 from posttrain import gym, stages
 from posttrain.data.sources import parse_gym
 from posttrain.engine.run import file_hash, read_manifest
@@ -105,10 +107,30 @@ def _model_key(name: str) -> str:
     return path_identity(p) if p.exists() else f"hub:{name}"
 
 
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path` (created if missing) across processes; a no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: only jobs: 1 writes there
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class Lineage:
-    """lineage.json: written after every change, so a crash leaves an accurate record."""
+    """lineage.json: written after every change, so a crash leaves an accurate record.
+
+    Stages that run at once (`jobs`) each hold a Lineage of the same file: `set_stage` re-reads the
+    file under a lock and changes only its own stage, so no process overwrites another's entry."""
     def __init__(self, out: Path):
         self.path = out / LINEAGE
+        self.lock = out / ".lineage.lock"
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.data.setdefault("stages", {})
 
@@ -116,10 +138,17 @@ class Lineage:
         return self.data["stages"].get(name, {})
 
     def set_stage(self, name: str, entry: dict) -> None:
-        self.data["stages"][name] = entry
-        self.save()
+        with _locked(self.lock):
+            if self.path.exists():
+                self.data["stages"] = json.loads(self.path.read_text()).get("stages", {})
+            self.data["stages"][name] = entry
+            self._write()
 
     def save(self) -> None:
+        with _locked(self.lock):
+            self._write()
+
+    def _write(self) -> None:
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=str))
         tmp.rename(self.path)
@@ -156,8 +185,11 @@ def _parents(recipe: Recipe) -> dict[str, Optional[str]]:
 
 
 def run_pipeline(recipe: Recipe, *, only: Optional[Iterable[str]] = None, report: bool = True,
-                 on_stage: Optional[Callable[[str, dict], None]] = None) -> dict:
-    """Run (or resume) `recipe`; returns the lineage dict also written to `output_dir/lineage.json`."""
+                 on_stage: Optional[Callable[[str, dict], None]] = None, jobs: Optional[int | str] = None) -> dict:
+    """Run (or resume) `recipe`; returns the lineage dict also written to `output_dir/lineage.json`.
+
+    `jobs` (default: the recipe's `jobs`, itself 1 by default): how many independent stages may run at
+    once, each in a worker process (pipeline/schedule.py); 1 runs every stage in this process."""
     out = recipe.output_dir
     out.mkdir(parents=True, exist_ok=True)
     lin = Lineage(out)
@@ -187,21 +219,60 @@ def run_pipeline(recipe: Recipe, *, only: Optional[Iterable[str]] = None, report
     parents = _parents(recipe)
     policies: dict[Optional[str], dict] = {None: {"model": model0, "adapter": None, "key": lin.data["base_model"]["key"]}}
     published: dict[str, dict] = {}
-    for s in needed_stages(recipe, only):
-        parent = parents[s.name]
-        start = policies[parent]
-        if s.stage == EVAL_STAGE:
-            entry = _eval_step(s, start, out, lin, parent)
-        else:
-            entry = _train_step(s, start, parent, out, lin, ev, ev_key, published, base_metrics)
+
+    def done(s: StageSpec, entry: dict) -> None:
         if s.stage not in SIDE_STAGES and s.stage != EVAL_STAGE:
             policies[s.name] = entry["policy"]
         published[s.name] = entry
         if on_stage:
             on_stage(s.name, entry)
+
+    todo = needed_stages(recipe, only)
+    deps = schedule.dependencies(todo, parents, stage_refs)
+    jobs = recipe.jobs if jobs is None else parse_jobs(jobs, "run_pipeline(jobs=...)")
+    n_jobs = schedule.resolve_jobs(jobs, schedule.width(todo, deps))
+    if n_jobs == 1:
+        for s in todo:
+            done(s, _stage_job(s, policies[parents[s.name]], parents[s.name], out, ev, ev_key, published,
+                               base_metrics, lin))
+    else:
+        _check_importable(todo, ev)
+        _say(f"running up to {n_jobs} independent stages at once (jobs: {jobs})")
+        schedule.run_parallel(
+            todo, deps, schedule.ranks(todo, deps, _cost), n_jobs, _stage_job,
+            lambda s: (s, policies[parents[s.name]], parents[s.name], out, ev, ev_key, published, base_metrics),
+            on_done=done, on_failed=lambda s, e: _say(f"{s.name}: failed: {type(e).__name__}: {e}"))
+        lin = Lineage(out)  # the workers wrote their stages
     if report:
         write_report(recipe, lin)
     return lin.data
+
+
+def _stage_job(s: StageSpec, start: dict, parent: Optional[str], out: Path, ev, ev_key: str, published: dict,
+               base_metrics: dict, lin: Optional[Lineage] = None) -> dict:
+    """One stage, trained or evaluated, in this process or in a worker (which opens the lineage itself)."""
+    lin = lin or Lineage(out)
+    if s.stage == EVAL_STAGE:
+        return _eval_step(s, start, out, lin, parent)
+    return _train_step(s, start, parent, out, lin, ev, ev_key, published, base_metrics)
+
+
+def _cost(s: StageSpec) -> float:
+    """The scheduler's weight of a stage: its optimizer steps (100 when unset; 1 for an eval stage)."""
+    if s.stage == EVAL_STAGE:
+        return 1.0
+    return float(getattr(getattr(s.cfg, "train", None), "max_steps", None) or 100)
+
+
+def _check_importable(todo: list[StageSpec], ev) -> None:
+    """Workers are fresh interpreters: a measure defined in a script or a function body is not there."""
+    for s in todo:
+        for spec in [*ev.measures, *s.measures]:
+            fn = M.MEASURES.get(spec.measure)
+            if fn is not None and (fn.__module__ == "__main__" or "<locals>" in fn.__qualname__):
+                raise PipelineError(f"{s.where}: measure '{spec.measure}' is defined in {fn.__module__} "
+                                    f"({fn.__qualname__}), which a worker process cannot import; run with jobs: 1, "
+                                    "or register it from an importable module")
 
 
 def _start_config(s: StageSpec, start: dict, parent: Optional[str], out: Path, published: dict) -> tuple:
@@ -231,14 +302,16 @@ def _merged(start: dict, parent_dir: Path) -> Path:
     """The parent adapter merged into its base, once, beside the parent run (keyed by the parent's key)."""
     final = parent_dir / "merged"
     stamp = final / "posttrain-merged-from.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("key") == start["key"]:
-        return final
-    tmp = parent_dir / ".tmp-merged"
-    shutil.rmtree(tmp, ignore_errors=True)
-    adapters.merge_to_dir(start["model"], start["adapter"], tmp)
-    (tmp / stamp.name).write_text(json.dumps({"key": start["key"], "base": start["model"], "adapter": start["adapter"]}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with _locked(parent_dir / ".merge.lock"):  # two stages starting from this one at once merge it once
+        if stamp.exists() and json.loads(stamp.read_text()).get("key") == start["key"]:
+            return final
+        tmp = parent_dir / ".tmp-merged"
+        shutil.rmtree(tmp, ignore_errors=True)
+        adapters.merge_to_dir(start["model"], start["adapter"], tmp)
+        (tmp / stamp.name).write_text(json.dumps({"key": start["key"], "base": start["model"],
+                                                  "adapter": start["adapter"]}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
     return final
 
 
@@ -283,6 +356,7 @@ def _train_step(s: StageSpec, start: dict, parent, out: Path, lin: Lineage, ev, 
     lin.set_stage(s.name, entry)
     _say(f"{s.name}: running stage {s.stage} from {parent or 'the starting model'}")
     t0 = time.time()
+    entry["started_at"] = round(t0, 3)
     try:
         res = stages.get(s.stage).run(cfg, resume=resume)
     except BaseException as e:
@@ -303,6 +377,7 @@ def _train_step(s: StageSpec, start: dict, parent, out: Path, lin: Lineage, ev, 
         if reg is not None and base_reg is not None:
             entry["regression_delta"] = round(reg - base_reg, 4)
     del res
+    entry["finished_at"] = round(time.time(), 3)
     lin.set_stage(s.name, entry)
     _say(f"{s.name}: done; {entry.get('measures', {})}")
     return entry
