@@ -466,7 +466,7 @@ def main(argv=None) -> dict:
     counts = {"params": n_params(build_model(a.cfg, "meta", tok))}
     result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
               "model": "qwen2-0.5b-shaped (random)" if not a.tiny else "tiny qwen2 (random)",
-              "params": counts["params"], "bf16_matmul_peak_tflops": round(peak / 1e12, 2), "rows": []}
+              "params": counts["params"], "bf16_matmul_peak_tflops": float(f"{peak / 1e12:.4g}"), "rows": []}  # 4 digits: a CPU's is ~0.1
     t0 = time.perf_counter()
     for name in rows:
         for side in a.sides.split(","):
