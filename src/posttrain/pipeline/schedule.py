@@ -19,6 +19,7 @@ widest layer of the graph: a recipe that is one chain runs in the calling proces
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Optional, Union
@@ -88,6 +89,8 @@ def _worker_init(n_jobs: int, counter) -> None:
         torch.cuda.set_device(index % torch.cuda.device_count())
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, _cores() // n_jobs))
+    if sys.stderr.isatty():  # each worker's progress bar on its own terminal line (tqdm reads TQDM_*)
+        os.environ.setdefault("TQDM_POSITION", str(index % n_jobs))
 
 
 def run_parallel(specs, deps: dict[str, set[str]], rank: dict[str, float], n_jobs: int,
