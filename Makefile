@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# one OpenMP thread per process: the bundled model is tiny, and two spinning threads per process were
-# 2-3x slower on these 2-core machines (demo: 227 s with 1 thread vs 524 s with 2 under light load)
+# one OpenMP thread per process: the demo's recipe runs two rows at a time (jobs: auto), one per core
+# (533 s idle); on a machine shared with other jobs two spinning threads per process were 2-3x slower
+# (227 s vs 524 s), on an idle one they make a lone stage 1.3-1.6x faster (docs/benchmarks.md)
 THREADS := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 demo: setup
