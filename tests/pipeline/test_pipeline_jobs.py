@@ -12,14 +12,10 @@ from posttrain.pipeline import MEASURES, PipelineError, RecipeError, load_recipe
 from posttrain.pipeline import schedule
 from posttrain.pipeline.recipe import stage_refs
 from posttrain.pipeline.runner import _cost, _parents
+from tests.pipeline.test_pipeline_run import _write
 from tests.stages.test_pref_reference import pref_rows
 
 TRAIN = {"max_steps": 6, "batch_size": 4, "lr": 1e-3, "progress": False, "warmup_steps": 0}
-
-
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _chats(n, word="Say"):
