@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-def run_sft(base: Path, out: Path, steps: int, n_train: int) -> Path:
+def run_sft(base: Path, out: Path, steps: int, n_train: int, extra: tuple[str, ...] | list[str] = ()) -> Path:
     from posttrain import gym
     from posttrain.stages import load_config
     from posttrain.pipeline.demo import SFT_OVERRIDES
@@ -26,7 +26,7 @@ def run_sft(base: Path, out: Path, steps: int, n_train: int) -> Path:
     train_f = gym.export("instruct", "train", out / "data" / "instruct-train.jsonl", n=n_train)
     ov = [o for o in SFT_OVERRIDES if not o.startswith(("train.max_steps", "train.eval_every"))]
     cfg = load_config("sft", overrides=[f"model={base}", f"data.train={train_f}", f"output_dir={out / 'sft'}",
-                                        *ov, f"train.max_steps={steps}", "train.progress=false"])
+                                        *ov, f"train.max_steps={steps}", "train.progress=false", *extra])
     sft.run(cfg)
     return out / "sft"
 
@@ -49,7 +49,7 @@ def run_kto(start: Path, out: Path, steps: int, n_train: int, n_eval: int) -> di
     cfg = load_config("kto", overrides=[
         f"model={start}", f"data.train={train_f}", f"output_dir={out / 'kto'}", "train.progress=false",
         "adapter.type=lora", "adapter.r=16", "adapter.alpha=32", "kto.beta=0.1", "train.lr=1e-3",
-        "train.batch_size=16", f"train.max_steps={steps}", "train.warmup_steps=10", "train.precision=bf16",
+        "train.batch_size=16", f"train.max_steps={steps}", "train.warmup_steps=10", "train.precision=auto",
         "data.max_length=256"])
     t0 = time.time()
     res = kto.run(cfg)

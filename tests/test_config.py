@@ -31,7 +31,7 @@ def test_unknown_key_suggests_nearest():
 def test_wrong_type_and_range_name_the_key():
     with pytest.raises(ConfigError, match=r"train.batch_size: .*got 'many'"):
         load_config("sft", overrides=["train.batch_size=many"])
-    with pytest.raises(ConfigError, match=r"train.precision: .*'fp32' or 'bf16'"):
+    with pytest.raises(ConfigError, match=r"train.precision: .*'fp32', 'bf16' or 'auto'"):
         load_config("sft", overrides=["train.precision=fp8"])
     with pytest.raises(ConfigError, match=r"data.mix.ratio: .*less than 1"):
         load_config("sft", overrides=["data.mix.data=x", "data.mix.ratio=1.5"])

@@ -45,7 +45,7 @@ def _field(schema, dotted):
 def test_help_shows_measured_defaults():
     text = format_help(stages.schema("sft"))
     assert "  train.lr  float | null = null\n      Peak learning rate. Default: 2e-5 for full fine-tuning" in text
-    assert "  train.precision  fp32 | bf16 = fp32\n" in text
+    assert "  train.precision  fp32 | bf16 | auto = fp32\n" in text
     assert "  data.mix.data  str | list[str] | Dataset = required\n" in text
     assert "  train.adam_betas  tuple[float, float] = [0.9, 0.999]\n" in text
 

@@ -94,7 +94,10 @@ class TrainConfig(Section):
                                           "the first steps of that schedule and stops before its decay ends (the "
                                           "adviser's pilots: docs/advise.md).")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm; null disables clipping.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast with fp32 master weights.")
+    precision: Literal["fp32", "bf16", "auto"] = Field("fp32", description="fp32, or bf16 autocast with fp32 master "
+                                                       "weights, or auto: bf16 where the device has bf16 matrix "
+                                                       "kernels (a GPU with bf16, an AVX512 or AMX CPU), fp32 "
+                                                       "elsewhere. The run's config.yaml records the choice.")
     seed: int = Field(42, description="Seeds model init of new parts, dropout and the data order.")
     eval_every: Optional[int] = Field(None, gt=0, description="Evaluate held-out loss every N steps (and at the end).")
     early_stopping_patience: Optional[int] = Field(None, gt=0, description="Stop after N evaluations without improvement; the best weights are restored.")

@@ -22,7 +22,7 @@ from tests.engine.dist_util import (
 )
 
 LOSS_RTOL = 1e-5
-WEIGHT_ATOL = 2e-5
+WEIGHT_ATOL = 5e-5  # measured below 2e-5 on AVX512 CPUs, 2.2e-5 (lora-fsdp) on an AVX2 AMD EPYC (2026-12-07)
 STEPS, SAVE_EVERY = 8, 4
 
 

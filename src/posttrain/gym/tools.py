@@ -131,5 +131,5 @@ SFT_OVERRIDES = [
     "data.mix.data=gym:regression:train", "data.mix.ratio=0.2",
     "adapter.type=lora", "adapter.r=16", "adapter.alpha=32",
     "train.lr=1e-3", "train.batch_size=16", "train.max_steps=80", "train.schedule=cosine", "train.warmup_steps=5",
-    "train.precision=bf16",
+    "train.precision=auto",
 ]

@@ -57,8 +57,10 @@ DEVICES: dict[str, Device] = {d.name: d for d in [
            "768 GB/s (the class of 48 GB GPU of the QLoRA paper)"),
 ]}
 
-# measured on this project's CPU machines, per OpenMP thread (see module docstring and docs/advise.md)
+# measured on this project's CPU machines, per OpenMP thread (see module docstring and docs/advise.md);
+# bf16 209 on a CPU with oneDNN's bf16 kernels (AVX512/AMX), 1.0 on an AVX2-only AMD EPYC (2026-12-07)
 CPU_PER_THREAD = dict(fp32_flops=75e9, bf16_flops=209e9, bandwidth=25.7e9)
+CPU_BF16_FALLBACK_FLOPS = 1.0e9
 
 
 def cpu_device(threads: int | None = None, memory_bytes: int | None = None) -> Device:
@@ -69,10 +71,13 @@ def cpu_device(threads: int | None = None, memory_bytes: int | None = None) -> D
         threads = torch.get_num_threads()
     if memory_bytes is None:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Device(f"cpu", memory_bytes, CPU_PER_THREAD["bf16_flops"] * threads,
-                  CPU_PER_THREAD["fp32_flops"] * threads, CPU_PER_THREAD["bandwidth"],
-                  f"measured here: {threads} thread(s) x (fp32 75, bf16 209 GFLOP/s at 1024^3; copy 25.7 GB/s)",
-                  kind="cpu")
+    from posttrain.engine.precision import native_bf16  # deferred, as torch above
+
+    bf16 = CPU_PER_THREAD["bf16_flops"] if native_bf16("cpu") else CPU_BF16_FALLBACK_FLOPS
+    return Device(f"cpu", memory_bytes, bf16 * threads, CPU_PER_THREAD["fp32_flops"] * threads,
+                  CPU_PER_THREAD["bandwidth"],
+                  f"measured here: {threads} thread(s) x (fp32 75, bf16 {bf16 / 1e9:g} GFLOP/s at 1024^3; "
+                  "copy 25.7 GB/s)", kind="cpu")
 
 
 def get_device(name: str) -> Device:

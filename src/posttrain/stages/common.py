@@ -20,6 +20,7 @@ import torch
 from posttrain.config import RunConfig
 from posttrain.engine import run as rundir
 from posttrain.engine.dist import init_distributed, is_main, local_device, unwrap, world_size, wrap_model
+from posttrain.engine.precision import resolve_precision
 from posttrain.engine.setup import load_for_training
 from posttrain.engine.trainer import Engine, Stage, TrainData
 from posttrain.eval.guard import default_guard
@@ -67,6 +68,7 @@ def run_training(cfg: RunConfig, make_stage: Callable[[object], Stage],
     device = resolve_device(cfg.train.device)
     init_distributed(device)
     device = local_device(device)
+    cfg.train.precision = resolve_precision(cfg.train.precision, device)  # auto -> fp32 | bf16, before anything reads it
     out = rundir.claim(cfg, resume)
     data: Optional[TrainData] = None
     try:
