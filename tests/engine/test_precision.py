@@ -9,6 +9,7 @@ import yaml
 
 from posttrain.cli import main
 from posttrain.engine.precision import native_bf16, resolve_precision
+from posttrain.models.hardware import warn_slow_bf16
 from posttrain.plan.devices import cpu_device
 
 
@@ -23,13 +24,27 @@ def test_auto_follows_the_cpus_kernels_and_explicit_choices_are_kept(caplog):
     assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
     assert resolve_precision("auto", torch.device("meta")) == "fp32"
     assert resolve_precision("fp32", "cpu") == "fp32"
-    with caplog.at_level(logging.WARNING, logger="posttrain.engine.precision"):
+    warn_slow_bf16.cache_clear()  # once per process: an earlier test may have had it
+    with caplog.at_level(logging.WARNING, logger="posttrain.models.hardware"):
         assert resolve_precision("bf16", "cpu") == "bf16"
     warned = [r.getMessage() for r in caplog.records if "no bf16 matrix kernels" in r.getMessage()]
     assert bool(warned) == (not native), warned
+    if warned:
+        assert "train.precision=bf16 on cpu" in warned[0] and cap in warned[0]
     # the adviser's CPU rates follow the same test
     dev = cpu_device(threads=1, memory_bytes=1)
     assert (dev.bf16_flops > dev.fp32_flops) == native
+
+
+def test_loading_bf16_weights_warns_where_they_are_slow(tiny_models, caplog):
+    from posttrain.models.loading import load
+
+    warn_slow_bf16.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="posttrain.models.hardware"):
+        model, _ = load(tiny_models("llama"), dtype="bf16", device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    warned = [r.getMessage() for r in caplog.records if "bf16 weights on cpu" in r.getMessage()]
+    assert bool(warned) == (not native_bf16("cpu")), warned
 
 
 def _chat(i):

@@ -13,6 +13,7 @@ from typing import Optional, Union
 
 import torch
 from posttrain.models import adapters
+from posttrain.models.hardware import native_bf16, warn_slow_bf16
 
 
 class ModelLoadError(RuntimeError):
@@ -202,6 +203,9 @@ def load(
     except OSError as e:
         raise ModelLoadError(f"could not load model '{model}': {e}") from None
     m.to(resolve_device(device))
+    if kwargs["dtype"] == torch.bfloat16 and not native_bf16(resolve_device(device)):
+        warn_slow_bf16(str(resolve_device(device)), "bf16 weights", "Load in fp32 (dtype='fp32', --dtype fp32) "
+                       "for speed on this machine.")
     if gradient_checkpointing:
         # transformers 5 renamed it; older releases only have the gradient_* name
         if hasattr(m, "activation_checkpointing_enable"):
