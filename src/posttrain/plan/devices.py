@@ -71,7 +71,7 @@ def cpu_device(threads: int | None = None, memory_bytes: int | None = None) -> D
         threads = torch.get_num_threads()
     if memory_bytes is None:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    from posttrain.engine.precision import native_bf16  # deferred, as torch above
+    from posttrain.models.hardware import native_bf16  # deferred, as torch above
 
     bf16 = CPU_PER_THREAD["bf16_flops"] if native_bf16("cpu") else CPU_BF16_FALLBACK_FLOPS
     return Device(f"cpu", memory_bytes, bf16 * threads, CPU_PER_THREAD["fp32_flops"] * threads,
