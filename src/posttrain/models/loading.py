@@ -202,10 +202,10 @@ def load(
             m = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except OSError as e:
         raise ModelLoadError(f"could not load model '{model}': {e}") from None
-    m.to(resolve_device(device))
-    if kwargs["dtype"] == torch.bfloat16 and not native_bf16(resolve_device(device)):
-        warn_slow_bf16(str(resolve_device(device)), "bf16 weights", "Load in fp32 (dtype='fp32', --dtype fp32) "
-                       "for speed on this machine.")
+    target = resolve_device(device)
+    m.to(target)
+    if kwargs["dtype"] == torch.bfloat16 and not native_bf16(target):
+        warn_slow_bf16(str(target), "bf16 weights", "Load in fp32 (dtype='fp32', --dtype fp32) for speed on this machine.")
     if gradient_checkpointing:
         # transformers 5 renamed it; older releases only have the gradient_* name
         if hasattr(m, "activation_checkpointing_enable"):
