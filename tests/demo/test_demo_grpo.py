@@ -2,9 +2,11 @@
 mix), then GRPO with the task's verifier.
 
 Accuracy is greedy exact match of the final answer on 200 held-out reasoning problems. The run is the
-shipped recipe's `reasoning` and `grpo` stages through `posttrain demo` (the pipeline), so this is the
-number `make demo` prints. About 13 minutes on 2 idle cores (sft, reasoning, grpo): marked slow and
-run by CI after the suite (`make test-grpo-gym`).
+shipped recipe's `reasoning` and `grpo` stages through `posttrain demo` (the pipeline), the rows `make demo`
+prints. `make test-grpo-gym` runs it on both cores (the chain runs alone; `make demo` gives each of its two
+parallel rows one thread, so its numbers round differently): 528 s on an idle 2-core AVX2 CPU (2026-12-07:
+reasoning SFT 51 s to 0.32, GRPO 425 s to 0.365; with one thread 712 s). Marked slow; CI runs it after
+the suite.
 
 Issue 17 item 6 asks that the guarded chain keep the base's skills (regression within 2 points) "while
 reasoning accuracy still rises by >= 15 points": the base and the sft model score 0.0 on the held-out

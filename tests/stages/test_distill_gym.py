@@ -13,6 +13,8 @@ Measured 2026-12-07 by `bash .ci/run` on a fresh clone (one thread): student 0.3
 (GRPO 481 s); the row's 120 distillation steps reached 0.505 (98%) in 102 s, 0.21 of GRPO's time
 (150 steps: the same 0.505 at 0.27-0.31, too close to the bar for CI; docs/rl.md). One seed: 0.505 is
 1.2 standard errors (n = 200) above the 0.46 bar.
+On both cores (`make test-distill-gym` since 2026-12-07; an idle 2-core AVX2 CPU, CI on a fresh clone):
+student 0.31, teacher 0.465 (GRPO 478 s), distillation 0.45 (97%) in 135 s, 0.28 of GRPO's time; 747 s.
 """
 
 import contextlib
