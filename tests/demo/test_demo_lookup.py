@@ -11,8 +11,9 @@ Issue 21's target: GRPO raises X by >= 20 points, <= 2% invalid calls, within 10
 The recipe's `lookup` row is 30 rollouts x 2 passes (60 steps), which fit that budget when the run has both
 cores (torch's default: one thread per core; `make test-lookup-gym` sets no thread limit). Measured
 2026-12-07 on a 2-core AVX2 AMD EPYC, idle, two threads: SFT 224 s to 0.23, GRPO 450 s to 0.50, **+27**,
-0% invalid calls (GRPO seeds 7 and 3 from that SFT model: +32 and +38). With one thread the same 60 steps take ~840 s; 20 rollouts (the row until then) gained
-+9 there in 538 s, and +28.5 on an AVX512 CPU (+33 and +26 with GRPO seeds 7 and 3). The gain depends
+0% invalid calls (GRPO seeds 7 and 3 from that SFT model: +32 and +38; CI on a fresh clone: the same
+numbers, GRPO 488 s). With one thread the same 60 steps take ~840 s; 20 rollouts (the row until then)
+gained +9 there in 538 s, and +28.5 on an AVX512 CPU (+33 and +26 with GRPO seeds 7 and 3). The gain depends
 on where SFT lands: SFT data orders 7, 3 and 11 ended at 0.115, 0.17 and 0.39, and their 20-rollout
 chains at -4.5, +16 and -1.5 (docs/rl.md, "Gym task lookup").
 """
@@ -46,7 +47,7 @@ def test_multi_turn_grpo_rows_keep_the_protocol_within_budget(demo):
     out, s = demo
     sft, rl = s["lookup_sft"], s["lookup"]
     print(json.dumps({"lookup_sft": sft, "lookup": rl}))
-    assert 0.15 <= sft["lookup_success"] <= 0.5, sft     # SFT leaves room: a moderate X (0.26 measured)
+    assert 0.15 <= sft["lookup_success"] <= 0.5, sft     # SFT leaves room: a moderate X (0.23-0.26 measured)
     assert rl["lookup_success"] >= sft["lookup_success"] - 0.05, (sft, rl)   # 0.05: about 1.5 standard errors
     assert rl["invalid_call_rate"] <= MAX_INVALID, rl
     assert rl["train_time_s"] <= MAX_TRAIN_S, (rl, f"torch threads: {torch.get_num_threads()} (the budget is 2 cores)")
